@@ -1,0 +1,216 @@
+//! Loading `portwatch.bpf.o` and attaching it to a cgroup v2 directory.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use aya::Ebpf;
+use aya::maps::{Array, MapData, RingBuf};
+use aya::programs::{CgroupAttachMode, CgroupSock, ProgramError, SockOps};
+
+use crate::PORTWATCH_OBJECT;
+
+const SOCKOPS: &str = "nb_sockops";
+const SOCK_RELEASE: &str = "nb_sock_release";
+const EVENTS: &str = "events";
+const DROPPED: &str = "dropped";
+
+/// Why the port probe could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The cgroup directory does not exist.
+    #[error("cgroup {path} does not exist: create it under the cgroup2 mount first")]
+    CgroupMissing {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// The cgroup directory could not be opened.
+    #[error("cannot open cgroup {path}: {source}")]
+    CgroupOpen {
+        /// The directory.
+        path: PathBuf,
+        /// The error from open(2).
+        source: io::Error,
+    },
+    /// The kernel refused BPF to this process.
+    #[error(
+        "the kernel does not permit loading or attaching BPF program {program} ({source}): \
+         run as root (CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON are needed)"
+    )]
+    NotPermitted {
+        /// The program.
+        program: &'static str,
+        /// The kernel's error.
+        source: ProgramError,
+    },
+    /// The kernel rejected the program or the attach.
+    #[error(
+        "the kernel rejected BPF program {program}: {source}. nestbox needs Linux >= 5.10 with \
+         CONFIG_CGROUP_BPF and BTF; if the kernel is new enough, the object and loader are out of \
+         step: rebuild with `cargo xtask build-ebpf`"
+    )]
+    Program {
+        /// The program.
+        program: &'static str,
+        /// The kernel's or aya's error.
+        source: ProgramError,
+    },
+    /// The object could not be loaded (maps, BTF, relocations).
+    #[error("cannot load portwatch.bpf.o: {0}. If it mentions a permission error, run as root")]
+    Object(#[from] aya::EbpfError),
+    /// The object lacks a program or map this loader expects.
+    #[error("portwatch.bpf.o has no {kind} named {name}: object and loader are out of step, rebuild nestbox")]
+    Missing {
+        /// "program" or "map".
+        kind: &'static str,
+        /// Its name.
+        name: &'static str,
+    },
+    /// A map had an unexpected type or size.
+    #[error("portwatch.bpf.o map {name}: {source}")]
+    Map {
+        /// The map.
+        name: &'static str,
+        /// aya's error.
+        source: aya::maps::MapError,
+    },
+}
+
+impl ProbeError {
+    fn from_program(program: &'static str, source: ProgramError) -> Self {
+        let errno = match &source {
+            ProgramError::LoadError { io_error, .. } => io_error.raw_os_error(),
+            ProgramError::SyscallError(e) => e.io_error.raw_os_error(),
+            _ => None,
+        };
+        if errno == Some(libc::EPERM) || errno == Some(libc::EACCES) && !is_verifier(&source) {
+            Self::NotPermitted { program, source }
+        } else {
+            Self::Program { program, source }
+        }
+    }
+}
+
+/// EACCES also means "the verifier said no"; only a load with an empty log is
+/// a permission problem.
+fn is_verifier(source: &ProgramError) -> bool {
+    matches!(source, ProgramError::LoadError { verifier_log, .. } if !verifier_log.to_string().is_empty())
+}
+
+/// The portwatch programs, loaded and attached to one cgroup (and so to every
+/// cgroup below it). Dropping it detaches and unloads everything.
+pub struct PortProbe {
+    /// Owns the programs and their links.
+    ebpf: Ebpf,
+    /// `dropped[0]`: records the ring buffer had no room for.
+    dropped: Array<MapData, u64>,
+}
+
+impl PortProbe {
+    /// Loads the programs and attaches them to the cgroup v2 directory
+    /// `cgroup`. Returns the probe and the ring buffer of [`crate::RawEvent`]s.
+    ///
+    /// # Errors
+    /// [`ProbeError`], each variant saying what to do.
+    pub fn attach(cgroup: &Path) -> Result<(Self, RingBuf<MapData>), ProbeError> {
+        let dir = File::open(cgroup).map_err(|source| {
+            if source.kind() == io::ErrorKind::NotFound {
+                ProbeError::CgroupMissing {
+                    path: cgroup.to_owned(),
+                }
+            } else {
+                ProbeError::CgroupOpen {
+                    path: cgroup.to_owned(),
+                    source,
+                }
+            }
+        })?;
+        let mut ebpf = Ebpf::load(PORTWATCH_OBJECT)?;
+
+        let sockops: &mut SockOps = program(&mut ebpf, SOCKOPS)?;
+        sockops
+            .load()
+            .map_err(|e| ProbeError::from_program(SOCKOPS, e))?;
+        sockops
+            .attach(&dir, CgroupAttachMode::Single)
+            .map_err(|e| ProbeError::from_program(SOCKOPS, e))?;
+
+        let release: &mut CgroupSock = program(&mut ebpf, SOCK_RELEASE)?;
+        release
+            .load()
+            .map_err(|e| ProbeError::from_program(SOCK_RELEASE, e))?;
+        release
+            .attach(&dir, CgroupAttachMode::Single)
+            .map_err(|e| ProbeError::from_program(SOCK_RELEASE, e))?;
+
+        let events = take_map(&mut ebpf, EVENTS)?;
+        let events = RingBuf::try_from(events).map_err(|source| ProbeError::Map {
+            name: EVENTS,
+            source,
+        })?;
+        let dropped = take_map(&mut ebpf, DROPPED)?;
+        let dropped = Array::try_from(dropped).map_err(|source| ProbeError::Map {
+            name: DROPPED,
+            source,
+        })?;
+        Ok((Self { ebpf, dropped }, events))
+    }
+
+    /// How many records the kernel could not queue since the probe was
+    /// attached. When this grows, userspace has missed events and must
+    /// reconcile with the kernel's socket table.
+    ///
+    /// # Errors
+    /// [`ProbeError::Map`] if the map cannot be read.
+    pub fn dropped(&self) -> Result<u64, ProbeError> {
+        self.dropped.get(&0, 0).map_err(|source| ProbeError::Map {
+            name: DROPPED,
+            source,
+        })
+    }
+
+    /// Kernel CPU time spent in the probe's programs and how many times they
+    /// ran. Counted only while `BPF_ENABLE_STATS` is on (see
+    /// `aya::sys::enable_stats`); zero otherwise.
+    ///
+    /// # Errors
+    /// [`ProbeError::Program`] if the kernel cannot describe a program.
+    pub fn run_stats(&self) -> Result<(std::time::Duration, u64), ProbeError> {
+        let mut time = std::time::Duration::ZERO;
+        let mut count = 0;
+        for name in [SOCKOPS, SOCK_RELEASE] {
+            let prog = self.ebpf.program(name).ok_or(ProbeError::Missing {
+                kind: "program",
+                name,
+            })?;
+            let info = prog
+                .info()
+                .map_err(|source| ProbeError::Program { program: name, source })?;
+            time += info.run_time();
+            count += info.run_count();
+        }
+        Ok((time, count))
+    }
+}
+
+impl std::fmt::Debug for PortProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PortProbe").field("ebpf", &self.ebpf).finish_non_exhaustive()
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, ProbeError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(ProbeError::Missing { kind: "program", name })?;
+    prog.try_into()
+        .map_err(|source| ProbeError::Program { program: name, source })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, ProbeError> {
+    ebpf.take_map(name)
+        .ok_or(ProbeError::Missing { kind: "map", name })
+}
