@@ -59,6 +59,52 @@ pub enum DecodeError {
     },
 }
 
+/// Mirror of `struct nb_listener` in `events.h`: what the kernel remembers
+/// about a listening socket so it can report its close.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawListener {
+    /// Local address in network byte order; IPv4 uses `addr[0]`.
+    pub addr: [u32; 4],
+    /// Local port, host byte order.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Padding, zero.
+    pub pad: u32,
+    /// `bpf_get_netns_cookie()` of the socket.
+    pub netns_cookie: u64,
+}
+
+// SAFETY: RawListener is repr(C), made of integers only, with the padding
+// spelled out, so every bit pattern is valid and it has no uninit bytes.
+unsafe impl aya::Pod for RawListener {}
+
+impl RawListener {
+    /// Describes a socket at `ip:port` in the namespace `netns_cookie`.
+    #[must_use]
+    pub fn new(ip: IpAddr, port: u16, netns_cookie: u64) -> Self {
+        let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+        let (family, addr) = match ip {
+            IpAddr::V4(v4) => (libc::AF_INET, [word(&v4.octets()), 0, 0, 0]),
+            IpAddr::V6(v6) => {
+                let o = v6.octets();
+                (
+                    libc::AF_INET6,
+                    [word(&o[0..4]), word(&o[4..8]), word(&o[8..12]), word(&o[12..16])],
+                )
+            }
+        };
+        Self {
+            addr,
+            port,
+            family: u16::try_from(family).expect("AF_INET6 fits"),
+            pad: 0,
+            netns_cookie,
+        }
+    }
+}
+
 /// What happened to a listening socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
@@ -186,10 +232,13 @@ mod tests {
 #include <stddef.h>
 #include "events.h"
 #define F(f) printf(#f " %zu\n", offsetof(struct nb_event, f));
+#define L(f) printf("listener." #f " %zu\n", offsetof(struct nb_listener, f));
 int main(void) {
     printf("size %zu\n", sizeof(struct nb_event));
     F(socket_cookie) F(netns_cookie) F(cgroup_id) F(ktime_ns) F(tgid) F(pid)
     F(addr) F(port) F(family) F(kind) F(source) F(_pad) F(comm)
+    printf("listener_size %zu\n", sizeof(struct nb_listener));
+    L(addr) L(port) L(family) L(_pad) L(netns_cookie)
     return 0;
 }
 "#,
@@ -230,6 +279,12 @@ int main(void) {
             ("source", offset_of!(RawEvent, source)),
             ("_pad", offset_of!(RawEvent, pad)),
             ("comm", offset_of!(RawEvent, comm)),
+            ("listener_size", size_of::<RawListener>()),
+            ("listener.addr", offset_of!(RawListener, addr)),
+            ("listener.port", offset_of!(RawListener, port)),
+            ("listener.family", offset_of!(RawListener, family)),
+            ("listener._pad", offset_of!(RawListener, pad)),
+            ("listener.netns_cookie", offset_of!(RawListener, netns_cookie)),
         ];
         let rust: Vec<(String, usize)> = rust.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
         assert_eq!(c, rust, "events.h and RawEvent disagree");
@@ -278,6 +333,20 @@ int main(void) {
         }
         let e = RawEvent::from_bytes(&bytes_of(&raw)).unwrap();
         assert_eq!(e.ip().unwrap(), IpAddr::V6(ip));
+    }
+
+    #[test]
+    fn listener_round_trips_through_an_event() {
+        let ip: IpAddr = "fd00::7".parse().unwrap();
+        let l = RawListener::new(ip, 443, 3);
+        let mut raw = sample();
+        raw.addr = l.addr;
+        raw.family = l.family;
+        assert_eq!(raw.ip().unwrap(), ip);
+        let v4 = RawListener::new("10.1.2.3".parse().unwrap(), 80, 3);
+        raw.addr = v4.addr;
+        raw.family = v4.family;
+        assert_eq!(raw.ip().unwrap(), "10.1.2.3".parse::<IpAddr>().unwrap());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 mod event;
 mod probe;
 
-pub use event::{DecodeError, EventKind, EventSource, RawEvent};
+pub use event::{DecodeError, EventKind, EventSource, RawEvent, RawListener};
 pub use probe::{PortProbe, ProbeError};
 
 /// The compiled `portwatch.bpf.o`, aligned for the ELF parser.

@@ -4,16 +4,17 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::Ebpf;
-use aya::maps::{Array, MapData, RingBuf};
+use aya::{Ebpf, EbpfLoader};
+use aya::maps::{Array, HashMap, MapData, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSock, ProgramError, SockOps};
 
-use crate::PORTWATCH_OBJECT;
+use crate::{PORTWATCH_OBJECT, RawListener};
 
 const SOCKOPS: &str = "nb_sockops";
 const SOCK_RELEASE: &str = "nb_sock_release";
 const EVENTS: &str = "events";
 const DROPPED: &str = "dropped";
+const RECONCILED: &str = "reconciled";
 
 /// Why the port probe could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +105,8 @@ pub struct PortProbe {
     ebpf: Ebpf,
     /// `dropped[0]`: records the ring buffer had no room for.
     dropped: Array<MapData, u64>,
+    /// Sockets found listening by userspace, by cookie (see `track`).
+    reconciled: HashMap<MapData, u64, RawListener>,
 }
 
 impl PortProbe {
@@ -113,6 +116,18 @@ impl PortProbe {
     /// # Errors
     /// [`ProbeError`], each variant saying what to do.
     pub fn attach(cgroup: &Path) -> Result<(Self, RingBuf<MapData>), ProbeError> {
+        Self::attach_with(cgroup, None)
+    }
+
+    /// [`PortProbe::attach`] with a ring buffer of `ring_bytes` (a power of
+    /// two, at least one page) instead of the object's 1 MiB.
+    ///
+    /// # Errors
+    /// [`ProbeError`], each variant saying what to do.
+    pub fn attach_with(
+        cgroup: &Path,
+        ring_bytes: Option<u32>,
+    ) -> Result<(Self, RingBuf<MapData>), ProbeError> {
         let dir = File::open(cgroup).map_err(|source| {
             if source.kind() == io::ErrorKind::NotFound {
                 ProbeError::CgroupMissing {
@@ -125,7 +140,11 @@ impl PortProbe {
                 }
             }
         })?;
-        let mut ebpf = Ebpf::load(PORTWATCH_OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        if let Some(bytes) = ring_bytes {
+            loader.map_max_entries(EVENTS, bytes);
+        }
+        let mut ebpf = loader.load(PORTWATCH_OBJECT)?;
 
         let sockops: &mut SockOps = program(&mut ebpf, SOCKOPS)?;
         sockops
@@ -153,7 +172,19 @@ impl PortProbe {
             name: DROPPED,
             source,
         })?;
-        Ok((Self { ebpf, dropped }, events))
+        let reconciled = take_map(&mut ebpf, RECONCILED)?;
+        let reconciled = HashMap::try_from(reconciled).map_err(|source| ProbeError::Map {
+            name: RECONCILED,
+            source,
+        })?;
+        Ok((
+            Self {
+                ebpf,
+                dropped,
+                reconciled,
+            },
+            events,
+        ))
     }
 
     /// How many records the kernel could not queue since the probe was
@@ -167,6 +198,40 @@ impl PortProbe {
             name: DROPPED,
             source,
         })
+    }
+
+    /// Asks the kernel to report the close of a socket that was listening
+    /// before the probe was attached (it has no listen-time state).
+    ///
+    /// # Errors
+    /// [`ProbeError::Map`] if the map is full or cannot be written.
+    pub fn track(&mut self, cookie: u64, listener: RawListener) -> Result<(), ProbeError> {
+        self.reconciled
+            .insert(cookie, listener, 0)
+            .map_err(|source| ProbeError::Map {
+                name: RECONCILED,
+                source,
+            })
+    }
+
+    /// Forgets a socket entered with [`PortProbe::track`] (it is gone).
+    /// Unknown cookies are fine: the kernel removes entries it reports.
+    ///
+    /// # Errors
+    /// [`ProbeError::Map`] if the map cannot be written.
+    pub fn untrack(&mut self, cookie: u64) -> Result<(), ProbeError> {
+        match self.reconciled.remove(&cookie) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.kind() == io::ErrorKind::NotFound =>
+            {
+                Ok(())
+            }
+            Err(source) => Err(ProbeError::Map {
+                name: RECONCILED,
+                source,
+            }),
+        }
     }
 
     /// Kernel CPU time spent in the probe's programs and how many times they

@@ -1,1 +1,45 @@
+//! Helpers for nestbox's privileged tests and benches.
+//!
+//! [`Sandbox`] is the stand-in for a VM's inner container: a fresh network
+//! namespace plus a fresh cgroup v2 directory. Commands started through it
+//! join both *before* they exec, so every socket they create belongs to the
+//! cgroup (a socket's cgroup is fixed at `socket()`). Dropping the sandbox
+//! kills what runs in it and removes the namespace and the cgroups, also when
+//! a test panics.
+//!
+//! [`Owner`] drives the `nb-listen` helper, a process that creates and closes
+//! sockets on command, so a test decides exactly when each listen happens.
 
+#![forbid(unsafe_code)]
+
+pub mod owner;
+pub mod sandbox;
+
+pub use owner::{Listened, Owner};
+pub use sandbox::Sandbox;
+
+/// Fails with a message naming the package to install when `tool` is
+/// missing from `PATH`.
+///
+/// # Panics
+/// When the tool is missing: the test cannot run without it.
+pub fn require_tool(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| dir.join(tool).is_file())
+    });
+    assert!(
+        found,
+        "`{tool}` is not installed: apt-get install {package} (or run `cargo xtask test`, which installs it)"
+    );
+}
+
+/// Fails unless the test runs as root.
+///
+/// # Panics
+/// When not root: privileged tests must not pass by skipping.
+pub fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test needs root (netns, cgroups, BPF): run it through `cargo xtask test` as root"
+    );
+}

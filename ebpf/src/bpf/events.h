@@ -40,11 +40,17 @@ struct nb_event {
 	char comm[16];        /* task comm of the caller */
 };
 
-/* What the listen callback remembers per socket (BPF_MAP_TYPE_SK_STORAGE). */
+/*
+ * What is remembered per listening socket: by the listen callback in
+ * socket-local storage, and by userspace in the `reconciled` map for sockets
+ * that listened before the programs were attached. Rust mirror:
+ * `nestbox_ebpf::RawListener`.
+ */
 struct nb_listener {
 	__u32 addr[4];
 	__u16 port;
 	__u16 family;
+	__u32 _pad;
 	__u64 netns_cookie;
 };
 

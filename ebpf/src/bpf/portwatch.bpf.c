@@ -12,6 +12,10 @@
  *   context, so it reports only sockets whose storage is still there, with
  *   the port remembered at listen time (STATE_CB deletes the storage of
  *   the sockets it has reported).
+ * - `reconciled`: sockets that were listening before the programs were
+ *   attached have no storage and no state callbacks. Userspace finds them
+ *   through sock_diag and enters them here by cookie, so that sock_release
+ *   reports their close too.
  *
  * Every record goes through one ring buffer. A failed reservation is counted
  * in `dropped` so that userspace knows to reconcile.
@@ -52,6 +56,13 @@ struct {
 	__type(key, int);
 	__type(value, struct nb_listener);
 } listeners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64); /* socket cookie */
+	__type(value, struct nb_listener);
+} reconciled SEC(".maps");
 
 /* Records that did not fit in the ring buffer: index 0. */
 struct {
@@ -180,14 +191,21 @@ SEC("cgroup/sock_release")
 int nb_sock_release(struct bpf_sock *sk)
 {
 	struct nb_listener *stored;
+	__u64 cookie;
 
 	if (sk->protocol != 6 /* IPPROTO_TCP */)
 		return 1;
+	cookie = bpf_get_socket_cookie(sk);
 	stored = bpf_sk_storage_get(&listeners, sk, 0, 0);
-	if (!stored)
+	if (stored) {
+		/* sock_release may not delete storage; it goes with the socket. */
+		emit(stored, cookie, NB_EVENT_CLOSE, NB_SRC_SOCK_RELEASE);
 		return 1;
-	/* sock_release may not delete storage; it goes with the socket. */
-	emit(stored, bpf_get_socket_cookie(sk), NB_EVENT_CLOSE,
-	     NB_SRC_SOCK_RELEASE);
+	}
+	stored = bpf_map_lookup_elem(&reconciled, &cookie);
+	if (stored) {
+		emit(stored, cookie, NB_EVENT_CLOSE, NB_SRC_SOCK_RELEASE);
+		bpf_map_delete_elem(&reconciled, &cookie);
+	}
 	return 1;
 }

@@ -24,6 +24,17 @@ pub struct Socket {
     pub process: Option<Process>,
 }
 
+/// What [`PortTable::reconcile`] changed.
+#[derive(Debug, Default)]
+pub struct Reconciled {
+    /// Port events, closes first.
+    pub events: Vec<PortEvent>,
+    /// Sockets that were listening unseen.
+    pub added: Vec<Socket>,
+    /// Cookies of sockets that had gone unseen.
+    pub removed: Vec<u64>,
+}
+
 /// The published ports and the sockets behind them.
 #[derive(Debug, Default)]
 pub struct PortTable {
@@ -70,26 +81,35 @@ impl PortTable {
         })
     }
 
-    /// Makes the table equal to `truth`, the sockets that listen right now,
-    /// and returns the port events that takes: closes first, then listens.
-    pub fn reconcile(&mut self, truth: Vec<Socket>) -> Vec<PortEvent> {
+    /// Makes the table equal to `truth`, the sockets that listen right now.
+    /// Returns the port events that takes (closes first, then listens) and
+    /// which sockets came and went.
+    pub fn reconcile(&mut self, truth: Vec<Socket>) -> Reconciled {
         let live: BTreeSet<u64> = truth.iter().map(|s| s.cookie).collect();
-        let gone: Vec<u64> = self
+        let removed: Vec<u64> = self
             .sockets
             .keys()
             .copied()
             .filter(|c| !live.contains(c))
             .collect();
-        let mut events: Vec<PortEvent> = gone
+        let mut events: Vec<PortEvent> = removed
+            .iter()
+            .filter_map(|&c| self.close(c, Origin::Reconcile))
+            .collect();
+        let added: Vec<Socket> = truth
             .into_iter()
-            .filter_map(|c| self.close(c, Origin::Reconcile))
+            .filter(|s| !self.sockets.contains_key(&s.cookie))
             .collect();
         events.extend(
-            truth
-                .into_iter()
-                .filter_map(|s| self.listen(s, Origin::Reconcile)),
+            added
+                .iter()
+                .filter_map(|s| self.listen(s.clone(), Origin::Reconcile)),
         );
-        events
+        Reconciled {
+            events,
+            added,
+            removed,
+        }
     }
 
     /// Published ports with the addresses listening on each, in port order.
@@ -164,12 +184,18 @@ mod tests {
         t.listen(sock(2, 81, "0.0.0.0"), K);
         t.listen(sock(3, 81, "::"), K);
         // Socket 2 went away unseen, socket 4 appeared unseen, 1 is gone.
-        let events = t.reconcile(vec![sock(3, 81, "::"), sock(4, 82, "127.0.0.1")]);
+        let r = t.reconcile(vec![sock(3, 81, "::"), sock(4, 82, "127.0.0.1")]);
+        let mut removed = r.removed.clone();
+        removed.sort_unstable();
+        assert_eq!(removed, vec![1, 2]);
+        assert_eq!(r.added, vec![sock(4, 82, "127.0.0.1")]);
+        let events = r.events;
         let summary: Vec<(u16, bool)> = events.iter().map(|e| (e.port(), e.is_listening())).collect();
         assert_eq!(summary, vec![(80, false), (82, true)]);
         assert!(events.iter().all(|e| e.origin() == Origin::Reconcile));
         assert!(t.is_published(81));
         assert!(!t.is_published(80));
-        assert!(t.reconcile(vec![sock(3, 81, "::"), sock(4, 82, "127.0.0.1")]).is_empty());
+        let again = t.reconcile(vec![sock(3, 81, "::"), sock(4, 82, "127.0.0.1")]);
+        assert!(again.events.is_empty() && again.added.is_empty() && again.removed.is_empty());
     }
 }

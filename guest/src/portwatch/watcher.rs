@@ -4,7 +4,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use nestbox_ebpf::{EventKind, MapData, PortProbe, ProbeError, RawEvent, RingBuf};
+use nestbox_ebpf::{EventKind, MapData, PortProbe, ProbeError, RawEvent, RawListener, RingBuf};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -76,6 +76,21 @@ impl Watcher {
     /// # Errors
     /// [`WatchError`] saying what is missing.
     pub async fn start(cgroup: &Path, netns: Option<&Path>) -> Result<Self, WatchError> {
+        Self::start_with(cgroup, netns, None).await
+    }
+
+    /// [`Watcher::start`] with a kernel ring buffer of `ring_bytes` (a power
+    /// of two, at least one page; default 1 MiB, about 12,000 events). A
+    /// smaller ring loses events sooner under bursts; the watcher then
+    /// reconciles, so nothing is missed, only reported later.
+    ///
+    /// # Errors
+    /// [`WatchError`] saying what is missing.
+    pub async fn start_with(
+        cgroup: &Path,
+        netns: Option<&Path>,
+        ring_bytes: Option<u32>,
+    ) -> Result<Self, WatchError> {
         let cgroup = cgroup::resolve(cgroup)?;
         let netns = netns.map(Path::to_owned);
         let (diag, netns_cookie) = tokio::task::spawn_blocking(move || {
@@ -86,7 +101,7 @@ impl Watcher {
         })
         .await??;
         // Attach before the first dump so that nothing falls between them.
-        let (probe, ring) = PortProbe::attach(&cgroup)?;
+        let (probe, ring) = PortProbe::attach_with(&cgroup, ring_bytes)?;
         // SAFETY: the ring buffer owns its fd, keeps it open and returns the
         // same fd until it is dropped, which happens only with the AsyncFd.
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -177,8 +192,17 @@ impl Watcher {
         })
         .await?;
         self.diag = Some(diag);
-        let events = self.table.reconcile(truth?);
-        self.pending.extend(events);
+        let changes = self.table.reconcile(truth?);
+        // Sockets found here may predate the probe: without listen-time
+        // state the kernel reports their close only if told their cookie.
+        for socket in &changes.added {
+            let listener = RawListener::new(socket.addr, socket.port, self.netns_cookie);
+            self.probe.track(socket.cookie, listener)?;
+        }
+        for &cookie in &changes.removed {
+            self.probe.untrack(cookie)?;
+        }
+        self.pending.extend(changes.events);
         Ok(())
     }
 }

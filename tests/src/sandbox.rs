@@ -1,0 +1,200 @@
+//! A network namespace + cgroup pair standing in for the inner container.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace (`/run/netns/NAME`) and a cgroup (`CGROUP2/NAME`),
+/// removed on drop.
+#[derive(Debug)]
+pub struct Sandbox {
+    name: String,
+    cgroup: PathBuf,
+}
+
+impl Sandbox {
+    /// Creates the pair; `tag` shows up in the names.
+    ///
+    /// # Errors
+    /// If `ip` is missing, or the namespace or cgroup cannot be made.
+    pub fn new(tag: &str) -> Result<Self> {
+        crate::require_root();
+        crate::require_tool("ip", "iproute2");
+        let name = format!(
+            "nbt-{tag}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let mount = cgroup2_mount()?;
+        let cgroup = mount.join(&name);
+        // Construct first so that Drop cleans up whatever part was made.
+        let sandbox = Self { name, cgroup };
+        run(Command::new("ip").args(["netns", "add", &sandbox.name]))?;
+        run(Command::new("ip").args(["-n", &sandbox.name, "link", "set", "lo", "up"]))?;
+        std::fs::create_dir(&sandbox.cgroup)
+            .with_context(|| format!("mkdir {}", sandbox.cgroup.display()))?;
+        Ok(sandbox)
+    }
+
+    /// The namespace's name (for `ip -n`).
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace file, `/run/netns/NAME`.
+    #[must_use]
+    pub fn netns(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// The cgroup directory.
+    #[must_use]
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Creates a child cgroup `NAME` below the sandbox's and returns it.
+    ///
+    /// # Errors
+    /// If mkdir fails.
+    pub fn child_cgroup(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.cgroup.join(name);
+        std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// A command that runs in the namespace and the sandbox's cgroup.
+    #[must_use]
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        self.command_in(program, Some(&self.cgroup))
+    }
+
+    /// A command that runs in the namespace and in `cgroup` (or stays in the
+    /// caller's cgroup when `None`).
+    #[must_use]
+    pub fn command_in(&self, program: impl AsRef<std::ffi::OsStr>, cgroup: Option<&Path>) -> Command {
+        crate::require_tool("nsenter", "util-linux");
+        // nsenter enters the namespace, then a shell joins the cgroup and
+        // execs the program, so that the program's very first socket is
+        // already in both. The caller's .arg()s land in "$@".
+        let join = match cgroup {
+            Some(dir) => format!(
+                "echo $$ > '{}/cgroup.procs' && exec \"$@\"",
+                dir.display()
+            ),
+            None => "exec \"$@\"".to_owned(),
+        };
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns().display()))
+            .args(["--", "sh", "-c", &join, "sh"])
+            .arg(program);
+        cmd
+    }
+
+    /// Processes currently in the sandbox's cgroup subtree.
+    ///
+    /// # Errors
+    /// If the cgroup cannot be read.
+    pub fn pids(&self) -> Result<Vec<u32>> {
+        let mut pids = Vec::new();
+        collect_pids(&self.cgroup, &mut pids)?;
+        Ok(pids)
+    }
+}
+
+fn collect_pids(dir: &Path, pids: &mut Vec<u32>) -> Result<()> {
+    let text = std::fs::read_to_string(dir.join("cgroup.procs"))?;
+    pids.extend(text.lines().filter_map(|l| l.parse::<u32>().ok()));
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        if entry.file_type()?.is_dir() {
+            collect_pids(&entry.path(), pids)?;
+        }
+    }
+    Ok(())
+}
+
+impl Drop for Sandbox {
+    /// Kills the cgroup's processes, removes its directories (deepest first)
+    /// and deletes the namespace. Every step is tried; failures are printed
+    /// together.
+    fn drop(&mut self) {
+        let mut errors = Vec::new();
+        if self.cgroup.is_dir() {
+            if let Err(e) = kill_and_remove(&self.cgroup) {
+                errors.push(format!("cgroup {}: {e:#}", self.cgroup.display()));
+            }
+        }
+        if self.netns().exists() {
+            if let Err(e) = run(Command::new("ip").args(["netns", "del", &self.name])) {
+                errors.push(format!("netns {}: {e:#}", self.name));
+            }
+        }
+        if !errors.is_empty() {
+            eprintln!("sandbox cleanup left things behind: {}", errors.join("; "));
+        }
+    }
+}
+
+fn kill_and_remove(dir: &Path) -> Result<()> {
+    // cgroup.kill (Linux 5.14) SIGKILLs the whole subtree at once.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("cgroup.kill"))
+        .and_then(|mut f| f.write_all(b"1"))
+        .context("write cgroup.kill")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut pids = Vec::new();
+        collect_pids(dir, &mut pids)?;
+        if pids.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("processes {pids:?} survived cgroup.kill");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    remove_tree(dir)
+}
+
+fn remove_tree(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        if entry.file_type()?.is_dir() {
+            remove_tree(&entry.path())?;
+        }
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("rmdir {}", dir.display()))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The cgroup2 mount point from `/proc/mounts`.
+///
+/// # Errors
+/// If there is none.
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .context("no cgroup2 mount in /proc/mounts")
+}
