@@ -18,6 +18,24 @@ pub mod sandbox;
 pub use owner::{Listened, Owner};
 pub use sandbox::Sandbox;
 
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock BPF's `bpf_ktime_get_ns()`
+/// uses, so user and kernel timestamps compare directly.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    clock_ns(nix::time::ClockId::CLOCK_MONOTONIC)
+}
+
+/// CPU time consumed by the calling thread, in nanoseconds.
+#[must_use]
+pub fn thread_cpu_ns() -> u64 {
+    clock_ns(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+}
+
+fn clock_ns(clock: nix::time::ClockId) -> u64 {
+    let ts = nix::time::clock_gettime(clock).expect("clock_gettime on a standard clock");
+    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap_or(0)
+}
+
 /// Fails with a message naming the package to install when `tool` is
 /// missing from `PATH`.
 ///

@@ -18,11 +18,6 @@ use std::net::SocketAddr;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-fn now_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("monotonic clock");
-    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap_or(0)
-}
-
 fn local_port(s: &Socket) -> std::io::Result<u16> {
     s.local_addr()?
         .as_socket()
@@ -62,7 +57,7 @@ fn run(line: &str, sockets: &mut HashMap<u64, Socket>, next_id: &mut u64) -> std
             if let Some(addr) = addr {
                 socket.bind(&SockAddr::from(addr))?;
             }
-            let t0 = now_ns();
+            let t0 = nestbox_tests::monotonic_ns();
             socket.listen(128)?;
             let port = local_port(&socket)?;
             let id = keep(socket);
