@@ -2,6 +2,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+/// Linux's address families, as the u16 the records carry (UAPI values).
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
 /// Mirror of `struct nb_event` in `events.h`.
 ///
 /// `tests::layout_matches_c` compiles the header with the host C compiler and
@@ -9,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RawEvent {
-    /// `bpf_get_socket_cookie()`; equals inet_diag's `idiag_cookie`.
+    /// `bpf_get_socket_cookie()`; equals `inet_diag`'s `idiag_cookie`.
     pub socket_cookie: u64,
     /// `bpf_get_netns_cookie()`; equals `SO_NETNS_COOKIE`.
     pub netns_cookie: u64,
@@ -42,7 +46,9 @@ pub struct RawEvent {
 pub enum DecodeError {
     /// The record is shorter than `struct nb_event`: the object and this
     /// crate were built from different `events.h`.
-    #[error("event record of {len} bytes, expected {expected}: rebuild nestbox (object and loader disagree)")]
+    #[error(
+        "event record of {len} bytes, expected {expected}: rebuild nestbox (object and loader disagree)"
+    )]
     Short {
         /// Bytes received.
         len: usize,
@@ -50,7 +56,9 @@ pub enum DecodeError {
         expected: usize,
     },
     /// An unknown `kind`, `source` or `family` value.
-    #[error("event record has unknown {field} = {value}: rebuild nestbox (object and loader disagree)")]
+    #[error(
+        "event record has unknown {field} = {value}: rebuild nestbox (object and loader disagree)"
+    )]
     Unknown {
         /// The field.
         field: &'static str,
@@ -86,19 +94,24 @@ impl RawListener {
     pub fn new(ip: IpAddr, port: u16, netns_cookie: u64) -> Self {
         let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
         let (family, addr) = match ip {
-            IpAddr::V4(v4) => (libc::AF_INET, [word(&v4.octets()), 0, 0, 0]),
+            IpAddr::V4(v4) => (AF_INET, [word(&v4.octets()), 0, 0, 0]),
             IpAddr::V6(v6) => {
                 let o = v6.octets();
                 (
-                    libc::AF_INET6,
-                    [word(&o[0..4]), word(&o[4..8]), word(&o[8..12]), word(&o[12..16])],
+                    AF_INET6,
+                    [
+                        word(&o[0..4]),
+                        word(&o[4..8]),
+                        word(&o[8..12]),
+                        word(&o[12..16]),
+                    ],
                 )
             }
         };
         Self {
             addr,
             port,
-            family: u16::try_from(family).expect("AF_INET6 fits"),
+            family,
             pad: 0,
             netns_cookie,
         }
@@ -186,9 +199,9 @@ impl RawEvent {
     pub fn ip(&self) -> Result<IpAddr, DecodeError> {
         // The words hold network-order bytes as the kernel stored them.
         let bytes = |w: u32| w.to_ne_bytes();
-        match i32::from(self.family) {
-            libc::AF_INET => Ok(IpAddr::V4(Ipv4Addr::from(bytes(self.addr[0])))),
-            libc::AF_INET6 => {
+        match self.family {
+            AF_INET => Ok(IpAddr::V4(Ipv4Addr::from(bytes(self.addr[0])))),
+            AF_INET6 => {
                 let mut octets = [0u8; 16];
                 for (chunk, word) in octets.chunks_exact_mut(4).zip(self.addr) {
                     chunk.copy_from_slice(&bytes(word));
@@ -252,7 +265,9 @@ int main(void) {
             .arg("-o")
             .arg(&exe)
             .status()
-            .unwrap_or_else(|e| panic!("cannot run the C compiler `{cc}` ({e}): apt-get install gcc"));
+            .unwrap_or_else(|e| {
+                panic!("cannot run the C compiler `{cc}` ({e}): apt-get install gcc")
+            });
         assert!(status.success(), "compiling the layout probe failed");
         let out = Command::new(&exe).output().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
@@ -284,7 +299,10 @@ int main(void) {
             ("listener.port", offset_of!(RawListener, port)),
             ("listener.family", offset_of!(RawListener, family)),
             ("listener._pad", offset_of!(RawListener, pad)),
-            ("listener.netns_cookie", offset_of!(RawListener, netns_cookie)),
+            (
+                "listener.netns_cookie",
+                offset_of!(RawListener, netns_cookie),
+            ),
         ];
         let rust: Vec<(String, usize)> = rust.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
         assert_eq!(c, rust, "events.h and RawEvent disagree");
@@ -310,8 +328,10 @@ int main(void) {
 
     fn bytes_of(e: &RawEvent) -> Vec<u8> {
         // SAFETY: RawEvent is repr(C) plain data; reading its bytes is sound.
-        unsafe { std::slice::from_raw_parts(std::ptr::from_ref(e).cast::<u8>(), size_of::<RawEvent>()) }
-            .to_vec()
+        unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(e).cast::<u8>(), size_of::<RawEvent>())
+        }
+        .to_vec()
     }
 
     #[test]
@@ -360,7 +380,10 @@ int main(void) {
         raw.kind = 9;
         assert!(matches!(
             RawEvent::from_bytes(&bytes_of(&raw)),
-            Err(DecodeError::Unknown { field: "kind", value: 9 })
+            Err(DecodeError::Unknown {
+                field: "kind",
+                value: 9
+            })
         ));
         let mut raw = sample();
         raw.family = 1;

@@ -4,9 +4,9 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::{Ebpf, EbpfLoader};
 use aya::maps::{Array, HashMap, MapData, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSock, ProgramError, SockOps};
+use aya::{Ebpf, EbpfLoader};
 
 use crate::{PORTWATCH_OBJECT, RawListener};
 
@@ -60,7 +60,9 @@ pub enum ProbeError {
     #[error("cannot load portwatch.bpf.o: {0}. If it mentions a permission error, run as root")]
     Object(#[from] aya::EbpfError),
     /// The object lacks a program or map this loader expects.
-    #[error("portwatch.bpf.o has no {kind} named {name}: object and loader are out of step, rebuild nestbox")]
+    #[error(
+        "portwatch.bpf.o has no {kind} named {name}: object and loader are out of step, rebuild nestbox"
+    )]
     Missing {
         /// "program" or "map".
         kind: &'static str,
@@ -248,9 +250,10 @@ impl PortProbe {
                 kind: "program",
                 name,
             })?;
-            let info = prog
-                .info()
-                .map_err(|source| ProbeError::Program { program: name, source })?;
+            let info = prog.info().map_err(|source| ProbeError::Program {
+                program: name,
+                source,
+            })?;
             time += info.run_time();
             count += info.run_count();
         }
@@ -260,7 +263,9 @@ impl PortProbe {
 
 impl std::fmt::Debug for PortProbe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PortProbe").field("ebpf", &self.ebpf).finish_non_exhaustive()
+        f.debug_struct("PortProbe")
+            .field("ebpf", &self.ebpf)
+            .finish_non_exhaustive()
     }
 }
 
@@ -268,11 +273,14 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, P
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or(ProbeError::Missing { kind: "program", name })?;
-    prog.try_into()
-        .map_err(|source| ProbeError::Program { program: name, source })
+    let prog = ebpf.program_mut(name).ok_or(ProbeError::Missing {
+        kind: "program",
+        name,
+    })?;
+    prog.try_into().map_err(|source| ProbeError::Program {
+        program: name,
+        source,
+    })
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, ProbeError> {

@@ -26,7 +26,9 @@ pub enum CgroupError {
         path: PathBuf,
     },
     /// The directory is not on a cgroup2 filesystem.
-    #[error("{path} is not a cgroup v2 directory: give a directory under the cgroup2 mount {mount}")]
+    #[error(
+        "{path} is not a cgroup v2 directory: give a directory under the cgroup2 mount {mount}"
+    )]
     NotCgroup2 {
         /// The directory.
         path: PathBuf,
@@ -66,7 +68,9 @@ fn unescape_mount_path(s: &str) -> String {
     let mut rest = s;
     while let Some(i) = rest.find('\\') {
         out.push_str(&rest[..i]);
-        let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
+        let code = rest
+            .get(i + 1..i + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
         if let Some(byte) = code {
             out.push(char::from(byte));
             rest = &rest[i + 4..];

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use nestbox_guest::portwatch::Watcher;
 
 #[derive(Parser)]
-#[command(name = "nestbox-guest", version, about = "The platform inside a nestbox VM")]
+#[command(
+    name = "nestbox-guest",
+    version,
+    about = "The platform inside a nestbox VM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,12 +41,14 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("nestbox-guest: cannot start the async runtime: {err}");

@@ -18,7 +18,9 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 #[derive(Debug, thiserror::Error)]
 pub enum NetNsError {
     /// The namespace file could not be opened.
-    #[error("cannot open network namespace {path}: {source} (give a path such as /run/netns/NAME or /proc/PID/ns/net)")]
+    #[error(
+        "cannot open network namespace {path}: {source} (give a path such as /run/netns/NAME or /proc/PID/ns/net)"
+    )]
     Open {
         /// The namespace file.
         path: PathBuf,
@@ -26,7 +28,9 @@ pub enum NetNsError {
         source: io::Error,
     },
     /// `setns` failed.
-    #[error("cannot enter network namespace {path}: {source} (is it a network namespace? entering needs CAP_SYS_ADMIN)")]
+    #[error(
+        "cannot enter network namespace {path}: {source} (is it a network namespace? entering needs CAP_SYS_ADMIN)"
+    )]
     Enter {
         /// The namespace file.
         path: PathBuf,
@@ -85,10 +89,11 @@ where
 /// # Errors
 /// The socket or getsockopt error (Linux < 5.14 lacks `SO_NETNS_COOKIE`).
 pub fn current_cookie() -> io::Result<u64> {
-    let sock = std::net::UdpSocket::bind("0.0.0.0:0")
-        .or_else(|_| std::net::UdpSocket::bind("[::]:0"))?;
+    let sock =
+        std::net::UdpSocket::bind("0.0.0.0:0").or_else(|_| std::net::UdpSocket::bind("[::]:0"))?;
     let mut cookie: u64 = 0;
-    let mut len = libc::socklen_t::try_from(size_of::<u64>()).expect("8 fits");
+    // size_of::<u64>() is 8, which socklen_t holds.
+    let mut len: libc::socklen_t = 8;
     // SAFETY: the fd is a live socket owned by `sock`; `cookie` and `len`
     // point to writable memory of the sizes given.
     let rc = unsafe {

@@ -33,7 +33,8 @@ pub fn thread_cpu_ns() -> u64 {
 
 fn clock_ns(clock: nix::time::ClockId) -> u64 {
     let ts = nix::time::clock_gettime(clock).expect("clock_gettime on a standard clock");
-    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap_or(0)
+    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(ts.tv_nsec()).unwrap_or(0)
 }
 
 /// Fails with a message naming the package to install when `tool` is
@@ -42,9 +43,8 @@ fn clock_ns(clock: nix::time::ClockId) -> u64 {
 /// # Panics
 /// When the tool is missing: the test cannot run without it.
 pub fn require_tool(tool: &str, package: &str) {
-    let found = std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| dir.join(tool).is_file())
-    });
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
     assert!(
         found,
         "`{tool}` is not installed: apt-get install {package} (or run `cargo xtask test`, which installs it)"

@@ -79,16 +79,17 @@ impl Sandbox {
     /// A command that runs in the namespace and in `cgroup` (or stays in the
     /// caller's cgroup when `None`).
     #[must_use]
-    pub fn command_in(&self, program: impl AsRef<std::ffi::OsStr>, cgroup: Option<&Path>) -> Command {
+    pub fn command_in(
+        &self,
+        program: impl AsRef<std::ffi::OsStr>,
+        cgroup: Option<&Path>,
+    ) -> Command {
         crate::require_tool("nsenter", "util-linux");
         // nsenter enters the namespace, then a shell joins the cgroup and
         // execs the program, so that the program's very first socket is
         // already in both. The caller's .arg()s land in "$@".
         let join = match cgroup {
-            Some(dir) => format!(
-                "echo $$ > '{}/cgroup.procs' && exec \"$@\"",
-                dir.display()
-            ),
+            Some(dir) => format!("echo $$ > '{}/cgroup.procs' && exec \"$@\"", dir.display()),
             None => "exec \"$@\"".to_owned(),
         };
         let mut cmd = Command::new("nsenter");
@@ -126,15 +127,15 @@ impl Drop for Sandbox {
     /// together.
     fn drop(&mut self) {
         let mut errors = Vec::new();
-        if self.cgroup.is_dir() {
-            if let Err(e) = kill_and_remove(&self.cgroup) {
-                errors.push(format!("cgroup {}: {e:#}", self.cgroup.display()));
-            }
+        if self.cgroup.is_dir()
+            && let Err(e) = kill_and_remove(&self.cgroup)
+        {
+            errors.push(format!("cgroup {}: {e:#}", self.cgroup.display()));
         }
-        if self.netns().exists() {
-            if let Err(e) = run(Command::new("ip").args(["netns", "del", &self.name])) {
-                errors.push(format!("netns {}: {e:#}", self.name));
-            }
+        if self.netns().exists()
+            && let Err(e) = run(Command::new("ip").args(["netns", "del", &self.name]))
+        {
+            errors.push(format!("netns {}: {e:#}", self.name));
         }
         if !errors.is_empty() {
             eprintln!("sandbox cleanup left things behind: {}", errors.join("; "));

@@ -17,7 +17,9 @@ fn owner(sb: &Sandbox) -> Owner {
 }
 
 async fn watch(sb: &Sandbox) -> Watcher {
-    Watcher::start(sb.cgroup(), Some(&sb.netns())).await.expect("start the watcher")
+    Watcher::start(sb.cgroup(), Some(&sb.netns()))
+        .await
+        .expect("start the watcher")
 }
 
 /// The next `n` events, failing after 10 s with what arrived.
@@ -26,7 +28,10 @@ async fn take(w: &mut Watcher, n: usize) -> Vec<PortEvent> {
     while got.len() < n {
         match tokio::time::timeout(Duration::from_secs(10), w.next()).await {
             Ok(event) => got.push(event.expect("watcher error")),
-            Err(_) => panic!("expected {n} events, got {}: {got:#?}", got.len()),
+            Err(elapsed) => panic!(
+                "expected {n} events, got {} ({elapsed}): {got:#?}",
+                got.len()
+            ),
         }
     }
     got
@@ -40,7 +45,10 @@ async fn quiet(w: &mut Watcher, ms: u64) {
 }
 
 fn summary(events: &[PortEvent]) -> Vec<(u16, bool)> {
-    events.iter().map(|e| (e.port(), e.is_listening())).collect()
+    events
+        .iter()
+        .map(|e| (e.port(), e.is_listening()))
+        .collect()
 }
 
 fn sorted(mut v: Vec<(u16, bool)>) -> Vec<(u16, bool)> {
@@ -56,21 +64,21 @@ fn ip(s: &str) -> IpAddr {
 async fn t1_each_listener_opens_and_closes() {
     let sb = Sandbox::new("t1").unwrap();
     let mut w = watch(&sb).await;
-    let mut a = owner(&sb);
-    let mut b = owner(&sb);
-    let mut c = owner(&sb);
-    let mut d = owner(&sb);
-    a.listen("0.0.0.0:8080", "").unwrap();
-    b.listen("[::]:9090", "v6only").unwrap();
-    c.listen("127.0.0.1:7070", "").unwrap();
-    let auto = d.autobind().unwrap();
+    let mut v4 = owner(&sb);
+    let mut v6 = owner(&sb);
+    let mut lo = owner(&sb);
+    let mut auto_owner = owner(&sb);
+    v4.listen("0.0.0.0:8080", "").unwrap();
+    v6.listen("[::]:9090", "v6only").unwrap();
+    lo.listen("127.0.0.1:7070", "").unwrap();
+    let auto = auto_owner.autobind().unwrap();
 
     let events = take(&mut w, 4).await;
     let expect = [
-        (8080, ip("0.0.0.0"), a.pid()),
-        (9090, ip("::"), b.pid()),
-        (7070, ip("127.0.0.1"), c.pid()),
-        (auto.port, ip("0.0.0.0"), d.pid()),
+        (8080, ip("0.0.0.0"), v4.pid()),
+        (9090, ip("::"), v6.pid()),
+        (7070, ip("127.0.0.1"), lo.pid()),
+        (auto.port, ip("0.0.0.0"), auto_owner.pid()),
     ];
     for (event, (port, addr, pid)) in events.iter().zip(expect) {
         let PortEvent::Listening {
@@ -89,13 +97,18 @@ async fn t1_each_listener_opens_and_closes() {
     }
     quiet(&mut w, 200).await;
 
-    for o in [a, b, c, d] {
-        o.kill().unwrap();
+    for owner in [v4, v6, lo, auto_owner] {
+        owner.kill().unwrap();
     }
     let closed = take(&mut w, 4).await;
     assert_eq!(
         sorted(summary(&closed)),
-        sorted(vec![(8080, false), (9090, false), (7070, false), (auto.port, false)])
+        sorted(vec![
+            (8080, false),
+            (9090, false),
+            (7070, false),
+            (auto.port, false)
+        ])
     );
     quiet(&mut w, 200).await;
     assert!(w.ports().is_empty());
@@ -160,11 +173,17 @@ async fn t4_sockets_sharing_a_port_are_one_port() {
     p2.listen("0.0.0.0:8080", "reuseport").unwrap();
     let v4 = p1.listen("0.0.0.0:9090", "").unwrap();
     let v6 = p1.listen("[::]:9090", "v6only").unwrap();
-    assert_eq!(sorted(summary(&take(&mut w, 2).await)), vec![(8080, true), (9090, true)]);
+    assert_eq!(
+        sorted(summary(&take(&mut w, 2).await)),
+        vec![(8080, true), (9090, true)]
+    );
     quiet(&mut w, 200).await;
     assert_eq!(
         w.ports(),
-        vec![(8080, vec![ip("0.0.0.0")]), (9090, vec![ip("0.0.0.0"), ip("::")])]
+        vec![
+            (8080, vec![ip("0.0.0.0")]),
+            (9090, vec![ip("0.0.0.0"), ip("::")])
+        ]
     );
 
     // One of each pair goes: nothing changes.
@@ -198,7 +217,10 @@ async fn t5_udp_and_outgoing_connections_are_not_ports() {
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self, n: usize) -> usize {
-        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
         usize::try_from(self.0 >> 33).unwrap() % n
     }
 }
@@ -338,9 +360,15 @@ async fn dropping_the_watcher_detaches_everything() {
 #[tokio::test(flavor = "current_thread")]
 async fn errors_say_what_is_wrong() {
     let missing = PathBuf::from("/sys/fs/cgroup/unified/nestbox-no-such-cgroup");
-    let err = Watcher::start(&missing, None).await.unwrap_err().to_string();
+    let err = Watcher::start(&missing, None)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("does not exist"), "{err}");
-    let err = Watcher::start(&std::env::temp_dir(), None).await.unwrap_err().to_string();
+    let err = Watcher::start(&std::env::temp_dir(), None)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not a cgroup v2 directory"), "{err}");
     let sb = Sandbox::new("err").unwrap();
     let err = Watcher::start(sb.cgroup(), Some(&PathBuf::from("/run/netns/nestbox-none")))
@@ -352,7 +380,12 @@ async fn errors_say_what_is_wrong() {
 
 fn guest_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("nestbox-guest");
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("nestbox-guest");
     assert!(
         bin.is_file(),
         "{} is missing: build it first (`cargo build -p nestbox-guest`; `cargo xtask test` does)",
@@ -398,7 +431,10 @@ fn cli_watch_ports_prints_json_lines() {
     assert_eq!(first["origin"]["via"], "reconcile");
     early.listen("[::1]:9000", "").unwrap();
     let second = next();
-    assert_eq!((second["event"].as_str(), second["port"].as_u64()), (Some("listening"), Some(9000)));
+    assert_eq!(
+        (second["event"].as_str(), second["port"].as_u64()),
+        (Some("listening"), Some(9000))
+    );
     assert_eq!(second["addrs"][0], "::1");
     assert_eq!(second["process"]["pid"], early.pid());
     early.kill().unwrap();

@@ -1,1 +1,56 @@
-fn main(){}
+//! `cargo xtask …`: everything beyond `cargo build` — system packages, eBPF
+//! objects, the full test run, benchmarks and the demo. One module per task.
+
+#![forbid(unsafe_code)]
+
+mod bench;
+mod build_ebpf;
+mod demo;
+mod deps;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "nestbox's build, test, bench and demo tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the system packages nestbox needs (apt-get; as root).
+    Deps,
+    /// Compile the C eBPF programs into target/bpf/ (cargo build does this
+    /// too, through ebpf/build.rs).
+    BuildEbpf,
+    /// Formatting, clippy, unit tests and the privileged integration tests.
+    Test(test::Args),
+    /// Run the platform live on the embedded defaults.
+    Demo(demo::Args),
+    /// Run a benchmark and print its table.
+    Bench(bench::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Deps => deps::install(),
+        Task::BuildEbpf => build_ebpf::run(),
+        Task::Test(args) => test::run(&args),
+        Task::Demo(args) => demo::run(&args),
+        Task::Bench(args) => bench::run(&args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -129,6 +129,9 @@ mod tests {
         assert_eq!(v["port"], 8080);
         assert_eq!(v["origin"]["via"], "kernel");
         assert_eq!(v["process"]["comm"], "python3");
-        assert_eq!(e.to_string(), "+ 8080 listening on 0.0.0.0 by python3[7] (kernel)");
+        assert_eq!(
+            e.to_string(),
+            "+ 8080 listening on 0.0.0.0 by python3[7] (kernel)"
+        );
     }
 }

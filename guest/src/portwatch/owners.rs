@@ -41,7 +41,10 @@ pub fn find(pids: &[u32], wanted: &BTreeSet<u32>) -> HashMap<u32, Process> {
 }
 
 fn socket_inode(link: &str) -> Option<u32> {
-    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]

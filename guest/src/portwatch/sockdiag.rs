@@ -76,7 +76,9 @@ pub struct SockDiag {
 
 impl std::fmt::Debug for SockDiag {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SockDiag").field("netns", &self.netns).finish_non_exhaustive()
+        f.debug_struct("SockDiag")
+            .field("netns", &self.netns)
+            .finish_non_exhaustive()
     }
 }
 
@@ -161,7 +163,9 @@ impl SockDiag {
                 let len = msg.header.length as usize;
                 match msg.payload {
                     NetlinkPayload::Done(_) => return Ok(()),
-                    NetlinkPayload::Error(e) => return Err(SockDiagError::Kernel(format!("{e:?}"))),
+                    NetlinkPayload::Error(e) => {
+                        return Err(SockDiagError::Kernel(format!("{e:?}")));
+                    }
                     NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(resp)) => {
                         let cgroup_id = resp.nlas.iter().find_map(|nla| match nla {
                             Nla::Other(o) if o.kind() == INET_DIAG_CGROUP_ID => {

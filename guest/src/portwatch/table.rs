@@ -158,7 +158,10 @@ mod tests {
         assert!(t.listen(sock(2, 8080, "::"), K).is_none());
         assert_eq!(
             t.ports(),
-            vec![(8080, vec!["0.0.0.0".parse().unwrap(), "::".parse().unwrap()])]
+            vec![(
+                8080,
+                vec!["0.0.0.0".parse().unwrap(), "::".parse().unwrap()]
+            )]
         );
         assert!(t.close(1, K).is_none(), "one socket still listens");
         let closed = t.close(2, K).unwrap();
@@ -190,7 +193,10 @@ mod tests {
         assert_eq!(removed, vec![1, 2]);
         assert_eq!(r.added, vec![sock(4, 82, "127.0.0.1")]);
         let events = r.events;
-        let summary: Vec<(u16, bool)> = events.iter().map(|e| (e.port(), e.is_listening())).collect();
+        let summary: Vec<(u16, bool)> = events
+            .iter()
+            .map(|e| (e.port(), e.is_listening()))
+            .collect();
         assert_eq!(summary, vec![(80, false), (82, true)]);
         assert!(events.iter().all(|e| e.origin() == Origin::Reconcile));
         assert!(t.is_published(81));

@@ -184,7 +184,10 @@ impl Watcher {
 
     /// Brings the table in line with the sockets listening right now.
     async fn reconcile(&mut self) -> Result<(), WatchError> {
-        let diag = self.diag.take().expect("sock_diag socket is returned after each dump");
+        let diag = self
+            .diag
+            .take()
+            .expect("sock_diag socket is returned after each dump");
         let cgroup = self.cgroup.clone();
         let (diag, truth) = tokio::task::spawn_blocking(move || {
             let truth = snapshot(&diag, &cgroup);
@@ -212,7 +215,11 @@ fn apply(table: &mut PortTable, raw: &RawEvent, netns_cookie: u64) -> Option<Por
     if raw.netns_cookie != netns_cookie {
         // A process of the cgroup in some other namespace: its ports are not
         // reachable where ingress dials, so they are not published.
-        tracing::debug!(port = raw.port, netns = raw.netns_cookie, "listener in another netns");
+        tracing::debug!(
+            port = raw.port,
+            netns = raw.netns_cookie,
+            "listener in another netns"
+        );
         return None;
     }
     let origin = Origin::Kernel {
@@ -250,7 +257,7 @@ fn snapshot(diag: &SockDiag, cgroup: &Path) -> Result<Vec<Socket>, WatchError> {
         .collect();
     let inodes: BTreeSet<u32> = listeners.iter().map(|l| l.inode).collect();
     let owners = if inodes.is_empty() {
-        Default::default()
+        std::collections::HashMap::new()
     } else {
         owners::find(&cgroup::subtree_pids(cgroup)?, &inodes)
     };

@@ -58,7 +58,9 @@ enum Ctl {
 }
 
 /// The eBPF watcher on its own thread; returns its control channel.
-fn start_watcher(sb: &Sandbox) -> Result<(mpsc::UnboundedSender<Ctl>, std::thread::JoinHandle<()>)> {
+fn start_watcher(
+    sb: &Sandbox,
+) -> Result<(mpsc::UnboundedSender<Ctl>, std::thread::JoinHandle<()>)> {
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Ctl>();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
     let cgroup = sb.cgroup().to_owned();
@@ -126,7 +128,10 @@ impl Poller {
         let handle = std::thread::Builder::new()
             .name(format!("poll-{}ms", interval.as_millis()))
             .spawn(move || {
-                let files = [format!("/proc/{pid}/net/tcp"), format!("/proc/{pid}/net/tcp6")];
+                let files = [
+                    format!("/proc/{pid}/net/tcp"),
+                    format!("/proc/{pid}/net/tcp6"),
+                ];
                 let mut next = monotonic_ns();
                 let mut open: HashSet<u16> = HashSet::new();
                 while !st.load(Ordering::Relaxed) {
@@ -203,14 +208,22 @@ fn percentile(sorted: &[u64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
-    #[expect(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "index of a small vector")]
+    #[expect(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "index of a small vector"
+    )]
     let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
     #[expect(clippy::cast_precision_loss, reason = "nanoseconds well below 2^52")]
     let v = sorted[i] as f64;
     v / 1000.0
 }
 
-#[expect(clippy::cast_precision_loss, reason = "counts and nanoseconds well below 2^52")]
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "counts and nanoseconds well below 2^52"
+)]
 fn row(
     approach: &str,
     listens: &[(u16, u64)],
@@ -251,9 +264,46 @@ fn fmt_ms(us: f64) -> String {
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
         (self.0 >> 33) % n
     }
+}
+
+/// Opens `args.listens` listeners at jittered intervals, each held for
+/// `args.hold_ms`, and closes them all. Returns (port, t0) per listen.
+fn drive(owner: &mut Owner, args: &Args) -> Result<Vec<(u16, u64)>> {
+    let mut rng = Lcg(7);
+    let mut listens = Vec::with_capacity(args.listens);
+    let mut open: std::collections::VecDeque<(u64, u64)> = std::collections::VecDeque::new();
+    let start = monotonic_ns();
+    let mut at = start;
+    for i in 0..args.listens {
+        at += (args.gap_ms / 2 + rng.next(args.gap_ms.max(1))) * 1_000_000;
+        while let Some(&(opened, id)) = open.front() {
+            if opened + args.hold_ms * 1_000_000 > at {
+                break;
+            }
+            owner.close(id)?;
+            open.pop_front();
+        }
+        let now = monotonic_ns();
+        if at > now {
+            std::thread::sleep(Duration::from_nanos(at - now));
+        }
+        let port =
+            args.base_port + u16::try_from(i).context("too many listens for the port range")?;
+        let l = owner.listen(&format!("0.0.0.0:{port}"), "")?;
+        listens.push((port, l.t0_ns));
+        open.push_back((l.t0_ns, l.id));
+    }
+    std::thread::sleep(Duration::from_millis(args.hold_ms));
+    for (_, id) in open.drain(..) {
+        owner.close(id)?;
+    }
+    Ok(listens)
 }
 
 fn main() -> Result<()> {
@@ -275,33 +325,7 @@ fn main() -> Result<()> {
         args.listens, args.gap_ms, args.hold_ms, args.idle_secs
     );
     let cpu0 = (ask_cpu(&ctl)?, pollers.each_ref().map(Poller::cpu));
-    let mut rng = Lcg(7);
-    let mut listens = Vec::with_capacity(args.listens);
-    let mut open: std::collections::VecDeque<(u64, u64)> = std::collections::VecDeque::new();
-    let start = monotonic_ns();
-    let mut at = start;
-    for i in 0..args.listens {
-        at += (args.gap_ms / 2 + rng.next(args.gap_ms.max(1))) * 1_000_000;
-        while let Some(&(opened, id)) = open.front() {
-            if opened + args.hold_ms * 1_000_000 > at {
-                break;
-            }
-            owner.close(id)?;
-            open.pop_front();
-        }
-        let now = monotonic_ns();
-        if at > now {
-            std::thread::sleep(Duration::from_nanos(at - now));
-        }
-        let port = args.base_port + u16::try_from(i).context("too many listens for the port range")?;
-        let l = owner.listen(&format!("0.0.0.0:{port}"), "")?;
-        listens.push((port, l.t0_ns));
-        open.push_back((l.t0_ns, l.id));
-    }
-    std::thread::sleep(Duration::from_millis(args.hold_ms));
-    for (_, id) in open.drain(..) {
-        owner.close(id)?;
-    }
+    let listens = drive(&mut owner, &args)?;
     // Let the 2 s poller take one more look.
     std::thread::sleep(Duration::from_millis(2100));
     let cpu1 = (ask_cpu(&ctl)?, pollers.each_ref().map(Poller::cpu));
@@ -328,10 +352,13 @@ fn main() -> Result<()> {
         cpu1.0 - cpu0.0,
         kernel_active,
     )];
-    for (i, (name, seen)) in ["poll /proc/net/tcp every 1 s (E2B)", "poll /proc/net/tcp every 2 s (VS Code, Gitpod)"]
-        .into_iter()
-        .zip(&seen)
-        .enumerate()
+    for (i, (name, seen)) in [
+        "poll /proc/net/tcp every 1 s (E2B)",
+        "poll /proc/net/tcp every 2 s (VS Code, Gitpod)",
+    ]
+    .into_iter()
+    .zip(&seen)
+    .enumerate()
     {
         rows.push(row(
             name,
@@ -345,7 +372,9 @@ fn main() -> Result<()> {
     }
 
     println!();
-    println!("| approach | p50 | p99 | max | missed | CPU idle (per min) | CPU per 1,000 listens |");
+    println!(
+        "| approach | p50 | p99 | max | missed | CPU idle (per min) | CPU per 1,000 listens |"
+    );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in &rows {
         let kernel = r

@@ -25,7 +25,11 @@ fn local_port(s: &Socket) -> std::io::Result<u16> {
         .ok_or_else(|| std::io::Error::other("not an inet socket"))
 }
 
-fn run(line: &str, sockets: &mut HashMap<u64, Socket>, next_id: &mut u64) -> std::io::Result<String> {
+fn run(
+    line: &str,
+    sockets: &mut HashMap<u64, Socket>,
+    next_id: &mut u64,
+) -> std::io::Result<String> {
     let mut words = line.split_whitespace();
     let verb = words.next().unwrap_or_default();
     let parse_addr = |w: Option<&str>| -> std::io::Result<SocketAddr> {
@@ -52,7 +56,10 @@ fn run(line: &str, sockets: &mut HashMap<u64, Socket>, next_id: &mut u64) -> std
                 }
                 (s, Some(addr))
             } else {
-                (Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?, None)
+                (
+                    Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?,
+                    None,
+                )
             };
             if let Some(addr) = addr {
                 socket.bind(&SockAddr::from(addr))?;
@@ -104,7 +111,10 @@ fn main() {
             break;
         }
         let answer = run(&line, &mut sockets, &mut next_id).unwrap_or_else(|e| format!("err {e}"));
-        if writeln!(stdout, "{answer}").and_then(|()| stdout.flush()).is_err() {
+        if writeln!(stdout, "{answer}")
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
             break;
         }
     }

@@ -1,0 +1,42 @@
+//! `cargo xtask bench …`: benchmarks, built in release and run as root.
+//! They print a table (and write JSON under `target/bench/`); speed targets
+//! are checked here, never by timed assertions in tests.
+
+use anyhow::Result;
+
+use crate::{deps, util};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Which benchmark.
+    #[arg(value_enum)]
+    what: Bench,
+    /// Extra arguments for the benchmark binary (after `--`).
+    #[arg(last = true)]
+    extra: Vec<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Bench {
+    /// Port detection latency and CPU: eBPF vs polling /proc/net/tcp.
+    Portwatch,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    util::require_root("cargo xtask bench")?;
+    deps::install()?;
+    match args.what {
+        Bench::Portwatch => {
+            util::run(util::cargo().args(["build", "--release", "-p", "nestbox-tests", "--bins"]))?;
+            let root = util::root();
+            let out = root.join("target/bench");
+            std::fs::create_dir_all(&out)?;
+            util::run(
+                std::process::Command::new(root.join("target/release/nb-bench-portwatch"))
+                    .arg("--json")
+                    .arg(out.join("portwatch.json"))
+                    .args(&args.extra),
+            )
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! System packages: what each task needs, installed with apt-get when
+//! missing, so that a fresh Debian 12 machine needs no manual step.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::util;
+
+/// A system package and how to tell it is installed.
+pub struct Package {
+    /// Debian package name.
+    pub name: &'static str,
+    /// A file it installs.
+    pub provides: &'static str,
+}
+
+/// Building the eBPF objects (and the C layout check).
+pub const BUILD: [Package; 3] = [
+    Package {
+        name: "clang",
+        provides: "/usr/bin/clang",
+    },
+    Package {
+        name: "libbpf-dev",
+        provides: "/usr/include/bpf/bpf_helpers.h",
+    },
+    Package {
+        name: "gcc",
+        provides: "/usr/bin/cc",
+    },
+];
+
+/// Running the privileged tests, benches and the demo.
+pub const RUN: [Package; 2] = [
+    Package {
+        name: "iproute2",
+        provides: "/usr/sbin/ip",
+    },
+    Package {
+        name: "util-linux",
+        provides: "/usr/bin/nsenter",
+    },
+];
+
+/// Installs whichever of `packages` is missing.
+pub fn ensure(packages: &[Package]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|p| !Path::new(p.provides).exists())
+        .map(|p| p.name)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if util::require_root("installing system packages").is_err() {
+        bail!(
+            "missing system packages: {}. Install them: apt-get install {}",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("installing missing system packages: {}", missing.join(" "));
+    util::run(Command::new("apt-get").args(["update", "-q"]))?;
+    util::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// `cargo xtask deps`: everything any task needs.
+pub fn install() -> Result<()> {
+    ensure(&BUILD)?;
+    ensure(&RUN)
+}
