@@ -5,7 +5,10 @@
 //! `nestbox-guest`), then runs every test of the workspace — unit tests and
 //! the privileged netns/cgroup/BPF tests — serially, as root.
 
-use anyhow::Result;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
 
 use crate::{deps, util};
 
@@ -41,5 +44,61 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(filter) = &args.filter {
         test.arg(filter);
     }
-    util::run(&mut test)
+    run_counting(&mut test)
+}
+
+/// Runs `cargo test`, passing its output through, and ends with one line
+/// that totals every test binary's result (cargo's own last line is the
+/// doc-test run of the last crate, which says little).
+fn run_counting(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(counts) = line.strip_prefix("test result: ") {
+            passed += count(counts, " passed");
+            failed += count(counts, " failed");
+            ignored += count(counts, " ignored");
+        }
+    }
+    let status = child.wait()?;
+    println!("\nxtask test: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    Ok(())
+}
+
+/// The number before `label` in a `test result:` line.
+fn count(line: &str, label: &str) -> u64 {
+    line.split(';')
+        .find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(label.trim_start())
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count;
+
+    #[test]
+    fn totals_a_result_line() {
+        let line =
+            "ok. 11 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 3.93s";
+        assert_eq!(count(line, " passed"), 11);
+        assert_eq!(count(line, " failed"), 0);
+        assert_eq!(count(line, " ignored"), 2);
+        assert_eq!(count("FAILED. 3 passed; 1 failed; 0 ignored", " failed"), 1);
+    }
 }
