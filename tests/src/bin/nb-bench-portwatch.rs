@@ -318,7 +318,7 @@ fn main() -> Result<()> {
         Poller::start(owner.pid(), Duration::from_secs(1))?,
         Poller::start(owner.pid(), Duration::from_secs(2))?,
     ];
-    let kernel_before = kernel_time();
+    let kernel_before = per_program();
 
     eprintln!(
         "portwatch bench: {} listens, ~{} ms apart, each held {} ms, then {} s idle…",
@@ -330,7 +330,21 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_millis(2100));
     let cpu1 = (ask_cpu(&ctl)?, pollers.each_ref().map(Poller::cpu));
     // Zero when the kernel refused BPF_ENABLE_STATS.
-    let kernel_active = stats.as_ref().map(|_| kernel_time() - kernel_before);
+    // Per program: (name, ns, runs) during the listens.
+    let kernel_delta: Vec<(String, u64, u64)> = per_program()
+        .into_iter()
+        .map(|(name, t, n)| {
+            let (t0, n0) = kernel_before
+                .iter()
+                .find(|(b, ..)| *b == name)
+                .map_or((0, 0), |(_, t0, n0)| (*t0, *n0));
+            (name, t - t0, n - n0)
+        })
+        .collect();
+    let kernel_active = stats
+        .as_ref()
+        .map(|_| kernel_delta.iter().map(|d| d.1).sum::<u64>());
+    let kernel_runs: u64 = kernel_delta.iter().map(|d| d.2).sum();
 
     std::thread::sleep(Duration::from_secs(args.idle_secs));
     let cpu2 = (ask_cpu(&ctl)?, pollers.each_ref().map(Poller::cpu));
@@ -393,6 +407,18 @@ fn main() -> Result<()> {
             kernel
         );
     }
+    if let Some(ns) = kernel_active {
+        println!(
+            "\nBPF programs ran {kernel_runs} times during the listens, {} ns per run on average",
+            ns / kernel_runs.max(1)
+        );
+        for (name, time, runs) in &kernel_delta {
+            println!(
+                "  {name}: {runs} runs, {} ns per run",
+                *time / (*runs).max(1)
+            );
+        }
+    }
     let target = rows[0].p99_us <= 1000.0 && rows[0].missed == 0;
     println!(
         "\n{} listens; target for nestbox p99 <= 1 ms with none missed: {}",
@@ -410,13 +436,19 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Total kernel run time of our BPF programs (counted while stats are on).
-fn kernel_time() -> u64 {
+/// Run time (ns) and count of each of our programs since it was loaded.
+fn per_program() -> Vec<(String, u64, u64)> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|p| matches!(p.name_as_str(), Some("nb_sockops" | "nb_sock_release")))
-        .map(|p| u64::try_from(p.run_time().as_nanos()).unwrap_or(u64::MAX))
-        .sum()
+        .map(|p| {
+            (
+                p.name_as_str().unwrap_or_default().to_owned(),
+                u64::try_from(p.run_time().as_nanos()).unwrap_or(u64::MAX),
+                p.run_count(),
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]
