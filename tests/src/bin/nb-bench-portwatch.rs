@@ -306,6 +306,47 @@ fn drive(owner: &mut Owner, args: &Args) -> Result<Vec<(u16, u64)>> {
     Ok(listens)
 }
 
+fn print_table(rows: &[Row]) {
+    println!();
+    println!(
+        "| approach | p50 | p99 | max | missed | CPU idle (per min) | CPU per 1,000 listens |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in rows {
+        let kernel = r
+            .kernel_bpf_ms_per_1000_listens
+            .map(|k| format!(" + {k:.2} ms in BPF programs"))
+            .unwrap_or_default();
+        println!(
+            "| {} | {} | {} | {} | {} | {:.2} ms | {:.1} ms{} |",
+            r.approach,
+            fmt_ms(r.p50_us),
+            fmt_ms(r.p99_us),
+            fmt_ms(r.max_us),
+            r.missed,
+            r.cpu_idle_ms_per_min,
+            r.cpu_ms_per_1000_listens,
+            kernel
+        );
+    }
+}
+
+/// Kernel time of each BPF program during the listens.
+fn print_kernel(delta: &[(String, u64, u64)]) {
+    let runs: u64 = delta.iter().map(|d| d.2).sum();
+    let ns: u64 = delta.iter().map(|d| d.1).sum();
+    println!(
+        "\nBPF programs ran {runs} times during the listens, {} ns per run on average",
+        ns / runs.max(1)
+    );
+    for (name, time, runs) in delta {
+        println!(
+            "  {name}: {runs} runs, {} ns per run",
+            *time / (*runs).max(1)
+        );
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let nb_listen = std::env::current_exe()?.with_file_name("nb-listen");
@@ -344,7 +385,6 @@ fn main() -> Result<()> {
     let kernel_active = stats
         .as_ref()
         .map(|_| kernel_delta.iter().map(|d| d.1).sum::<u64>());
-    let kernel_runs: u64 = kernel_delta.iter().map(|d| d.2).sum();
 
     std::thread::sleep(Duration::from_secs(args.idle_secs));
     let cpu2 = (ask_cpu(&ctl)?, pollers.each_ref().map(Poller::cpu));
@@ -385,39 +425,9 @@ fn main() -> Result<()> {
         ));
     }
 
-    println!();
-    println!(
-        "| approach | p50 | p99 | max | missed | CPU idle (per min) | CPU per 1,000 listens |"
-    );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for r in &rows {
-        let kernel = r
-            .kernel_bpf_ms_per_1000_listens
-            .map(|k| format!(" + {k:.2} ms in BPF programs"))
-            .unwrap_or_default();
-        println!(
-            "| {} | {} | {} | {} | {} | {:.2} ms | {:.1} ms{} |",
-            r.approach,
-            fmt_ms(r.p50_us),
-            fmt_ms(r.p99_us),
-            fmt_ms(r.max_us),
-            r.missed,
-            r.cpu_idle_ms_per_min,
-            r.cpu_ms_per_1000_listens,
-            kernel
-        );
-    }
-    if let Some(ns) = kernel_active {
-        println!(
-            "\nBPF programs ran {kernel_runs} times during the listens, {} ns per run on average",
-            ns / kernel_runs.max(1)
-        );
-        for (name, time, runs) in &kernel_delta {
-            println!(
-                "  {name}: {runs} runs, {} ns per run",
-                *time / (*runs).max(1)
-            );
-        }
+    print_table(&rows);
+    if kernel_active.is_some() {
+        print_kernel(&kernel_delta);
     }
     let target = rows[0].p99_us <= 1000.0 && rows[0].missed == 0;
     println!(
