@@ -1,18 +1,10 @@
 //! `cargo xtask demo`: the platform live, on the embedded defaults.
 //!
-//! For now (port watcher only): an inner container stand-in (a network
-//! namespace + a cgroup), the eBPF port watcher attached to it and printing
-//! events as they happen, and a small workload inside that opens and closes
-//! ports. Anything you start in the sandbox shows up too. Ctrl-C stops it all
-//! and removes the sandbox.
-
-use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+//! Installs what is missing, builds in release, and runs `nb-demo` (see
+//! `tests/src/bin/nb-demo.rs`). xtask itself depends on no crate that embeds
+//! eBPF objects, so it builds on a machine that has no clang yet.
 
 use anyhow::{Context, Result};
-use nestbox_tests::{Owner, Sandbox};
 
 use crate::{deps, util};
 
@@ -35,67 +27,11 @@ pub fn run(args: &Args) -> Result<()> {
         "nestbox-tests",
         "--bins",
     ]))?;
-    let bin = util::root().join("target/release");
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
-        .context("install Ctrl-C handler")?;
-
-    let sandbox = Sandbox::new("demo")?;
-    println!("inner container stand-in:");
-    println!("  network namespace  {}", sandbox.netns().display());
-    println!("  cgroup             {}", sandbox.cgroup().display());
-    println!("start anything inside it, e.g.:");
-    println!(
-        "  nsenter --net={} sh -c 'echo $$ > {}/cgroup.procs; exec python3 -m http.server 8000'",
-        sandbox.netns().display(),
-        sandbox.cgroup().display()
-    );
-    println!("port events (Ctrl-C to stop):");
-
-    let mut watcher = std::process::Command::new(bin.join("nestbox-guest"))
-        .arg("watch-ports")
-        .arg("--cgroup")
-        .arg(sandbox.cgroup())
-        .arg("--netns")
-        .arg(sandbox.netns())
-        .spawn()
-        .context("start nestbox-guest watch-ports")?;
-    // Give the watcher a moment to attach before the workload starts.
-    std::thread::sleep(Duration::from_millis(500));
-    let result = workload(&sandbox, &bin.join("nb-listen"), &stop, args.seconds);
-    let _ = watcher.kill();
-    let _ = watcher.wait();
-    drop(sandbox);
-    result
-}
-
-/// A web app on 8080 (IPv4 + IPv6), and a port that comes and goes.
-fn workload(
-    sandbox: &Sandbox,
-    nb_listen: &Path,
-    stop: &AtomicBool,
-    seconds: Option<u64>,
-) -> Result<()> {
-    let mut app = Owner::spawn(sandbox.command(nb_listen))?;
-    app.listen("0.0.0.0:8080", "")?;
-    app.listen("[::]:8080", "v6only")?;
-    let deadline = seconds.map(|s| Instant::now() + Duration::from_secs(s));
-    let mut toggled: Option<u64> = None;
-    let mut last = Instant::now();
-    while !stop.load(Ordering::SeqCst) && deadline.is_none_or(|d| Instant::now() < d) {
-        if last.elapsed() >= Duration::from_secs(3) {
-            last = Instant::now();
-            toggled = match toggled {
-                Some(id) => {
-                    app.close(id)?;
-                    None
-                }
-                None => Some(app.listen("127.0.0.1:9000", "")?.id),
-            };
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    // Ctrl-C reaches the demo too; it cleans up and exits, and we wait for it.
+    ctrlc::set_handler(|| {}).context("install Ctrl-C handler")?;
+    let mut demo = std::process::Command::new(util::root().join("target/release/nb-demo"));
+    if let Some(s) = args.seconds {
+        demo.arg("--seconds").arg(s.to_string());
     }
-    app.kill()
+    util::run(&mut demo)
 }
