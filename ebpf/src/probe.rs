@@ -35,14 +35,14 @@ pub enum ProbeError {
     },
     /// The kernel refused BPF to this process.
     #[error(
-        "the kernel does not permit loading or attaching BPF program {program} ({source}): \
+        "the kernel does not permit this process to use BPF ({what}: {source}): \
          run as root (CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON are needed)"
     )]
     NotPermitted {
-        /// The program.
-        program: &'static str,
+        /// What was being done.
+        what: String,
         /// The kernel's error.
-        source: ProgramError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The kernel rejected the program or the attach.
     #[error(
@@ -57,8 +57,11 @@ pub enum ProbeError {
         source: ProgramError,
     },
     /// The object could not be loaded (maps, BTF, relocations).
-    #[error("cannot load portwatch.bpf.o: {0}. If it mentions a permission error, run as root")]
-    Object(#[from] aya::EbpfError),
+    #[error(
+        "cannot load portwatch.bpf.o: {0}. nestbox needs Linux >= 5.10 with BPF ring buffers \
+         and socket storage"
+    )]
+    Object(#[source] aya::EbpfError),
     /// The object lacks a program or map this loader expects.
     #[error(
         "portwatch.bpf.o has no {kind} named {name}: object and loader are out of step, rebuild nestbox"
@@ -87,11 +90,42 @@ impl ProbeError {
             _ => None,
         };
         if errno == Some(libc::EPERM) || errno == Some(libc::EACCES) && !is_verifier(&source) {
-            Self::NotPermitted { program, source }
+            Self::NotPermitted {
+                what: format!("program {program}"),
+                source: Box::new(source),
+            }
         } else {
             Self::Program { program, source }
         }
     }
+}
+
+impl From<aya::EbpfError> for ProbeError {
+    fn from(err: aya::EbpfError) -> Self {
+        if errno_in(&err) == Some(libc::EPERM) {
+            Self::NotPermitted {
+                what: "loading portwatch.bpf.o".into(),
+                source: Box::new(err),
+            }
+        } else {
+            Self::Object(err)
+        }
+    }
+}
+
+/// The first OS error in an error's chain.
+fn errno_in(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(code) = e
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
+        {
+            return Some(code);
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// EACCES also means "the verifier said no"; only a load with an empty log is

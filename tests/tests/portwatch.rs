@@ -452,3 +452,22 @@ fn cli_watch_ports_prints_json_lines() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("does not exist"), "{stderr}");
 }
+
+#[test]
+fn cli_without_privilege_says_to_run_as_root() {
+    nestbox_tests::require_tool("setpriv", "util-linux");
+    let sb = Sandbox::new("perm").unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(guest_binary())
+        .args(["watch-ports", "--cgroup"])
+        .arg(sb.cgroup())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("does not permit") && stderr.contains("run as root"),
+        "{stderr}"
+    );
+}
