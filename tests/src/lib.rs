@@ -37,6 +37,22 @@ fn clock_ns(clock: nix::time::ClockId) -> u64 {
         + u64::try_from(ts.tv_nsec()).unwrap_or(0)
 }
 
+/// A small deterministic generator (Knuth's MMIX LCG): tests and benches
+/// must not depend on luck, and their runs must repeat.
+#[derive(Debug)]
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// A number in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
 /// Fails with a message naming the package to install when `tool` is
 /// missing from `PATH`.
 ///

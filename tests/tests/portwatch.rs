@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nestbox_guest::portwatch::{Origin, PortEvent, Watcher};
-use nestbox_tests::{Owner, Sandbox};
+use nestbox_tests::{Lcg, Owner, Sandbox};
 
 const NB_LISTEN: &str = env!("CARGO_BIN_EXE_nb-listen");
 
@@ -213,18 +213,6 @@ async fn t5_udp_and_outgoing_connections_are_not_ports() {
     assert_eq!(summary(&take(&mut w, 1).await), vec![(4001, true)]);
 }
 
-/// A small deterministic generator; the test must not depend on luck.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self, n: usize) -> usize {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        usize::try_from(self.0 >> 33).unwrap() % n
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn t6_churn_matches_the_truth_in_order() {
     const PROCS: usize = 5;
@@ -239,7 +227,8 @@ async fn t6_churn_matches_the_truth_in_order() {
     let mut rng = Lcg(42);
     for _ in 0..CYCLES_EACH {
         for (i, o) in owners.iter_mut().enumerate() {
-            let port = u16::try_from(20_000 + i * PORTS_EACH + rng.next(PORTS_EACH)).unwrap();
+            let port = u16::try_from(20_000 + i * PORTS_EACH).unwrap()
+                + u16::try_from(rng.below(PORTS_EACH as u64)).unwrap();
             if let Some(id) = open[i].remove(&port) {
                 o.close(id).unwrap();
                 truth.entry(port).or_default().push(false);

@@ -25,7 +25,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use nestbox_guest::portwatch::{Origin, PortEvent, Watcher};
-use nestbox_tests::{Owner, Sandbox, monotonic_ns, thread_cpu_ns};
+use nestbox_tests::{Lcg, Owner, Sandbox, monotonic_ns, thread_cpu_ns};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -260,18 +260,6 @@ fn fmt_ms(us: f64) -> String {
     }
 }
 
-/// A small deterministic generator for the jitter.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (self.0 >> 33) % n
-    }
-}
-
 /// Opens `args.listens` listeners at jittered intervals, each held for
 /// `args.hold_ms`, and closes them all. Returns (port, t0) per listen.
 fn drive(owner: &mut Owner, args: &Args) -> Result<Vec<(u16, u64)>> {
@@ -281,7 +269,7 @@ fn drive(owner: &mut Owner, args: &Args) -> Result<Vec<(u16, u64)>> {
     let start = monotonic_ns();
     let mut at = start;
     for i in 0..args.listens {
-        at += (args.gap_ms / 2 + rng.next(args.gap_ms.max(1))) * 1_000_000;
+        at += (args.gap_ms / 2 + rng.below(args.gap_ms.max(1))) * 1_000_000;
         while let Some(&(opened, id)) = open.front() {
             if opened + args.hold_ms * 1_000_000 > at {
                 break;
