@@ -1,0 +1,236 @@
+//! Connecting to backends inside a network namespace.
+//!
+//! A socket belongs to the namespace of the thread that called `socket()`.
+//! Each namespace gets one dedicated thread that has done `setns` once and
+//! only creates sockets on request; the (non-blocking) socket is handed back
+//! and connected by tokio as usual. No tokio worker ever changes namespace.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_util::rt::TokioIo;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::oneshot;
+
+use crate::routes::RouteTable;
+
+/// Errors setting up a namespace dialer.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The namespace file cannot be opened.
+    #[error("cannot open network namespace {path}: {source}")]
+    Open {
+        /// The namespace file.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// `setns` failed.
+    #[error("cannot enter network namespace {path}: {source} (needs CAP_SYS_ADMIN)")]
+    Enter {
+        /// The namespace file.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The socket thread could not be started.
+    #[error("cannot start the socket thread for {path}: {source}")]
+    Thread {
+        /// The namespace file.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+type Request = (SocketAddr, oneshot::Sender<io::Result<Socket>>);
+
+/// Makes sockets inside one network namespace.
+#[derive(Debug)]
+pub struct NetnsDialer {
+    path: PathBuf,
+    tx: std::sync::mpsc::Sender<Request>,
+}
+
+fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    Ok(socket)
+}
+
+impl NetnsDialer {
+    /// Starts the socket thread for the namespace at `path`.
+    ///
+    /// # Errors
+    /// [`DialError`] if the namespace cannot be entered.
+    pub fn open(path: &Path) -> Result<Self, DialError> {
+        let file = File::open(path).map_err(|source| DialError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let (tx, rx) = std::sync::mpsc::channel::<Request>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread_path = path.to_owned();
+        std::thread::Builder::new()
+            .name("ingress-netns".into())
+            .spawn(move || {
+                if let Err(e) = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET) {
+                    let _ = ready_tx.send(Err(DialError::Enter {
+                        path: thread_path,
+                        source: e.into(),
+                    }));
+                    return;
+                }
+                let _ = ready_tx.send(Ok(()));
+                // Ends when the dialer (the only sender) is dropped.
+                while let Ok((addr, reply)) = rx.recv() {
+                    let _ = reply.send(new_socket(addr));
+                }
+            })
+            .map_err(|source| DialError::Thread {
+                path: path.to_owned(),
+                source,
+            })?;
+        ready_rx.recv().map_err(|_| DialError::Thread {
+            path: path.to_owned(),
+            source: io::Error::other("socket thread died"),
+        })??;
+        Ok(Self {
+            path: path.to_owned(),
+            tx,
+        })
+    }
+
+    /// The namespace file.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn socket(&self, addr: SocketAddr) -> io::Result<Socket> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send((addr, reply))
+            .map_err(|_| io::Error::other("the namespace socket thread is gone"))?;
+        answer
+            .await
+            .map_err(|_| io::Error::other("the namespace socket thread is gone"))?
+    }
+}
+
+/// Connects to `addr`, inside `netns` when given, within `timeout`.
+///
+/// # Errors
+/// The connect error (`ConnectionRefused` when nothing listens), or
+/// `TimedOut`.
+pub async fn connect(
+    netns: Option<&NetnsDialer>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = match netns {
+        Some(dialer) => dialer.socket(addr).await?,
+        None => new_socket(addr)?,
+    };
+    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+    tokio::time::timeout(timeout, socket.connect(addr))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {addr} timed out"),
+            )
+        })?
+}
+
+/// One dialer per namespace, made on first use and kept.
+#[derive(Debug, Default)]
+pub struct Dialers {
+    by_path: Mutex<HashMap<PathBuf, Arc<NetnsDialer>>>,
+}
+
+impl Dialers {
+    /// The dialer for `path`.
+    ///
+    /// # Errors
+    /// [`DialError`] if the namespace cannot be entered.
+    pub fn get(&self, path: &Path) -> Result<Arc<NetnsDialer>, DialError> {
+        let mut map = self.by_path.lock().expect("dialers lock");
+        if let Some(d) = map.get(path) {
+            return Ok(d.clone());
+        }
+        let dialer = Arc::new(NetnsDialer::open(path)?);
+        map.insert(path.to_owned(), dialer.clone());
+        Ok(dialer)
+    }
+}
+
+/// The hyper-util client's connector: the request URI's host is
+/// `b<backend id>`, which the route table turns into an address and a
+/// namespace. Pooling is by that host, so each backend has its own pool.
+#[derive(Clone, Debug)]
+pub struct Connector {
+    routes: RouteTable,
+    dialers: Arc<Dialers>,
+    timeout: Duration,
+}
+
+impl Connector {
+    /// A connector over `routes`, giving up on a connect after `timeout`.
+    #[must_use]
+    pub fn new(routes: RouteTable, timeout: Duration) -> Self {
+        Self {
+            routes,
+            dialers: Arc::new(Dialers::default()),
+            timeout,
+        }
+    }
+
+    /// The URI authority for backend `id`.
+    #[must_use]
+    pub fn authority(id: u64) -> String {
+        format!("b{id}")
+    }
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<TcpStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let id = uri
+                .host()
+                .and_then(|h| h.strip_prefix('b'))
+                .and_then(|n| n.parse::<u64>().ok())
+                .ok_or_else(|| io::Error::other(format!("not a backend URI: {uri}")))?;
+            let route = this
+                .routes
+                .by_backend(id)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "route removed"))?;
+            let dialer = match &route.backend.netns {
+                Some(path) => Some(this.dialers.get(path).map_err(io::Error::other)?),
+                None => None,
+            };
+            let stream = connect(dialer.as_deref(), route.backend.addr, this.timeout).await?;
+            Ok(TokioIo::new(stream))
+        })
+    }
+}

@@ -1,0 +1,278 @@
+//! One proxied request: route by host, rewrite headers, stream both bodies,
+//! pass upgrades (WebSocket) through, and answer failures with a page that
+//! says what went wrong.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::dial::Connector;
+use crate::pages;
+use crate::routes::RouteTable;
+
+/// Response body: the backend's, streamed, or one of ours.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Timeouts toward backends.
+#[derive(Clone, Copy, Debug)]
+pub struct BackendLimits {
+    /// Connecting to the backend.
+    pub connect_timeout: Duration,
+    /// From sending the request to the response head.
+    pub response_timeout: Duration,
+    /// How long an idle kept-alive backend connection is kept.
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for BackendLimits {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_mins(1),
+            pool_idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// The proxy: a route table and a pooled client that dials backends.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    routes: RouteTable,
+    client: Client<Connector, Incoming>,
+    limits: BackendLimits,
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes hop-by-hop headers, including those `Connection` names. For an
+/// upgrade, `Connection: upgrade` and `Upgrade` are put back.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let upgrade = headers.get(header::UPGRADE).cloned();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    if keep_upgrade && let Some(upgrade) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, upgrade);
+    }
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// The host a request is for: `:authority` (HTTP/2) or `Host`.
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+}
+
+impl Proxy {
+    /// A proxy over `routes`.
+    #[must_use]
+    pub fn new(routes: RouteTable, limits: BackendLimits) -> Self {
+        let connector = Connector::new(routes.clone(), limits.connect_timeout);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(limits.pool_idle_timeout)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(connector);
+        Self {
+            routes,
+            client,
+            limits,
+        }
+    }
+
+    /// The route table.
+    #[must_use]
+    pub fn routes(&self) -> &RouteTable {
+        &self.routes
+    }
+
+    /// Proxies one request from `peer`.
+    pub async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let Some(host) = request_host(&req) else {
+            return pages::bad_request("The request names no host.");
+        };
+        // hyper already refuses conflicting Content-Lengths; a request that
+        // still carries both framings is ambiguous, and is refused.
+        if req.headers().contains_key(header::TRANSFER_ENCODING)
+            && req.headers().contains_key(header::CONTENT_LENGTH)
+        {
+            return pages::bad_request("Both Content-Length and Transfer-Encoding were sent.");
+        }
+        let Some(route) = self.routes.get(&host) else {
+            return pages::no_route(&crate::routes::normalize_host(&host));
+        };
+        let port = route.backend.addr.port();
+        let upgrade = is_upgrade(&req);
+
+        // Rewrite for the backend: origin-form over HTTP/1.1 to b<id>.
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", http::uri::PathAndQuery::as_str)
+            .to_owned();
+        let uri: Uri =
+            match format!("http://{}{path}", Connector::authority(route.backend_id)).parse() {
+                Ok(uri) => uri,
+                Err(_) => return pages::bad_request("The request target is not valid."),
+            };
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        let authority = crate::routes::normalize_host(&host);
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            parts.headers.insert(header::HOST, v);
+        }
+        let forwarded_for = match parts
+            .headers
+            .get(&X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prior) => format!("{prior}, {}", peer.ip()),
+            None => peer.ip().to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+            parts.headers.insert(X_FORWARDED_FOR, v);
+        }
+        parts
+            .headers
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        if let Ok(v) = HeaderValue::from_str(&authority) {
+            parts.headers.insert(X_FORWARDED_HOST, v);
+        }
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        let out = Request::from_parts(parts, body);
+
+        let sent =
+            tokio::time::timeout(self.limits.response_timeout, self.client.request(out)).await;
+        let mut resp = match sent {
+            Err(_) => {
+                tracing::info!(%host, port, "backend too slow");
+                return pages::too_slow(port, self.limits.response_timeout.as_secs());
+            }
+            Ok(Err(err)) => return self.failure(&host, port, &err),
+            Ok(Ok(resp)) => resp,
+        };
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let backend_upgrade = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    match tokio::try_join!(client_upgrade, backend_upgrade) {
+                        Ok((client, backend)) => {
+                            let mut client = TokioIo::new(client);
+                            let mut backend = TokioIo::new(backend);
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+                        }
+                        Err(err) => tracing::debug!(?err, "upgrade failed"),
+                    }
+                });
+            }
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers, true);
+            return Response::from_parts(parts, body.boxed());
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        Response::from_parts(parts, body.boxed())
+    }
+
+    fn failure(
+        &self,
+        host: &str,
+        port: u16,
+        err: &hyper_util::client::legacy::Error,
+    ) -> Response<Body> {
+        let io_kind = std::error::Error::source(err)
+            .and_then(|e| e.downcast_ref::<std::io::Error>())
+            .map(std::io::Error::kind);
+        tracing::info!(%host, port, ?err, "backend failed");
+        if err.is_connect() {
+            match io_kind {
+                Some(std::io::ErrorKind::TimedOut) => {
+                    pages::too_slow(port, self.limits.connect_timeout.as_secs())
+                }
+                _ => pages::not_listening(port),
+            }
+        } else {
+            pages::backend_failed(port)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let mut up = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+        strip_hop_by_hop(&mut up, true);
+        assert_eq!(up.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(up.get(header::CONNECTION).unwrap(), "upgrade");
+        assert!(!up.contains_key("x-secret"));
+    }
+}

@@ -1,0 +1,195 @@
+//! The route table: hostname → backend.
+//!
+//! Readers (every request) load an `Arc` snapshot through `arc_swap`: no
+//! lock, so a writer can never stall the request path. Writers (route
+//! changes, rare) build a new snapshot under a mutex and swap it in; the next
+//! request sees it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+/// Where a route's requests go.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Backend {
+    /// Address to dial (e.g. `127.0.0.1:8080`).
+    pub addr: SocketAddr,
+    /// Network namespace to dial it in (`/run/netns/NAME`, `/proc/PID/ns/net`);
+    /// `None` dials from the proxy's own namespace.
+    pub netns: Option<PathBuf>,
+}
+
+/// A route as the proxy uses it.
+#[derive(Debug)]
+pub struct Route {
+    /// The hostname, lower case.
+    pub host: String,
+    /// Where it goes.
+    pub backend: Backend,
+    /// Identifies the backend for connection pooling: routes to the same
+    /// backend share an id, and so their kept-alive connections.
+    pub backend_id: u64,
+}
+
+#[derive(Debug, Default)]
+struct Snapshot {
+    by_host: HashMap<String, Arc<Route>>,
+    by_backend: HashMap<u64, Arc<Route>>,
+}
+
+#[derive(Debug, Default)]
+struct Ids {
+    next: u64,
+    of: HashMap<Backend, u64>,
+}
+
+/// The live route table; clones share it.
+#[derive(Clone, Debug, Default)]
+pub struct RouteTable {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    ids: Arc<Mutex<Ids>>,
+}
+
+/// Lower-cases a hostname and drops a trailing dot and any `:port`.
+#[must_use]
+pub fn normalize_host(host: &str) -> String {
+    let host = match host.rsplit_once(':') {
+        // "[::1]:443" or "name:443"; a bare IPv6 literal has more colons.
+        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) && !name.ends_with(':') => {
+            name
+        }
+        _ => host,
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl RouteTable {
+    /// An empty table.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces the route for `host`.
+    pub fn insert(&self, host: &str, backend: Backend) {
+        let host = normalize_host(host);
+        let mut ids = self.ids.lock().expect("route writer lock");
+        let backend_id = if let Some(id) = ids.of.get(&backend) {
+            *id
+        } else {
+            ids.next += 1;
+            let id = ids.next;
+            ids.of.insert(backend.clone(), id);
+            id
+        };
+        let route = Arc::new(Route {
+            host: host.clone(),
+            backend,
+            backend_id,
+        });
+        let old = self.snapshot.load();
+        let mut by_host = old.by_host.clone();
+        by_host.insert(host, route);
+        self.publish(by_host);
+    }
+
+    /// Removes the route for `host`; returns whether there was one.
+    #[must_use = "false means there was no such route"]
+    pub fn remove(&self, host: &str) -> bool {
+        let host = normalize_host(host);
+        let _writer = self.ids.lock().expect("route writer lock");
+        let old = self.snapshot.load();
+        if !old.by_host.contains_key(&host) {
+            return false;
+        }
+        let mut by_host = old.by_host.clone();
+        by_host.remove(&host);
+        self.publish(by_host);
+        true
+    }
+
+    fn publish(&self, by_host: HashMap<String, Arc<Route>>) {
+        let by_backend = by_host
+            .values()
+            .map(|r| (r.backend_id, r.clone()))
+            .collect();
+        self.snapshot.store(Arc::new(Snapshot {
+            by_host,
+            by_backend,
+        }));
+    }
+
+    /// The route for a `Host`/`:authority`/SNI value.
+    #[must_use]
+    pub fn get(&self, host: &str) -> Option<Arc<Route>> {
+        self.snapshot
+            .load()
+            .by_host
+            .get(&normalize_host(host))
+            .cloned()
+    }
+
+    /// A route that uses backend `id` (for the connector).
+    #[must_use]
+    pub fn by_backend(&self, id: u64) -> Option<Arc<Route>> {
+        self.snapshot.load().by_backend.get(&id).cloned()
+    }
+
+    /// Every routed hostname, sorted.
+    #[must_use]
+    pub fn hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = self.snapshot.load().by_host.keys().cloned().collect();
+        hosts.sort();
+        hosts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(port: u16) -> Backend {
+        Backend {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            netns: None,
+        }
+    }
+
+    #[test]
+    fn normalizes_hosts() {
+        assert_eq!(normalize_host("VM.Example.COM."), "vm.example.com");
+        assert_eq!(normalize_host("vm.example.com:443"), "vm.example.com");
+        assert_eq!(normalize_host("[::1]:8443"), "[::1]");
+    }
+
+    #[test]
+    fn insert_get_remove() {
+        let t = RouteTable::new();
+        t.insert("a.test", backend(1));
+        t.insert("8080.a.test", backend(1));
+        t.insert("b.test", backend(2));
+        let a = t.get("A.test:443").unwrap();
+        assert_eq!(a.backend, backend(1));
+        // Same backend, same pool.
+        assert_eq!(a.backend_id, t.get("8080.a.test").unwrap().backend_id);
+        assert_ne!(a.backend_id, t.get("b.test").unwrap().backend_id);
+        assert!(t.by_backend(a.backend_id).is_some());
+        assert!(t.remove("a.test"));
+        assert!(!t.remove("a.test"));
+        assert!(t.get("a.test").is_none());
+        assert_eq!(t.hosts(), vec!["8080.a.test", "b.test"]);
+    }
+
+    #[test]
+    fn readers_keep_their_snapshot_while_writers_swap() {
+        let t = RouteTable::new();
+        t.insert("a.test", backend(1));
+        let held = t.get("a.test").unwrap();
+        t.insert("a.test", backend(9));
+        assert_eq!(held.backend, backend(1));
+        assert_eq!(t.get("a.test").unwrap().backend, backend(9));
+    }
+}

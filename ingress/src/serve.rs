@@ -1,0 +1,112 @@
+//! `nestbox-ingress serve`: a whole ingress from a configuration file —
+//! routes, certificates (static or ACME), both listeners — until shutdown.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::acme::{self, Challenges, Manager};
+use crate::config::Config;
+use crate::proxy::{BackendLimits, Proxy};
+use crate::routes::{Backend, RouteTable};
+use crate::server;
+use crate::tls::{self, CertSet, Resolver};
+
+/// Errors starting the ingress.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source} (in use, or binding a port below 1024 needs root)")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A static certificate could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The ACME state could not be opened.
+    #[error(transparent)]
+    Acme(#[from] acme::AcmeError),
+}
+
+/// A running ingress's handles.
+#[derive(Debug, Clone)]
+pub struct Handles {
+    /// The live route table.
+    pub routes: RouteTable,
+    /// Renews every ACME certificate now when notified.
+    pub renew: Option<Arc<Notify>>,
+}
+
+/// Serves `config` until `shutdown` turns true; `started` receives the
+/// handles once both listeners are bound.
+///
+/// # Errors
+/// [`ServeError`] if the ingress cannot start.
+pub async fn serve(
+    config: Config,
+    shutdown: watch::Receiver<bool>,
+    started: impl FnOnce(Handles),
+) -> Result<(), ServeError> {
+    let routes = RouteTable::new();
+    for r in &config.routes {
+        routes.insert(
+            &r.host,
+            Backend {
+                addr: r.backend,
+                netns: r.netns.clone(),
+            },
+        );
+    }
+    let mut set = CertSet::default();
+    for c in &config.certificates {
+        let key = Arc::new(tls::load_files(&c.cert, &c.key)?);
+        set.insert(&c.names, &key);
+    }
+    let (certs_tx, certs_rx) = watch::channel(Arc::new(set));
+    let challenges = Challenges {
+        http01: Arc::new(ArcSwap::from_pointee(std::collections::HashMap::new())),
+        alpn: Arc::new(ArcSwap::from_pointee(std::collections::HashMap::new())),
+    };
+    let mut renew = None;
+    let mut manager_task = None;
+    if let Some(acme) = config.acme {
+        // Certificates for every routed name.
+        let (hosts_tx, hosts_rx) = watch::channel(routes.hosts());
+        let manager = Manager::new(acme, hosts_rx, certs_tx, challenges.clone())?;
+        renew = Some(manager.renew_handle());
+        manager_task = Some(tokio::spawn(async move {
+            // Keeps the host list open for the manager.
+            let _hosts = hosts_tx;
+            manager.run().await;
+        }));
+    }
+    let resolver = Arc::new(Resolver::new(certs_rx, challenges.alpn.clone()));
+    let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(resolver)));
+    let bind = |addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })
+    };
+    let https = bind(config.https).await?;
+    let http = bind(config.http).await?;
+    tracing::info!(https = %config.https, http = %config.http, routes = ?routes.hosts(), "ingress listening");
+    started(Handles {
+        routes: routes.clone(),
+        renew,
+    });
+    let proxy = Proxy::new(routes, BackendLimits::default());
+    tokio::join!(
+        server::serve_https(https, acceptor, proxy, config.limits, shutdown.clone()),
+        server::serve_http(http, challenges.http01, config.limits, shutdown),
+    );
+    if let Some(task) = manager_task {
+        task.abort();
+    }
+    Ok(())
+}
