@@ -9,7 +9,7 @@ use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::acme::{self, Challenges, Manager};
-use crate::config::Config;
+use crate::config::{Config, RouteConfig};
 use crate::proxy::{BackendLimits, Proxy};
 use crate::routes::{Backend, RouteTable};
 use crate::server;
@@ -41,6 +41,34 @@ pub struct Handles {
     pub routes: RouteTable,
     /// Renews every ACME certificate now when notified.
     pub renew: Option<Arc<Notify>>,
+    /// The hostnames ACME keeps certificates for (follows the routes).
+    hosts: Arc<watch::Sender<Vec<String>>>,
+}
+
+impl Handles {
+    /// Makes the routes equal to `wanted` (added, changed and removed routes
+    /// take effect for the next request) and lets ACME follow.
+    pub fn set_routes(&self, wanted: &[RouteConfig]) {
+        for r in wanted {
+            self.routes.insert(
+                &r.host,
+                Backend {
+                    addr: r.backend,
+                    netns: r.netns.clone(),
+                },
+            );
+        }
+        let keep: Vec<String> = wanted
+            .iter()
+            .map(|r| crate::routes::normalize_host(&r.host))
+            .collect();
+        for host in self.routes.hosts() {
+            if !keep.contains(&host) {
+                let _ = self.routes.remove(&host);
+            }
+        }
+        self.hosts.send_replace(self.routes.hosts());
+    }
 }
 
 /// Serves `config` until `shutdown` turns true; `started` receives the
@@ -54,15 +82,13 @@ pub async fn serve(
     started: impl FnOnce(Handles),
 ) -> Result<(), ServeError> {
     let routes = RouteTable::new();
-    for r in &config.routes {
-        routes.insert(
-            &r.host,
-            Backend {
-                addr: r.backend,
-                netns: r.netns.clone(),
-            },
-        );
-    }
+    let (hosts_tx, hosts_rx) = watch::channel(Vec::new());
+    let handles = Handles {
+        routes: routes.clone(),
+        renew: None,
+        hosts: Arc::new(hosts_tx),
+    };
+    handles.set_routes(&config.routes);
     let mut set = CertSet::default();
     for c in &config.certificates {
         let key = Arc::new(tls::load_files(&c.cert, &c.key)?);
@@ -73,18 +99,13 @@ pub async fn serve(
         http01: Arc::new(ArcSwap::from_pointee(std::collections::HashMap::new())),
         alpn: Arc::new(ArcSwap::from_pointee(std::collections::HashMap::new())),
     };
-    let mut renew = None;
+    let mut handles = handles;
     let mut manager_task = None;
     if let Some(acme) = config.acme {
         // Certificates for every routed name.
-        let (hosts_tx, hosts_rx) = watch::channel(routes.hosts());
         let manager = Manager::new(acme, hosts_rx, certs_tx, challenges.clone())?;
-        renew = Some(manager.renew_handle());
-        manager_task = Some(tokio::spawn(async move {
-            // Keeps the host list open for the manager.
-            let _hosts = hosts_tx;
-            manager.run().await;
-        }));
+        handles.renew = Some(manager.renew_handle());
+        manager_task = Some(tokio::spawn(manager.run()));
     }
     let resolver = Arc::new(Resolver::new(certs_rx, challenges.alpn.clone()));
     let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(resolver)));
@@ -96,10 +117,7 @@ pub async fn serve(
     let https = bind(config.https).await?;
     let http = bind(config.http).await?;
     tracing::info!(https = %config.https, http = %config.http, routes = ?routes.hosts(), "ingress listening");
-    started(Handles {
-        routes: routes.clone(),
-        renew,
-    });
+    started(handles);
     let proxy = Proxy::new(routes, BackendLimits::default());
     tokio::join!(
         server::serve_https(https, acceptor, proxy, config.limits, shutdown.clone()),

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod owner;
+pub mod pebble;
 pub mod sandbox;
 
 pub use owner::{Listened, Owner};

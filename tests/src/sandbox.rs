@@ -70,6 +70,26 @@ impl Sandbox {
         Ok(dir)
     }
 
+    /// Links the namespace to the caller's with a veth pair: `host_cidr` on
+    /// the caller's side, `ns_cidr` inside (e.g. `10.201.3.1/24` and
+    /// `10.201.3.2/24`). The pair goes away with the namespace.
+    ///
+    /// # Errors
+    /// If `ip` fails.
+    pub fn link_to_host(&self, host_cidr: &str, ns_cidr: &str) -> Result<()> {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let host_if = format!("nbh{}x{n}", std::process::id() % 100_000);
+        let ns_if = format!("nbn{}x{n}", std::process::id() % 100_000);
+        run(Command::new("ip").args([
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if, "netns", &self.name,
+        ]))?;
+        run(Command::new("ip").args(["addr", "add", host_cidr, "dev", &host_if]))?;
+        run(Command::new("ip").args(["link", "set", &host_if, "up"]))?;
+        run(Command::new("ip").args(["-n", &self.name, "addr", "add", ns_cidr, "dev", &ns_if]))?;
+        run(Command::new("ip").args(["-n", &self.name, "link", "set", &ns_if, "up"]))?;
+        Ok(())
+    }
+
     /// A command that runs in the namespace and the sandbox's cgroup.
     #[must_use]
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {

@@ -257,8 +257,24 @@ impl Manager {
             *account = Some(issue::account(&self.config, &self.store).await?);
         }
         let acct = account.as_ref().expect("just set");
-        let (chain, key) =
-            issue::obtain(acct, host, self.config.challenge, &self.challenges).await?;
+        let obtained = issue::obtain(acct, host, self.config.challenge, &self.challenges).await;
+        let (chain, key) = match obtained {
+            Err(AcmeError::Protocol(instant_acme::Error::Api(problem)))
+                if problem
+                    .r#type
+                    .as_deref()
+                    .is_some_and(|t| t.ends_with(":accountDoesNotExist")) =>
+            {
+                // The CA forgot the account (a reset test CA, or a
+                // deactivated account): register anew, then order again.
+                tracing::warn!(directory = %self.config.directory, "the CA no longer knows our account; creating a new one");
+                self.store.forget_account()?;
+                *account = Some(issue::account(&self.config, &self.store).await?);
+                let acct = account.as_ref().expect("just set");
+                issue::obtain(acct, host, self.config.challenge, &self.challenges).await?
+            }
+            other => other?,
+        };
         Ok(self.store.save(host, &chain, &key)?)
     }
 }

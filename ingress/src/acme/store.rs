@@ -203,6 +203,20 @@ impl CertStore {
         }
     }
 
+    /// Removes the saved ACME account (the CA no longer knows it).
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] if it cannot be removed.
+    pub fn forget_account(&self) -> Result<(), StoreError> {
+        let path = self.dir.join("account.json");
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(StoreError::Io { path, source: e })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Saves the ACME account (mode 0600).
     ///
     /// # Errors

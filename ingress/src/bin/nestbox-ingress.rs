@@ -21,7 +21,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the routes of a configuration file. SIGTERM or Ctrl-C drains
-    /// and stops; SIGUSR1 renews every ACME certificate now.
+    /// and stops; SIGHUP re-reads the routes from the file; SIGUSR1 renews
+    /// every ACME certificate now.
     Serve {
         /// The TOML configuration (see the `config` module's docs).
         #[arg(long)]
@@ -36,8 +37,8 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let Command::Serve { config } = Cli::parse().command;
-    let config = match Config::load(&config) {
+    let Command::Serve { config: path } = Cli::parse().command;
+    let config = match Config::load(&path) {
         Ok(c) => c,
         Err(err) => {
             eprintln!("nestbox-ingress: {err}");
@@ -56,32 +57,41 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let (renew_tx, renew_rx) = tokio::sync::oneshot::channel();
+        let (handles_tx, handles_rx) = tokio::sync::oneshot::channel();
         let signals = async move {
-            let (Ok(mut term), Ok(mut usr1)) = (
+            let (Ok(mut term), Ok(mut usr1), Ok(mut hup)) = (
                 signal(SignalKind::terminate()),
                 signal(SignalKind::user_defined1()),
+                signal(SignalKind::hangup()),
             ) else {
                 return;
             };
-            let renew: Option<std::sync::Arc<tokio::sync::Notify>> = renew_rx.await.ok().flatten();
+            let Ok(handles) = handles_rx.await else { return };
+            let handles: nestbox_ingress::serve::Handles = handles;
             loop {
                 tokio::select! {
                     _ = term.recv() => break,
                     _ = tokio::signal::ctrl_c() => break,
                     _ = usr1.recv() => {
-                        if let Some(r) = &renew {
+                        if let Some(r) = &handles.renew {
                             tracing::info!("SIGUSR1: renewing every certificate");
                             r.notify_one();
                         }
                     }
+                    _ = hup.recv() => match Config::load(&path) {
+                        Ok(new) => {
+                            handles.set_routes(&new.routes);
+                            tracing::info!(routes = ?handles.routes.hosts(), "SIGHUP: routes reloaded");
+                        }
+                        Err(err) => tracing::error!(%err, "SIGHUP: configuration not reloaded"),
+                    },
                 }
             }
             tracing::info!("shutting down: draining connections");
             let _ = stop_tx.send(true);
         };
         let serve = nestbox_ingress::serve::serve(config, stop_rx, move |h| {
-            let _ = renew_tx.send(h.renew);
+            let _ = handles_tx.send(h);
         });
         let signals = tokio::spawn(signals);
         let result = serve.await;

@@ -1,0 +1,203 @@
+//! Pebble (the ACME test CA) and pebble-challtestsrv (its DNS), run by a test
+//! in the caller's network namespace and stopped on drop.
+//!
+//! Pebble listens on `acme_ip:14000` (its certificate is made here, signed by
+//! a CA the test trusts: [`Pebble::listener_ca`]); its validation authority
+//! connects to ports 80 and 443 of whatever the DNS answers, which is
+//! `target_ip` for every name.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// A running Pebble + DNS.
+#[derive(Debug)]
+pub struct Pebble {
+    dir: PathBuf,
+    acme_ip: String,
+    target_ip: String,
+    dns_port: u16,
+    server: Option<Child>,
+    dns: Child,
+}
+
+impl Pebble {
+    /// Starts both, with state in `dir`; names resolve to `target_ip`.
+    ///
+    /// # Errors
+    /// If either cannot start (install the `pebble` package).
+    pub fn start(dir: &Path, acme_ip: &str, target_ip: &str, dns_port: u16) -> Result<Self> {
+        crate::require_tool("pebble", "pebble");
+        crate::require_tool("pebble-challtestsrv", "pebble");
+        crate::require_tool("curl", "curl");
+        std::fs::create_dir_all(dir)?;
+        // The listener certificate, for the proxy's ACME client to trust.
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "nestbox test Pebble listener CA");
+        let issuer = rcgen::CertifiedIssuer::self_signed(ca, ca_key)?;
+        let key = rcgen::KeyPair::generate()?;
+        let leaf = rcgen::CertificateParams::new(vec![
+            "localhost".to_owned(),
+            acme_ip.to_owned(),
+            "127.0.0.1".to_owned(),
+        ])?
+        .signed_by(&key, &issuer)?;
+        std::fs::write(dir.join("listener-ca.pem"), issuer.as_ref().pem())?;
+        std::fs::write(dir.join("listener.pem"), leaf.pem())?;
+        std::fs::write(dir.join("listener.key"), key.serialize_pem())?;
+        std::fs::write(
+            dir.join("pebble.json"),
+            format!(
+                r#"{{"pebble": {{"listenAddress": "{acme_ip}:14000", "managementListenAddress": "127.0.0.1:15000",
+                "certificate": "{0}/listener.pem", "privateKey": "{0}/listener.key",
+                "httpPort": 80, "tlsPort": 443, "ocspResponderURL": "", "externalAccountBindingRequired": false}}}}"#,
+                dir.display()
+            ),
+        )?;
+        let dns = Command::new("pebble-challtestsrv")
+            .args(["-defaultIPv4", target_ip, "-defaultIPv6", ""])
+            .args(["-dns01", &format!("127.0.0.1:{dns_port}")])
+            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+            .args(["-management", "127.0.0.1:8055"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("dns.log"))?)
+            .spawn()
+            .context("start pebble-challtestsrv")?;
+        let mut dns = dns;
+        std::thread::sleep(Duration::from_millis(200));
+        if let Some(status) = dns.try_wait()? {
+            bail!(
+                "pebble-challtestsrv exited ({status}): {}",
+                std::fs::read_to_string(dir.join("dns.log")).unwrap_or_default()
+            );
+        }
+        let mut me = Self {
+            dir: dir.to_owned(),
+            acme_ip: acme_ip.to_owned(),
+            target_ip: target_ip.to_owned(),
+            dns_port,
+            server: None,
+            dns,
+        };
+        me.resume()?;
+        Ok(me)
+    }
+
+    /// (Re)starts Pebble after [`Pebble::stop`]. Pebble keeps no state: a
+    /// restarted one has a new root and no record of earlier orders.
+    ///
+    /// # Errors
+    /// If it cannot start.
+    pub fn resume(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("pebble.log"))?;
+        let child = Command::new("pebble")
+            .arg("-config")
+            .arg(self.dir.join("pebble.json"))
+            .args(["-dnsserver", &format!("127.0.0.1:{}", self.dns_port)])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .env("PEBBLE_AUTHZREUSE", "0")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start pebble")?;
+        self.server = Some(child);
+        self.wait_ready()
+    }
+
+    /// Stops Pebble (the DNS stays).
+    ///
+    /// # Errors
+    /// If it cannot be killed.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut p) = self.server.take() {
+            p.kill()?;
+            p.wait()?;
+        }
+        Ok(())
+    }
+
+    fn wait_ready(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self
+                .get(&format!("https://{}:14000/dir", self.acme_ip))
+                .is_ok()
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "pebble did not answer within 20 s; see {}/pebble.log",
+            self.dir.display()
+        )
+    }
+
+    fn get(&self, url: &str) -> Result<String> {
+        let out = Command::new("curl")
+            .args(["-sSf", "--max-time", "5", "--cacert"])
+            .arg(self.listener_ca())
+            .arg(url)
+            .output()?;
+        if !out.status.success() {
+            bail!("GET {url}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// The CA of Pebble's own listener certificate (PEM file).
+    #[must_use]
+    pub fn listener_ca(&self) -> PathBuf {
+        self.dir.join("listener-ca.pem")
+    }
+
+    /// The ACME directory URL.
+    #[must_use]
+    pub fn directory(&self) -> String {
+        format!("https://{}:14000/dir", self.acme_ip)
+    }
+
+    /// Writes the root that issued this Pebble's certificates to a file and
+    /// returns its path.
+    ///
+    /// # Errors
+    /// If Pebble does not answer.
+    pub fn issuing_root(&self) -> Result<PathBuf> {
+        let pem = self.get("https://127.0.0.1:15000/roots/0")?;
+        let path = self.dir.join("issuing-root.pem");
+        std::fs::write(&path, pem)?;
+        Ok(path)
+    }
+
+    /// How many orders Pebble has received since it started (from its log).
+    ///
+    /// # Errors
+    /// If the log cannot be read.
+    pub fn orders(&self) -> Result<usize> {
+        let log = std::fs::read_to_string(self.dir.join("pebble.log"))?;
+        Ok(log.lines().filter(|l| l.contains("Added order")).count())
+    }
+
+    /// The address names resolve to.
+    #[must_use]
+    pub fn target_ip(&self) -> &str {
+        &self.target_ip
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        let _ = self.stop();
+        let _ = self.dns.kill();
+        let _ = self.dns.wait();
+    }
+}
