@@ -138,13 +138,11 @@ impl Proxy {
         let Some(host) = request_host(&req) else {
             return pages::bad_request("The request names no host.");
         };
-        // hyper already refuses conflicting Content-Lengths; a request that
-        // still carries both framings is ambiguous, and is refused.
-        if req.headers().contains_key(header::TRANSFER_ENCODING)
-            && req.headers().contains_key(header::CONTENT_LENGTH)
-        {
-            return pages::bad_request("Both Content-Length and Transfer-Encoding were sent.");
-        }
+        // Framing: hyper refuses conflicting Content-Lengths and, given both
+        // Content-Length and Transfer-Encoding, lets the latter win, drops
+        // the former and closes the connection after the response (RFC 9112
+        // §6.3). The body is re-framed toward the backend, so nothing sent
+        // after the chunked end can reach it as a request.
         let Some(route) = self.routes.get(&host) else {
             return pages::no_route(&crate::routes::normalize_host(&host));
         };

@@ -584,3 +584,76 @@ fn slowloris_does_not_delay_a_normal_client() {
         drop(held);
     });
 }
+
+#[test]
+fn shutdown_drains_in_flight_requests() {
+    let mut env = Env::new(17, "http-01");
+    env.start_ingress(&["vm.test"]);
+    let root = env.wait_served("vm.test");
+    let ip = env.proxy_ip();
+    let slow = std::thread::spawn(move || {
+        Command::new("curl")
+            .args(["-sS", "--max-time", "30", "-w", " %{http_code}", "--cacert"])
+            .arg(&root)
+            .args([
+                "--resolve",
+                &format!("vm.test:443:{ip}"),
+                "https://vm.test/slow?ms=3000",
+            ])
+            .output()
+            .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    env.signal_ingress("-TERM");
+    let out = slow.join().unwrap();
+    assert_eq!(
+        body(&out),
+        "slow\n 200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = env.ingress.take().unwrap().wait().unwrap();
+    assert!(status.success(), "ingress exit: {status}");
+}
+
+#[test]
+fn ambiguous_framing_cannot_smuggle_a_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut env = Env::new(18, "http-01");
+    env.start_ingress(&["vm.test"]);
+    let root = env.wait_served("vm.test");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Both framings, in both orders, with a request hidden after the
+        // chunked end. hyper lets Transfer-Encoding win (RFC 9112 §6.3),
+        // drops Content-Length and closes the connection after the answer:
+        // the hidden request must never run.
+        for head in [
+            "Content-Length: 60\r\nTransfer-Encoding: chunked",
+            "Transfer-Encoding: chunked\r\nContent-Length: 60",
+        ] {
+            let mut tls = tls_connect(&env, &root, &[b"http/1.1"]).await;
+            let request = format!(
+                "POST /echo HTTP/1.1\r\nHost: vm.test\r\n{head}\r\n\r\n0\r\n\r\n\
+                 GET /headers HTTP/1.1\r\nHost: vm.test\r\n\r\n"
+            );
+            tls.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let _ = tls.read_to_end(&mut answer).await;
+            let answer = String::from_utf8_lossy(&answer).to_lowercase();
+            assert_eq!(
+                answer.matches("http/1.1 ").count(),
+                1,
+                "one response only: {answer}"
+            );
+            assert!(answer.contains("connection: close"), "{answer}");
+            assert!(
+                !answer.contains("x-forwarded-proto"),
+                "the hidden request ran: {answer}"
+            );
+        }
+    });
+}
