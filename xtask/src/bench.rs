@@ -20,23 +20,37 @@ pub struct Args {
 enum Bench {
     /// Port detection latency and CPU: eBPF vs polling /proc/net/tcp.
     Portwatch,
+    /// The HTTPS ingress vs nginx: req/s (HTTP/1.1, HTTP/2), new TLS
+    /// connections/s, latency, peak RSS.
+    Ingress,
 }
 
 pub fn run(args: &Args) -> Result<()> {
     util::require_root("cargo xtask bench")?;
     deps::install()?;
-    match args.what {
-        Bench::Portwatch => {
-            util::run(util::cargo().args(["build", "--release", "-p", "nestbox-tests", "--bins"]))?;
-            let root = util::root();
-            let out = root.join("target/bench");
-            std::fs::create_dir_all(&out)?;
-            util::run(
-                std::process::Command::new(root.join("target/release/nb-bench-portwatch"))
-                    .arg("--json")
-                    .arg(out.join("portwatch.json"))
-                    .args(&args.extra),
-            )
+    let name = match args.what {
+        Bench::Portwatch => "portwatch",
+        Bench::Ingress => {
+            deps::ensure(&deps::BENCH)?;
+            "ingress"
         }
-    }
+    };
+    util::run(util::cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "nestbox-tests",
+        "-p",
+        "nestbox-ingress",
+        "--bins",
+    ]))?;
+    let root = util::root();
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    util::run(
+        std::process::Command::new(root.join(format!("target/release/nb-bench-{name}")))
+            .arg("--json")
+            .arg(out.join(format!("{name}.json")))
+            .args(&args.extra),
+    )
 }

@@ -44,6 +44,22 @@ pub const RUN: [Package; 2] = [
     },
 ];
 
+/// The benchmarks' peers and load generators.
+pub const BENCH: [Package; 3] = [
+    Package {
+        name: "nginx",
+        provides: "/usr/sbin/nginx",
+    },
+    Package {
+        name: "wrk",
+        provides: "/usr/bin/wrk",
+    },
+    Package {
+        name: "nghttp2-client",
+        provides: "/usr/bin/h2load",
+    },
+];
+
 /// Installs whichever of `packages` is missing.
 pub fn ensure(packages: &[Package]) -> Result<()> {
     let missing: Vec<&str> = packages

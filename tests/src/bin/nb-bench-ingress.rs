@@ -1,0 +1,387 @@
+//! `cargo xtask bench ingress`: nestbox's ingress against nginx as a
+//! TLS-terminating reverse proxy, same machine, same run, same backend.
+//!
+//! Both proxies get the same ECDSA P-256 certificate, TLS 1.3, keep-alive to
+//! the same `nb-backend` (`GET /hello`), and are pinned to CPU 0 (nestbox's
+//! runtime then has one worker; nginx runs one worker). The load generators
+//! (wrk, h2load) and the backend run on CPU 1. Each pair runs twice in
+//! alternating order (nestbox, nginx, nginx, nestbox).
+//!
+//! Rows: keep-alive HTTP/1.1 req/s and p50/p99 latency (wrk), HTTP/2 req/s
+//! (h2load), new TLS connections per second (wrk with `Connection: close`),
+//! and each proxy's peak RSS (`VmHWM`, summed over nginx's processes).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+
+#[derive(Parser)]
+struct Args {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 8)]
+    seconds: u64,
+    /// Concurrent connections of the load generators.
+    #[arg(long, default_value_t = 64)]
+    connections: u32,
+    /// Write the results as JSON here too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+const BACKEND: &str = "127.0.0.1:18090";
+const NESTBOX_PORT: u16 = 18443;
+const NGINX_PORT: u16 = 28443;
+
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+struct Figures {
+    h1_rps: f64,
+    h1_p50_ms: f64,
+    h1_p99_ms: f64,
+    h2_rps: f64,
+    new_tls_per_s: f64,
+    peak_rss_mib: f64,
+}
+
+fn require(tool: &str, package: &str) {
+    nestbox_tests::require_tool(tool, package);
+}
+
+fn write_cert(dir: &Path) -> Result<()> {
+    // rcgen's default key is ECDSA P-256.
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?.self_signed(&key)?;
+    std::fs::write(dir.join("cert.pem"), cert.pem())?;
+    std::fs::write(dir.join("key.pem"), key.serialize_pem())?;
+    Ok(())
+}
+
+fn pinned(cpu: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", &cpu.to_string()]).arg(program);
+    cmd
+}
+
+fn wait_port(port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing listens on port {port} after 20 s")
+}
+
+struct Proxy {
+    name: &'static str,
+    port: u16,
+    child: Child,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_nestbox(dir: &Path, bin: &Path) -> Result<Proxy> {
+    let config = dir.join("ingress.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "https = \"127.0.0.1:{NESTBOX_PORT}\"\nhttp = \"127.0.0.1:18081\"\n\
+             [[route]]\nhost = \"localhost\"\nbackend = \"{BACKEND}\"\n\
+             [[certificate]]\nnames = [\"localhost\"]\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\n\
+             [limits]\nmax_connections = 100000\n",
+            dir.display()
+        ),
+    )?;
+    let child = pinned(0, bin.join("nestbox-ingress"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stderr(std::fs::File::create(dir.join("ingress.log"))?)
+        .spawn()
+        .context("start nestbox-ingress")?;
+    wait_port(NESTBOX_PORT)?;
+    Ok(Proxy {
+        name: "nestbox",
+        port: NESTBOX_PORT,
+        child,
+    })
+}
+
+fn start_nginx(dir: &Path) -> Result<Proxy> {
+    let config = dir.join("nginx.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {0}/nginx.pid;\nerror_log {0}/nginx-error.log warn;\n\
+             events {{ worker_connections 100000; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {0}/body;\n  proxy_temp_path {0}/proxy;\n\
+             fastcgi_temp_path {0}/fcgi;\n  uwsgi_temp_path {0}/uwsgi;\n  scgi_temp_path {0}/scgi;\n\
+             upstream app {{ server {BACKEND}; keepalive 128; }}\n\
+             server {{\n    listen 127.0.0.1:{NGINX_PORT} ssl http2;\n    server_name localhost;\n\
+             ssl_certificate {0}/cert.pem;\n    ssl_certificate_key {0}/key.pem;\n    ssl_protocols TLSv1.3;\n\
+             keepalive_requests 1000000;\n\
+             location / {{\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n\
+             proxy_set_header Connection \"\";\n      proxy_set_header Host $host;\n\
+             proxy_set_header X-Forwarded-For $remote_addr;\n      proxy_set_header X-Forwarded-Proto https;\n\
+             proxy_buffering off;\n    }}\n  }}\n}}\n",
+            dir.display()
+        ),
+    )?;
+    let child = pinned(0, "nginx")
+        .arg("-c")
+        .arg(&config)
+        .arg("-e")
+        .arg(dir.join("nginx-error.log"))
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start nginx")?;
+    wait_port(NGINX_PORT)?;
+    Ok(Proxy {
+        name: "nginx",
+        port: NGINX_PORT,
+        child,
+    })
+}
+
+/// Peak RSS of a process and its children, in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let hwm = |p: &str| -> u64 {
+        std::fs::read_to_string(format!("/proc/{p}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let mut total = hwm(&pid.to_string());
+    if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        total += children.split_whitespace().map(hwm).sum::<u64>();
+    }
+    #[expect(clippy::cast_precision_loss, reason = "KiB counts far below 2^52")]
+    let mib = total as f64 / 1024.0;
+    mib
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// wrk's "Requests/sec:" and its 50 %/99 % latencies (ms).
+fn parse_wrk(out: &str) -> Result<(f64, f64, f64)> {
+    let rps = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .context("wrk printed no Requests/sec")?
+        .trim()
+        .parse()?;
+    let pct = |p: &str| -> Result<f64> {
+        let v = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(p))
+            .with_context(|| format!("wrk printed no {p} latency"))?
+            .trim();
+        let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+        let num: f64 = num.parse()?;
+        Ok(match unit {
+            "us" => num / 1000.0,
+            "ms" => num,
+            "s" => num * 1000.0,
+            other => bail!("unknown wrk unit {other}"),
+        })
+    };
+    Ok((rps, pct("50%")?, pct("99%")?))
+}
+
+fn parse_h2load(out: &str) -> Result<f64> {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .context("h2load printed no result")?;
+    let rps = line
+        .split(',')
+        .find_map(|p| p.trim().strip_suffix(" req/s"))
+        .context("no req/s in h2load's result")?;
+    let failed = out
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .and_then(|l| l.split(',').find_map(|p| p.trim().strip_suffix(" failed")))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if failed > 0 {
+        bail!("h2load: {failed} requests failed:\n{out}");
+    }
+    Ok(rps.trim().parse()?)
+}
+
+fn measure(proxy: &Proxy, args: &Args) -> Result<Figures> {
+    let url = format!("https://localhost:{}/hello", proxy.port);
+    let secs = format!("{}s", args.seconds);
+    let conns = args.connections.to_string();
+    // Warm up (handshakes, pools).
+    run(pinned(1, "wrk").args(["-t1", "-c", &conns, "-d", "2s", &url]))?;
+    let out = run(pinned(1, "wrk").args(["-t1", "-c", &conns, "-d", &secs, "--latency", &url]))?;
+    let (h1_rps, h1_p50_ms, h1_p99_ms) = parse_wrk(&out)?;
+    let out = run(pinned(1, "h2load").args([
+        "-c",
+        &conns,
+        "-m",
+        "10",
+        "-D",
+        &args.seconds.to_string(),
+        "--warm-up-time=1",
+        &url,
+    ]))?;
+    let h2_rps = parse_h2load(&out)?;
+    let out = run(pinned(1, "wrk").args([
+        "-t1",
+        "-c",
+        &conns,
+        "-d",
+        &secs,
+        "-H",
+        "Connection: close",
+        &url,
+    ]))?;
+    let (new_tls_per_s, _, _) = parse_wrk(&out)?;
+    Ok(Figures {
+        h1_rps,
+        h1_p50_ms,
+        h1_p99_ms,
+        h2_rps,
+        new_tls_per_s,
+        peak_rss_mib: peak_rss_mib(proxy.child.id()),
+    })
+}
+
+/// A ratio row: label, the figure, whether higher is better.
+type Row = (&'static str, fn(&Figures) -> f64, bool);
+
+/// The table of every run and the nestbox/nginx ratios.
+fn report(results: &[(usize, &'static str, Figures)]) -> String {
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| round | proxy | HTTP/1.1 keep-alive req/s | p50 | p99 | HTTP/2 req/s | new TLS conn/s | peak RSS |"
+    );
+    let _ = writeln!(
+        table,
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for (round, name, f) in results {
+        let _ = writeln!(
+            table,
+            "| {round} | {name} | {:.0} | {:.2} ms | {:.2} ms | {:.0} | {:.0} | {:.1} MiB |",
+            f.h1_rps, f.h1_p50_ms, f.h1_p99_ms, f.h2_rps, f.new_tls_per_s, f.peak_rss_mib
+        );
+    }
+    let mean = |name: &str, pick: fn(&Figures) -> f64| -> f64 {
+        let v: Vec<f64> = results
+            .iter()
+            .filter(|r| r.1 == name)
+            .map(|r| pick(&r.2))
+            .collect();
+        #[expect(clippy::cast_precision_loss, reason = "two rounds")]
+        let n = v.len() as f64;
+        v.iter().sum::<f64>() / n
+    };
+    let _ = writeln!(
+        table,
+        "\nnestbox / nginx (mean of the rounds; ≥ 1.00 is as good or better):"
+    );
+    let rows: [Row; 6] = [
+        ("HTTP/1.1 req/s", |f| f.h1_rps, true),
+        ("HTTP/1.1 p50 latency", |f| f.h1_p50_ms, false),
+        ("HTTP/1.1 p99 latency", |f| f.h1_p99_ms, false),
+        ("HTTP/2 req/s", |f| f.h2_rps, true),
+        ("new TLS connections/s", |f| f.new_tls_per_s, true),
+        ("peak RSS", |f| f.peak_rss_mib, false),
+    ];
+    for (label, pick, higher_is_better) in rows {
+        let (ours, theirs) = (mean("nestbox", pick), mean("nginx", pick));
+        let ratio = if higher_is_better {
+            ours / theirs
+        } else {
+            theirs / ours
+        };
+        let _ = writeln!(
+            table,
+            "  {label:<24} {ratio:.2}×  (nestbox {ours:.2}, nginx {theirs:.2})"
+        );
+    }
+    table
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    for (tool, package) in [
+        ("taskset", "util-linux"),
+        ("nginx", "nginx"),
+        ("wrk", "wrk"),
+        ("h2load", "nghttp2-client"),
+    ] {
+        require(tool, package);
+    }
+    let bin = std::env::current_exe()?
+        .parent()
+        .context("binary dir")?
+        .to_owned();
+    let dir = std::env::temp_dir().join(format!("nestbox-bench-ingress-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    write_cert(&dir)?;
+    let mut backend = pinned(1, bin.join("nb-backend"))
+        .arg(BACKEND)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("start nb-backend")?;
+    wait_port(18090)?;
+
+    let mut results: Vec<(usize, &'static str, Figures)> = Vec::new();
+    for (round, order) in [["nestbox", "nginx"], ["nginx", "nestbox"]]
+        .iter()
+        .enumerate()
+    {
+        for name in order {
+            eprintln!("round {}: {name}…", round + 1);
+            let proxy = if *name == "nestbox" {
+                start_nestbox(&dir, &bin)?
+            } else {
+                start_nginx(&dir)?
+            };
+            let figures = measure(&proxy, &args)?;
+            results.push((round + 1, proxy.name, figures));
+        }
+    }
+    let _ = backend.kill();
+    let _ = backend.wait();
+
+    let table = report(&results);
+    println!("\n{table}");
+    if let Some(path) = &args.json {
+        let doc: Vec<serde_json::Value> = results
+            .iter()
+            .map(
+                |(round, name, f)| serde_json::json!({"round": round, "proxy": name, "figures": f}),
+            )
+            .collect();
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
