@@ -37,7 +37,8 @@ pub fn run(args: &Args) -> Result<()> {
     };
     util::run(util::cargo().args([
         "build",
-        "--release",
+        "--profile",
+        "perf",
         "-p",
         "nestbox-tests",
         "-p",
@@ -48,7 +49,7 @@ pub fn run(args: &Args) -> Result<()> {
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out)?;
     util::run(
-        std::process::Command::new(root.join(format!("target/release/nb-bench-{name}")))
+        std::process::Command::new(root.join(format!("target/perf/nb-bench-{name}")))
             .arg("--json")
             .arg(out.join(format!("{name}.json")))
             .args(&args.extra),
