@@ -68,6 +68,27 @@ pub fn require_tool(tool: &str, package: &str) {
     );
 }
 
+/// A binary of another workspace crate, next to the running test's
+/// directory (`target/debug/NAME`).
+///
+/// # Panics
+/// When it has not been built: `cargo xtask test` builds every binary first.
+#[must_use]
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("tests run from target/PROFILE/deps")
+        .join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (`cargo build --workspace --bins`; `cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
 /// Fails unless the test runs as root.
 ///
 /// # Panics

@@ -20,22 +20,6 @@ use nestbox_tests::pebble::Pebble;
 
 const NB_BACKEND: &str = env!("CARGO_BIN_EXE_nb-backend");
 
-fn ingress_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("nestbox-ingress");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first (`cargo build -p nestbox-ingress`; `cargo xtask test` does)",
-        bin.display()
-    );
-    bin
-}
-
 struct Env {
     k: u8,
     dir: PathBuf,
@@ -138,7 +122,7 @@ impl Env {
             .unwrap();
         let child = self
             .edge
-            .command_in(ingress_binary(), None)
+            .command_in(nestbox_tests::workspace_binary("nestbox-ingress"), None)
             .args(["serve", "--config"])
             .arg(config)
             .stderr(log)
@@ -399,46 +383,32 @@ fn streamed_bodies(env: &Env, root: &Path) {
     );
     assert_eq!(sha256(&down), want);
     let up = env.dir.join("up");
-    let out = env.curl(
-        root,
-        "vm.test",
-        &[
-            "-f",
-            "--http1.1",
-            "-H",
-            "Expect:",
-            "--data-binary",
-            &format!("@{}", file.display()),
-            "-o",
-            up.to_str().unwrap(),
-        ],
-        "/echo",
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(sha256(&up), want);
-    let out = env.curl(
-        root,
-        "vm.test",
-        &[
-            "-f",
-            "--http2",
-            "--data-binary",
-            &format!("@{}", file.display()),
-            "-o",
-            up.to_str().unwrap(),
-        ],
-        "/echo",
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(sha256(&up), want);
+    let data = format!("@{}", file.display());
+    // Uploads stream over both protocols ("Expect:" skips curl's 1 s wait
+    // for 100-continue on HTTP/1.1).
+    for protocol in ["--http1.1", "--http2"] {
+        let out = env.curl(
+            root,
+            "vm.test",
+            &[
+                "-f",
+                protocol,
+                "-H",
+                "Expect:",
+                "--data-binary",
+                &data,
+                "-o",
+                up.to_str().unwrap(),
+            ],
+            "/echo",
+        );
+        assert!(
+            out.status.success(),
+            "{protocol}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(sha256(&up), want, "{protocol}");
+    }
     let peak = vm_hwm_kib(env.ingress.as_ref().unwrap().id());
     assert!(
         peak < 100 * 1024,

@@ -367,28 +367,12 @@ async fn errors_say_what_is_wrong() {
     assert!(err.contains("/run/netns/nestbox-none"), "{err}");
 }
 
-fn guest_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("nestbox-guest");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first (`cargo build -p nestbox-guest`; `cargo xtask test` does)",
-        bin.display()
-    );
-    bin
-}
-
 #[test]
 fn cli_watch_ports_prints_json_lines() {
     let sb = Sandbox::new("cli").unwrap();
     let mut early = owner(&sb);
     early.listen("0.0.0.0:8080", "").unwrap();
-    let mut cli = Command::new(guest_binary())
+    let mut cli = Command::new(nestbox_tests::workspace_binary("nestbox-guest"))
         .args(["watch-ports", "--json", "--cgroup"])
         .arg(sb.cgroup())
         .arg("--netns")
@@ -433,7 +417,7 @@ fn cli_watch_ports_prints_json_lines() {
     cli.kill().unwrap();
     cli.wait().unwrap();
 
-    let out = Command::new(guest_binary())
+    let out = Command::new(nestbox_tests::workspace_binary("nestbox-guest"))
         .args(["watch-ports", "--cgroup", "nestbox-no-such-cgroup"])
         .output()
         .unwrap();
@@ -448,7 +432,7 @@ fn cli_without_privilege_says_to_run_as_root() {
     let sb = Sandbox::new("perm").unwrap();
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(guest_binary())
+        .arg(nestbox_tests::workspace_binary("nestbox-guest"))
         .args(["watch-ports", "--cgroup"])
         .arg(sb.cgroup())
         .output()
