@@ -199,8 +199,9 @@ impl Connector {
 
     /// The URI authority for backend `id`.
     #[must_use]
-    pub fn authority(id: u64) -> String {
-        format!("b{id}")
+    pub fn authority(id: u64) -> http::uri::Authority {
+        http::uri::Authority::from_maybe_shared(bytes::Bytes::from(format!("b{id}")))
+            .expect("b<digits> is a valid authority")
     }
 }
 

@@ -98,17 +98,37 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// The host a request is for: `:authority` (HTTP/2) or `Host`.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
+/// The host a request is for, as a `Host` value: `:authority` (HTTP/2) or
+/// `Host`.
+fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
+    match req.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => req.headers().get(header::HOST).cloned(),
+    }
+}
+
+/// The client of a connection, with its address already rendered for
+/// `X-Forwarded-For` (once per connection, not per request).
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// `addr`'s IP as a header value.
+    pub ip_header: HeaderValue,
+}
+
+impl Peer {
+    /// Describes the client at `addr`.
+    #[must_use]
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip_header = HeaderValue::from_str(&addr.ip().to_string())
+            .expect("an IP address is a valid header value");
+        Self { addr, ip_header }
+    }
+
+    fn ip_text(&self) -> &str {
+        self.ip_header.to_str().unwrap_or_default()
+    }
 }
 
 impl Proxy {
@@ -134,59 +154,59 @@ impl Proxy {
     }
 
     /// Proxies one request from `peer`.
-    pub async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        let Some(host) = request_host(&req) else {
-            return pages::bad_request("The request names no host.");
-        };
+    pub async fn handle(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<Body> {
         // Framing: hyper refuses conflicting Content-Lengths and, given both
         // Content-Length and Transfer-Encoding, lets the latter win, drops
         // the former and closes the connection after the response (RFC 9112
         // §6.3). The body is re-framed toward the backend, so nothing sent
         // after the chunked end can reach it as a request.
-        let Some(route) = self.routes.get(&host) else {
-            return pages::no_route(&crate::routes::normalize_host(&host));
+        let Some(host) = request_host(&req) else {
+            return pages::bad_request("The request names no host.");
+        };
+        let Some(route) = host.to_str().ok().and_then(|h| self.routes.get(h)) else {
+            let shown = host
+                .to_str()
+                .map_or_else(|_| "?".to_owned(), crate::routes::normalize_host);
+            return pages::no_route(&shown);
         };
         let port = route.backend.addr.port();
         let upgrade = is_upgrade(&req);
 
         // Rewrite for the backend: origin-form over HTTP/1.1 to b<id>.
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", http::uri::PathAndQuery::as_str)
-            .to_owned();
-        let uri: Uri =
-            match format!("http://{}{path}", Connector::authority(route.backend_id)).parse() {
-                Ok(uri) => uri,
-                Err(_) => return pages::bad_request("The request target is not valid."),
-            };
+        let mut target = http::uri::Parts::default();
+        target.scheme = Some(http::uri::Scheme::HTTP);
+        target.authority = Some(route.authority.clone());
+        target.path_and_query = Some(
+            req.uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        let Ok(uri) = Uri::from_parts(target) else {
+            return pages::bad_request("The request target is not valid.");
+        };
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
-        let authority = crate::routes::normalize_host(&host);
-        if let Ok(v) = HeaderValue::from_str(&host) {
-            parts.headers.insert(header::HOST, v);
-        }
-        let forwarded_for = match parts
-            .headers
-            .get(&X_FORWARDED_FOR)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(prior) => format!("{prior}, {}", peer.ip()),
-            None => peer.ip().to_string(),
+        parts.headers.insert(header::HOST, host);
+        let forwarded_for = match parts.headers.get(&X_FORWARDED_FOR) {
+            Some(prior) => {
+                let joined = format!("{}, {}", prior.to_str().unwrap_or_default(), peer.ip_text());
+                HeaderValue::from_str(&joined).unwrap_or_else(|_| peer.ip_header.clone())
+            }
+            None => peer.ip_header.clone(),
         };
-        if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-            parts.headers.insert(X_FORWARDED_FOR, v);
-        }
+        parts.headers.insert(X_FORWARDED_FOR, forwarded_for);
         parts
             .headers
             .insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        if let Ok(v) = HeaderValue::from_str(&authority) {
-            parts.headers.insert(X_FORWARDED_HOST, v);
-        }
+        parts
+            .headers
+            .insert(X_FORWARDED_HOST, route.host_header.clone());
         parts.uri = uri;
         parts.version = Version::HTTP_11;
         let out = Request::from_parts(parts, body);
+        let host = &route.host;
 
         let sent =
             tokio::time::timeout(self.limits.response_timeout, self.client.request(out)).await;
@@ -195,7 +215,7 @@ impl Proxy {
                 tracing::info!(%host, port, "backend too slow");
                 return pages::too_slow(port, self.limits.response_timeout.as_secs());
             }
-            Ok(Err(err)) => return self.failure(&host, port, &err),
+            Ok(Err(err)) => return self.failure(host, port, &err),
             Ok(Ok(resp)) => resp,
         };
 

@@ -32,6 +32,10 @@ pub struct Route {
     /// Identifies the backend for connection pooling: routes to the same
     /// backend share an id, and so their kept-alive connections.
     pub backend_id: u64,
+    /// The URI authority requests to this backend carry (`b<id>`), made once.
+    pub authority: http::uri::Authority,
+    /// `host` as a header value (for `X-Forwarded-Host`), made once.
+    pub host_header: http::HeaderValue,
 }
 
 #[derive(Debug, Default)]
@@ -86,6 +90,9 @@ impl RouteTable {
             id
         };
         let route = Arc::new(Route {
+            authority: crate::dial::Connector::authority(backend_id),
+            host_header: http::HeaderValue::from_str(&host)
+                .unwrap_or_else(|_| http::HeaderValue::from_static("invalid")),
             host: host.clone(),
             backend,
             backend_id,

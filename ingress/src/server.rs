@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::proxy::{Body, Proxy};
+use crate::proxy::{Body, Peer, Proxy};
 use crate::tls::ACME_TLS_ALPN;
 
 /// Client-facing limits. Every field has a default that works out of the box.
@@ -88,6 +88,8 @@ pub async fn serve_https(
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(builder(&limits));
+    // One Arc clone per request instead of one per field.
+    let proxy = Arc::new(proxy);
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
@@ -128,9 +130,11 @@ pub async fn serve_https(
                 // TLS-ALPN-01 validation: the handshake was the answer.
                 return;
             }
+            let client = Arc::new(Peer::new(peer));
             let service = service_fn(move |req: Request<Incoming>| {
                 let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+                let client = client.clone();
+                async move { Ok::<_, Infallible>(proxy.handle(req, &client).await) }
             });
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
             if let Err(err) = watcher.watch(conn.into_owned()).await {
