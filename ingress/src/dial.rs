@@ -7,22 +7,15 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
-use hyper_util::rt::TokioIo;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::oneshot;
-
-use crate::routes::RouteTable;
 
 /// Errors setting up a namespace dialer.
 #[derive(Debug, thiserror::Error)]
@@ -173,65 +166,5 @@ impl Dialers {
         let dialer = Arc::new(NetnsDialer::open(path)?);
         map.insert(path.to_owned(), dialer.clone());
         Ok(dialer)
-    }
-}
-
-/// The hyper-util client's connector: the request URI's host is
-/// `b<backend id>`, which the route table turns into an address and a
-/// namespace. Pooling is by that host, so each backend has its own pool.
-#[derive(Clone, Debug)]
-pub struct Connector {
-    routes: RouteTable,
-    dialers: Arc<Dialers>,
-    timeout: Duration,
-}
-
-impl Connector {
-    /// A connector over `routes`, giving up on a connect after `timeout`.
-    #[must_use]
-    pub fn new(routes: RouteTable, timeout: Duration) -> Self {
-        Self {
-            routes,
-            dialers: Arc::new(Dialers::default()),
-            timeout,
-        }
-    }
-
-    /// The URI authority for backend `id`.
-    #[must_use]
-    pub fn authority(id: u64) -> http::uri::Authority {
-        http::uri::Authority::from_maybe_shared(bytes::Bytes::from(format!("b{id}")))
-            .expect("b<digits> is a valid authority")
-    }
-}
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let id = uri
-                .host()
-                .and_then(|h| h.strip_prefix('b'))
-                .and_then(|n| n.parse::<u64>().ok())
-                .ok_or_else(|| io::Error::other(format!("not a backend URI: {uri}")))?;
-            let route = this
-                .routes
-                .by_backend(id)
-                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "route removed"))?;
-            let dialer = match &route.backend.netns {
-                Some(path) => Some(this.dialers.get(path).map_err(io::Error::other)?),
-                None => None,
-            };
-            let stream = connect(dialer.as_deref(), route.backend.addr, this.timeout).await?;
-            Ok(TokioIo::new(stream))
-        })
     }
 }

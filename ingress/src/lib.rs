@@ -4,6 +4,7 @@
 //! - [`routes`]: the live route table, hostname → backend (lock-free reads);
 //! - [`dial`]: connecting to backends *inside* a network namespace, from a
 //!   thread that entered it (so `127.0.0.1`-only listeners are reachable);
+//! - [`pool`]: kept-alive HTTP/1.1 connections to each backend;
 //! - [`proxy`]: one request: routing, header rewriting, streaming, upgrades,
 //!   error pages;
 //! - [`server`]: the listeners (HTTPS with ALPN h2/http1.1, plain HTTP for
@@ -17,6 +18,7 @@ pub mod acme;
 pub mod config;
 pub mod dial;
 pub mod pages;
+pub mod pool;
 pub mod proxy;
 pub mod routes;
 pub mod serve;

@@ -11,11 +11,10 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 
-use crate::dial::Connector;
 use crate::pages;
+use crate::pool::{Pool, PoolError};
 use crate::routes::RouteTable;
 
 /// Response body: the backend's, streamed, or one of ours.
@@ -46,7 +45,7 @@ impl Default for BackendLimits {
 #[derive(Clone, Debug)]
 pub struct Proxy {
     routes: RouteTable,
-    client: Client<Connector, Incoming>,
+    pool: Pool,
     limits: BackendLimits,
 }
 
@@ -135,14 +134,10 @@ impl Proxy {
     /// A proxy over `routes`.
     #[must_use]
     pub fn new(routes: RouteTable, limits: BackendLimits) -> Self {
-        let connector = Connector::new(routes.clone(), limits.connect_timeout);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(limits.pool_idle_timeout)
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(connector);
+        let pool = Pool::new(limits.connect_timeout, limits.pool_idle_timeout);
         Self {
             routes,
-            client,
+            pool,
             limits,
         }
     }
@@ -209,7 +204,7 @@ impl Proxy {
         let host = &route.host;
 
         let sent =
-            tokio::time::timeout(self.limits.response_timeout, self.client.request(out)).await;
+            tokio::time::timeout(self.limits.response_timeout, self.pool.send(&route, out)).await;
         let mut resp = match sent {
             Err(_) => {
                 tracing::info!(%host, port, "backend too slow");
@@ -242,25 +237,14 @@ impl Proxy {
         Response::from_parts(parts, body.boxed())
     }
 
-    fn failure(
-        &self,
-        host: &str,
-        port: u16,
-        err: &hyper_util::client::legacy::Error,
-    ) -> Response<Body> {
-        let io_kind = std::error::Error::source(err)
-            .and_then(|e| e.downcast_ref::<std::io::Error>())
-            .map(std::io::Error::kind);
-        tracing::info!(%host, port, ?err, "backend failed");
-        if err.is_connect() {
-            match io_kind {
-                Some(std::io::ErrorKind::TimedOut) => {
-                    pages::too_slow(port, self.limits.connect_timeout.as_secs())
-                }
-                _ => pages::not_listening(port),
+    fn failure(&self, host: &str, port: u16, err: &PoolError) -> Response<Body> {
+        tracing::info!(%host, port, %err, "backend failed");
+        match err {
+            PoolError::Connect(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                pages::too_slow(port, self.limits.connect_timeout.as_secs())
             }
-        } else {
-            pages::backend_failed(port)
+            PoolError::Connect(_) => pages::not_listening(port),
+            PoolError::Http(_) => pages::backend_failed(port),
         }
     }
 }

@@ -32,7 +32,8 @@ pub struct Route {
     /// Identifies the backend for connection pooling: routes to the same
     /// backend share an id, and so their kept-alive connections.
     pub backend_id: u64,
-    /// The URI authority requests to this backend carry (`b<id>`), made once.
+    /// The URI authority requests to this backend carry (`b<id>`), made
+    /// once; it names the backend in logs and never leaves the VM.
     pub authority: http::uri::Authority,
     /// `host` as a header value (for `X-Forwarded-Host`), made once.
     pub host_header: http::HeaderValue,
@@ -90,7 +91,10 @@ impl RouteTable {
             id
         };
         let route = Arc::new(Route {
-            authority: crate::dial::Connector::authority(backend_id),
+            authority: http::uri::Authority::from_maybe_shared(bytes::Bytes::from(format!(
+                "b{backend_id}"
+            )))
+            .expect("b<digits> is a valid authority"),
             host_header: http::HeaderValue::from_str(&host)
                 .unwrap_or_else(|_| http::HeaderValue::from_static("invalid")),
             host: host.clone(),
