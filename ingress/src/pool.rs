@@ -36,27 +36,43 @@ pub enum PoolError {
     Http(#[source] hyper::Error),
 }
 
-struct Idle {
-    sender: SendRequest<Incoming>,
+struct Idle<B> {
+    sender: SendRequest<B>,
     since: Instant,
 }
 
-/// The pool; clones share it.
-#[derive(Clone)]
-pub struct Pool {
-    idle: Arc<Mutex<HashMap<u64, Vec<Idle>>>>,
+/// The pool, for request bodies of type `B` (the proxy forwards hyper's
+/// `Incoming`); clones share it.
+pub struct Pool<B = Incoming> {
+    idle: Arc<Mutex<HashMap<u64, Vec<Idle<B>>>>>,
     dialers: Arc<Dialers>,
     connect_timeout: Duration,
     idle_timeout: Duration,
 }
 
-impl std::fmt::Debug for Pool {
+impl<B> Clone for Pool<B> {
+    fn clone(&self) -> Self {
+        Self {
+            idle: self.idle.clone(),
+            dialers: self.dialers.clone(),
+            connect_timeout: self.connect_timeout,
+            idle_timeout: self.idle_timeout,
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for Pool<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool").finish_non_exhaustive()
     }
 }
 
-impl Pool {
+impl<B> Pool<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     /// A pool that gives up connecting after `connect_timeout` and drops
     /// connections idle for `idle_timeout`.
     #[must_use]
@@ -69,7 +85,7 @@ impl Pool {
         }
     }
 
-    fn checkout(&self, id: u64) -> Option<SendRequest<Incoming>> {
+    fn checkout(&self, id: u64) -> Option<SendRequest<B>> {
         let mut idle = self.idle.lock().expect("pool lock");
         let list = idle.get_mut(&id)?;
         let now = Instant::now();
@@ -78,7 +94,7 @@ impl Pool {
         Some(list.swap_remove(ready).sender)
     }
 
-    fn checkin(&self, id: u64, sender: SendRequest<Incoming>) {
+    fn checkin(&self, id: u64, sender: SendRequest<B>) {
         if sender.is_closed() {
             return;
         }
@@ -92,7 +108,7 @@ impl Pool {
         }
     }
 
-    async fn connect(&self, route: &Route) -> Result<SendRequest<Incoming>, PoolError> {
+    async fn connect(&self, route: &Route) -> Result<SendRequest<B>, PoolError> {
         let dialer = match &route.backend.netns {
             Some(path) => Some(
                 self.dialers
@@ -124,7 +140,7 @@ impl Pool {
     pub async fn send(
         &self,
         route: &Route,
-        req: Request<Incoming>,
+        req: Request<B>,
     ) -> Result<Response<Incoming>, PoolError> {
         let id = route.backend_id;
         let req = match self.checkout(id) {
@@ -145,5 +161,98 @@ impl Pool {
         let resp = sender.send_request(req).await.map_err(PoolError::Http)?;
         self.checkin(id, sender);
         Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::{Backend, RouteTable};
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A backend that answers `ok` to two requests per connection, then
+    /// closes it, and counts connections.
+    async fn backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    for _ in 0..2 {
+                        let mut head = Vec::new();
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let n = tcp.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            head.extend_from_slice(&buf[..n]);
+                        }
+                        let _ = tcp
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    async fn get(pool: &Pool<Empty<Bytes>>, route: &Route) -> String {
+        let req = Request::get("http://b/").body(Empty::new()).unwrap();
+        let resp = pool.send(route, req).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn reuses_connections_and_replaces_closed_ones() {
+        let (addr, accepted) = backend().await;
+        let routes = RouteTable::new();
+        routes.insert("a.test", Backend { addr, netns: None });
+        let route = routes.get("a.test").unwrap();
+        let pool = Pool::new(Duration::from_secs(2), Duration::from_secs(60));
+        assert_eq!(get(&pool, &route).await, "ok");
+        assert_eq!(get(&pool, &route).await, "ok");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "the second request reused the connection"
+        );
+        // The backend closed that connection after two requests: the next
+        // request must still succeed, on a new connection.
+        assert_eq!(get(&pool, &route).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn refused_connect_is_a_connect_error() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let routes = RouteTable::new();
+        routes.insert(
+            "a.test",
+            Backend {
+                addr: free,
+                netns: None,
+            },
+        );
+        let route = routes.get("a.test").unwrap();
+        let pool: Pool<Empty<Bytes>> = Pool::new(Duration::from_secs(2), Duration::from_secs(60));
+        let req = Request::get("http://b/").body(Empty::new()).unwrap();
+        let err = pool.send(&route, req).await.unwrap_err();
+        assert!(
+            matches!(&err, PoolError::Connect(e) if e.kind() == io::ErrorKind::ConnectionRefused),
+            "{err}"
+        );
     }
 }
