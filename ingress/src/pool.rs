@@ -218,7 +218,7 @@ mod tests {
         let routes = RouteTable::new();
         routes.insert("a.test", Backend { addr, netns: None });
         let route = routes.get("a.test").unwrap();
-        let pool = Pool::new(Duration::from_secs(2), Duration::from_secs(60));
+        let pool = Pool::new(Duration::from_secs(2), Duration::from_mins(1));
         assert_eq!(get(&pool, &route).await, "ok");
         assert_eq!(get(&pool, &route).await, "ok");
         assert_eq!(
@@ -247,7 +247,7 @@ mod tests {
             },
         );
         let route = routes.get("a.test").unwrap();
-        let pool: Pool<Empty<Bytes>> = Pool::new(Duration::from_secs(2), Duration::from_secs(60));
+        let pool: Pool<Empty<Bytes>> = Pool::new(Duration::from_secs(2), Duration::from_mins(1));
         let req = Request::get("http://b/").body(Empty::new()).unwrap();
         let err = pool.send(&route, req).await.unwrap_err();
         assert!(
