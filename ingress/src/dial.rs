@@ -154,7 +154,18 @@ pub struct Dialers {
 }
 
 impl Dialers {
-    /// The dialer for `path`.
+    /// The dialer for `path` if one was made already (never blocks).
+    #[must_use]
+    pub fn cached(&self, path: &Path) -> Option<Arc<NetnsDialer>> {
+        self.by_path
+            .lock()
+            .expect("dialers lock")
+            .get(path)
+            .cloned()
+    }
+
+    /// The dialer for `path`, made if needed. Making one starts a thread and
+    /// waits for it to enter the namespace: call from a blocking context.
     ///
     /// # Errors
     /// [`DialError`] if the namespace cannot be entered.

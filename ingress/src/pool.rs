@@ -110,12 +110,20 @@ where
 
     async fn connect(&self, route: &Route) -> Result<SendRequest<B>, PoolError> {
         let dialer = match &route.backend.netns {
-            Some(path) => Some(
-                self.dialers
-                    .get(path)
-                    .map_err(|e| PoolError::Connect(io::Error::other(e)))?,
-            ),
             None => None,
+            Some(path) => {
+                if let Some(dialer) = self.dialers.cached(path) {
+                    Some(dialer)
+                } else {
+                    // The first dial into a namespace starts its socket
+                    // thread: off the runtime's workers.
+                    let (dialers, path) = (self.dialers.clone(), path.clone());
+                    let made = tokio::task::spawn_blocking(move || dialers.get(&path))
+                        .await
+                        .map_err(|e| PoolError::Connect(io::Error::other(e)))?;
+                    Some(made.map_err(|e| PoolError::Connect(io::Error::other(e)))?)
+                }
+            }
         };
         let stream = dial::connect(dialer.as_deref(), route.backend.addr, self.connect_timeout)
             .await

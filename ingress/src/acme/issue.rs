@@ -16,7 +16,7 @@ pub(super) async fn account(config: &AcmeConfig, store: &CertStore) -> Result<Ac
         Some(root) => Account::builder_with_root(root)?,
         None => Account::builder()?,
     };
-    if let Some(creds) = store.account()? {
+    if let Some(creds) = super::off_runtime(store, CertStore::account).await? {
         return Ok(builder.from_credentials(creds).await?);
     }
     let contact: Vec<&str> = config.contact.iter().map(String::as_str).collect();
@@ -31,7 +31,7 @@ pub(super) async fn account(config: &AcmeConfig, store: &CertStore) -> Result<Ac
             None,
         )
         .await?;
-    store.save_account(&creds)?;
+    super::off_runtime(store, move |st| st.save_account(&creds)).await?;
     tracing::info!(directory = %config.directory, "ACME account created");
     Ok(account)
 }

@@ -191,7 +191,11 @@ impl Manager {
             self.state.retain(|h, _| hosts.contains(h));
             for host in &hosts {
                 if !self.state.contains_key(host) {
-                    let current = self.store.load(host).ok().flatten();
+                    let name = host.clone();
+                    let current = off_runtime(&self.store, move |st| st.load(&name))
+                        .await
+                        .ok()
+                        .flatten();
                     self.state.insert(
                         host.clone(),
                         HostState {
@@ -268,15 +272,28 @@ impl Manager {
                 // The CA forgot the account (a reset test CA, or a
                 // deactivated account): register anew, then order again.
                 tracing::warn!(directory = %self.config.directory, "the CA no longer knows our account; creating a new one");
-                self.store.forget_account()?;
+                off_runtime(&self.store, CertStore::forget_account).await?;
                 *account = Some(issue::account(&self.config, &self.store).await?);
                 let acct = account.as_ref().expect("just set");
                 issue::obtain(acct, host, self.config.challenge, &self.challenges).await?
             }
             other => other?,
         };
-        Ok(self.store.save(host, &chain, &key)?)
+        let name = host.to_owned();
+        Ok(off_runtime(&self.store, move |st| st.save(&name, &chain, &key)).await?)
     }
+}
+
+/// Runs a store operation (file I/O with fsync) off the runtime's workers.
+pub(crate) async fn off_runtime<T, F>(store: &CertStore, op: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce(&CertStore) -> Result<T, StoreError> + Send + 'static,
+{
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || op(&store))
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())))
 }
 
 /// A tokio instant for a wall-clock time (now if it has passed).

@@ -40,6 +40,9 @@ pub enum StoreError {
     /// The hostname cannot be a file name.
     #[error("hostname {0:?} cannot be stored (letters, digits, '-', '.', '*' only)")]
     BadHost(String),
+    /// A blocking store task failed.
+    #[error("certificate store task failed: {0}")]
+    Task(String),
     /// The account file does not parse.
     #[error("{path}: {source}")]
     Account {
