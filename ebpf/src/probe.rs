@@ -269,30 +269,6 @@ impl PortProbe {
             }),
         }
     }
-
-    /// Kernel CPU time spent in the probe's programs and how many times they
-    /// ran. Counted only while `BPF_ENABLE_STATS` is on (see
-    /// `aya::sys::enable_stats`); zero otherwise.
-    ///
-    /// # Errors
-    /// [`ProbeError::Program`] if the kernel cannot describe a program.
-    pub fn run_stats(&self) -> Result<(std::time::Duration, u64), ProbeError> {
-        let mut time = std::time::Duration::ZERO;
-        let mut count = 0;
-        for name in [SOCKOPS, SOCK_RELEASE] {
-            let prog = self.ebpf.program(name).ok_or(ProbeError::Missing {
-                kind: "program",
-                name,
-            })?;
-            let info = prog.info().map_err(|source| ProbeError::Program {
-                program: name,
-                source,
-            })?;
-            time += info.run_time();
-            count += info.run_count();
-        }
-        Ok((time, count))
-    }
 }
 
 impl std::fmt::Debug for PortProbe {

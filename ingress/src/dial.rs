@@ -51,7 +51,6 @@ type Request = (SocketAddr, oneshot::Sender<io::Result<Socket>>);
 /// Makes sockets inside one network namespace.
 #[derive(Debug)]
 pub struct NetnsDialer {
-    path: PathBuf,
     tx: std::sync::mpsc::Sender<Request>,
 }
 
@@ -99,16 +98,7 @@ impl NetnsDialer {
             path: path.to_owned(),
             source: io::Error::other("socket thread died"),
         })??;
-        Ok(Self {
-            path: path.to_owned(),
-            tx,
-        })
-    }
-
-    /// The namespace file.
-    #[must_use]
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Self { tx })
     }
 
     async fn socket(&self, addr: SocketAddr) -> io::Result<Socket> {

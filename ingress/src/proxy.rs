@@ -142,12 +142,6 @@ impl Proxy {
         }
     }
 
-    /// The route table.
-    #[must_use]
-    pub fn routes(&self) -> &RouteTable {
-        &self.routes
-    }
-
     /// Proxies one request from `peer`.
     pub async fn handle(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<Body> {
         // Framing: hyper refuses conflicting Content-Lengths and, given both

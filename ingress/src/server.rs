@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -237,13 +236,4 @@ pub async fn serve_http(
         });
     }
     drain(graceful, &limits).await;
-}
-
-/// Address pair the ingress listens on.
-#[derive(Clone, Copy, Debug)]
-pub struct Addrs {
-    /// HTTPS.
-    pub https: SocketAddr,
-    /// Plain HTTP.
-    pub http: SocketAddr,
 }

@@ -74,14 +74,6 @@ impl CertSet {
             self.by_name.get(&format!("*.{parent}")).cloned()
         })
     }
-
-    /// Every name in the set.
-    #[must_use]
-    pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.by_name.keys().cloned().collect();
-        names.sort();
-        names
-    }
 }
 
 /// Picks certificates for handshakes.

@@ -17,7 +17,6 @@ use anyhow::{Context, Result, bail};
 pub struct Pebble {
     dir: PathBuf,
     acme_ip: String,
-    target_ip: String,
     dns_port: u16,
     server: Option<Child>,
     dns: Child,
@@ -79,7 +78,6 @@ impl Pebble {
         let mut me = Self {
             dir: dir.to_owned(),
             acme_ip: acme_ip.to_owned(),
-            target_ip: target_ip.to_owned(),
             dns_port,
             server: None,
             dns,
@@ -185,12 +183,6 @@ impl Pebble {
     pub fn orders(&self) -> Result<usize> {
         let log = std::fs::read_to_string(self.dir.join("pebble.log"))?;
         Ok(log.lines().filter(|l| l.contains("Added order")).count())
-    }
-
-    /// The address names resolve to.
-    #[must_use]
-    pub fn target_ip(&self) -> &str {
-        &self.target_ip
     }
 }
 

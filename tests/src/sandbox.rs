@@ -31,7 +31,7 @@ impl Sandbox {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
-        let mount = cgroup2_mount()?;
+        let mount = nestbox_guest::cgroup::cgroup2_mount()?;
         let cgroup = mount.join(&name);
         // Construct first so that Drop cleans up whatever part was made.
         let sandbox = Self { name, cgroup };
@@ -40,12 +40,6 @@ impl Sandbox {
         std::fs::create_dir(&sandbox.cgroup)
             .with_context(|| format!("mkdir {}", sandbox.cgroup.display()))?;
         Ok(sandbox)
-    }
-
-    /// The namespace's name (for `ip -n`).
-    #[must_use]
-    pub fn name(&self) -> &str {
-        &self.name
     }
 
     /// The namespace file, `/run/netns/NAME`.
@@ -118,27 +112,6 @@ impl Sandbox {
             .arg(program);
         cmd
     }
-
-    /// Processes currently in the sandbox's cgroup subtree.
-    ///
-    /// # Errors
-    /// If the cgroup cannot be read.
-    pub fn pids(&self) -> Result<Vec<u32>> {
-        let mut pids = Vec::new();
-        collect_pids(&self.cgroup, &mut pids)?;
-        Ok(pids)
-    }
-}
-
-fn collect_pids(dir: &Path, pids: &mut Vec<u32>) -> Result<()> {
-    let text = std::fs::read_to_string(dir.join("cgroup.procs"))?;
-    pids.extend(text.lines().filter_map(|l| l.parse::<u32>().ok()));
-    for entry in std::fs::read_dir(dir)?.flatten() {
-        if entry.file_type()?.is_dir() {
-            collect_pids(&entry.path(), pids)?;
-        }
-    }
-    Ok(())
 }
 
 impl Drop for Sandbox {
@@ -172,8 +145,7 @@ fn kill_and_remove(dir: &Path) -> Result<()> {
         .context("write cgroup.kill")?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut pids = Vec::new();
-        collect_pids(dir, &mut pids)?;
+        let pids = nestbox_guest::cgroup::subtree_pids(dir)?;
         if pids.is_empty() {
             break;
         }
@@ -203,19 +175,4 @@ fn run(cmd: &mut Command) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The cgroup2 mount point from `/proc/mounts`.
-///
-/// # Errors
-/// If there is none.
-pub fn cgroup2_mount() -> Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts")?;
-    mounts
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-        })
-        .context("no cgroup2 mount in /proc/mounts")
 }

@@ -173,15 +173,6 @@ impl Watcher {
         &self.cgroup
     }
 
-    /// Kernel time spent in the probe's programs and their run count (see
-    /// [`PortProbe::run_stats`]).
-    ///
-    /// # Errors
-    /// [`WatchError::Probe`] if the kernel cannot describe the programs.
-    pub fn kernel_stats(&self) -> Result<(std::time::Duration, u64), WatchError> {
-        Ok(self.probe.run_stats()?)
-    }
-
     /// Brings the table in line with the sockets listening right now.
     async fn reconcile(&mut self) -> Result<(), WatchError> {
         let diag = self

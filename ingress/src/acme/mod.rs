@@ -10,7 +10,6 @@ mod issue;
 pub mod store;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -165,12 +164,6 @@ impl Manager {
     #[must_use]
     pub fn renew_handle(&self) -> Arc<Notify> {
         self.renew_now.clone()
-    }
-
-    /// The state directory.
-    #[must_use]
-    pub fn state_dir(&self) -> PathBuf {
-        self.config.state_dir.clone()
     }
 
     fn publish(&self) {
