@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod acme;
+pub mod chunked;
 pub mod config;
 pub mod dial;
 pub mod pages;

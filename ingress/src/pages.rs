@@ -27,6 +27,14 @@ fn page(status: StatusCode, title: &str, text: &str) -> Response<Body> {
     resp
 }
 
+/// An empty body (a 101 answer).
+#[must_use]
+pub fn empty() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")

@@ -12,13 +12,14 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 
 use crate::pages;
 use crate::pool::{Pool, PoolError};
 use crate::routes::RouteTable;
 
 /// Response body: the backend's, streamed, or one of ours.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, std::io::Error>;
 
 /// Timeouts toward backends.
 #[derive(Clone, Copy, Debug)]
@@ -199,7 +200,7 @@ impl Proxy {
 
         let sent =
             tokio::time::timeout(self.limits.response_timeout, self.pool.send(&route, out)).await;
-        let mut resp = match sent {
+        let resp = match sent {
             Err(_) => {
                 tracing::info!(%host, port, "backend too slow");
                 return pages::too_slow(port, self.limits.response_timeout.as_secs());
@@ -208,25 +209,28 @@ impl Proxy {
             Ok(Ok(resp)) => resp,
         };
 
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
-                let backend_upgrade = hyper::upgrade::on(&mut resp);
+        let (mut parts, body) = resp.into_parts();
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            // The pool answers 101 only to an upgrade request.
+            if let (Some(client_upgrade), Some((mut backend, early))) =
+                (client_upgrade, body.into_upgraded())
+            {
                 tokio::spawn(async move {
-                    match tokio::try_join!(client_upgrade, backend_upgrade) {
-                        Ok((client, backend)) => {
+                    match client_upgrade.await {
+                        Ok(client) => {
                             let mut client = TokioIo::new(client);
-                            let mut backend = TokioIo::new(backend);
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+                            if client.write_all(&early).await.is_ok() {
+                                let _ =
+                                    tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+                            }
                         }
                         Err(err) => tracing::debug!(?err, "upgrade failed"),
                     }
                 });
             }
-            let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers, true);
-            return Response::from_parts(parts, body.boxed());
+            return Response::from_parts(parts, pages::empty());
         }
-        let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
         Response::from_parts(parts, body.boxed())
     }
@@ -238,7 +242,9 @@ impl Proxy {
                 pages::too_slow(port, self.limits.connect_timeout.as_secs())
             }
             PoolError::Connect(_) => pages::not_listening(port),
-            PoolError::Http(_) => pages::backend_failed(port),
+            PoolError::Io(_) | PoolError::Protocol(_) | PoolError::RequestBody(_) => {
+                pages::backend_failed(port)
+            }
         }
     }
 }

@@ -59,6 +59,12 @@ impl Default for Limits {
     }
 }
 
+/// Resolves once `shutdown` turns true (or its sender is gone). Its
+/// future holds no borrow of the value, so the accept loops stay `Send`.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
 /// Pending HTTP-01 answers: token → key authorization.
 pub type Http01 = Arc<ArcSwap<HashMap<String, String>>>;
 
@@ -92,7 +98,7 @@ pub async fn serve_https(
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            () = stopped(&mut shutdown) => break,
         };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -104,7 +110,7 @@ pub async fn serve_https(
                     continue;
                 }
             },
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            () = stopped(&mut shutdown) => break,
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
@@ -209,7 +215,7 @@ pub async fn serve_http(
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            () = stopped(&mut shutdown) => break,
         };
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -220,7 +226,7 @@ pub async fn serve_http(
                     continue;
                 }
             },
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            () = stopped(&mut shutdown) => break,
         };
         let http01 = http01.clone();
         let builder = builder.clone();

@@ -45,10 +45,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One CPU to run on (a small VM, or pinned): everything on this
+    // thread, with no cross-thread wake-ups; else a worker per CPU.
+    let one_cpu = std::thread::available_parallelism().map_or(true, |n| n.get() == 1);
+    let mut builder = if one_cpu {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("nestbox-ingress: cannot start the async runtime: {err}");
@@ -94,7 +99,12 @@ fn main() -> ExitCode {
             let _ = handles_tx.send(h);
         });
         let signals = tokio::spawn(signals);
-        let result = serve.await;
+        // On a worker, not on this (the blocking) thread: the accept loop
+        // then spawns connections where they run.
+        let result = match tokio::spawn(serve).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("the server task failed: {e}")),
+        };
         signals.abort();
         result
     });
