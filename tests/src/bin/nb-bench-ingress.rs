@@ -43,6 +43,10 @@ struct Figures {
     h1_p99_ms: f64,
     h2_rps: f64,
     new_tls_per_s: f64,
+    /// The proxy's CPU time (user + system, all its processes) per 1,000
+    /// new TLS connections: what a connection costs the proxy, apart from
+    /// how fast the load generator can open them.
+    tls_cpu_ms_per_1000: f64,
     peak_rss_mib: f64,
 }
 
@@ -161,6 +165,34 @@ fn start_nginx(dir: &Path) -> Result<Proxy> {
     })
 }
 
+/// The pid and its children's pids.
+fn family(pid: u32) -> Vec<String> {
+    let mut pids = vec![pid.to_string()];
+    if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        pids.extend(children.split_whitespace().map(str::to_owned));
+    }
+    pids
+}
+
+/// CPU time (user + system) of a process and its children, in ms.
+fn cpu_ms(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
+    let ticks: u64 = family(pid)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name, which may hold spaces.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    #[expect(clippy::cast_precision_loss, reason = "tick counts far below 2^52")]
+    let ms = ticks as f64 * 1000.0 / hz as f64;
+    ms
+}
+
 /// Peak RSS of a process and its children, in MiB.
 fn peak_rss_mib(pid: u32) -> f64 {
     let hwm = |p: &str| -> u64 {
@@ -173,10 +205,7 @@ fn peak_rss_mib(pid: u32) -> f64 {
             })
             .unwrap_or(0)
     };
-    let mut total = hwm(&pid.to_string());
-    if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
-        total += children.split_whitespace().map(hwm).sum::<u64>();
-    }
+    let total: u64 = family(pid).iter().map(|p| hwm(p)).sum();
     #[expect(clippy::cast_precision_loss, reason = "KiB counts far below 2^52")]
     let mib = total as f64 / 1024.0;
     mib
@@ -267,6 +296,7 @@ fn measure(proxy: &Proxy, args: &Args) -> Result<Figures> {
         &url,
     ]))?;
     let h2_rps = parse_h2load(&out)?;
+    let cpu_before = cpu_ms(proxy.child.id());
     let out = run(pinned(1, "wrk").args([
         "-t1",
         "-c",
@@ -277,13 +307,17 @@ fn measure(proxy: &Proxy, args: &Args) -> Result<Figures> {
         "Connection: close",
         &url,
     ]))?;
+    let cpu = cpu_ms(proxy.child.id()) - cpu_before;
     let new_tls_per_s = wrk_rps(&out)?;
+    #[expect(clippy::cast_precision_loss, reason = "seconds are small")]
+    let opened = new_tls_per_s * args.seconds as f64;
     Ok(Figures {
         h1_rps,
         h1_p50_ms,
         h1_p99_ms,
         h2_rps,
         new_tls_per_s,
+        tls_cpu_ms_per_1000: cpu / opened * 1000.0,
         peak_rss_mib: peak_rss_mib(proxy.child.id()),
     })
 }
@@ -296,17 +330,23 @@ fn report(results: &[(usize, &'static str, Figures)]) -> String {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| round | proxy | HTTP/1.1 keep-alive req/s | p50 | p99 | HTTP/2 req/s | new TLS conn/s | peak RSS |"
+        "| round | proxy | HTTP/1.1 keep-alive req/s | p50 | p99 | HTTP/2 req/s | new TLS conn/s | proxy CPU per 1,000 new conns | peak RSS |"
     );
     let _ = writeln!(
         table,
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for (round, name, f) in results {
         let _ = writeln!(
             table,
-            "| {round} | {name} | {:.0} | {:.2} ms | {:.2} ms | {:.0} | {:.0} | {:.1} MiB |",
-            f.h1_rps, f.h1_p50_ms, f.h1_p99_ms, f.h2_rps, f.new_tls_per_s, f.peak_rss_mib
+            "| {round} | {name} | {:.0} | {:.2} ms | {:.2} ms | {:.0} | {:.0} | {:.0} ms | {:.1} MiB |",
+            f.h1_rps,
+            f.h1_p50_ms,
+            f.h1_p99_ms,
+            f.h2_rps,
+            f.new_tls_per_s,
+            f.tls_cpu_ms_per_1000,
+            f.peak_rss_mib
         );
     }
     let mean = |name: &str, pick: fn(&Figures) -> f64| -> f64 {
@@ -323,12 +363,13 @@ fn report(results: &[(usize, &'static str, Figures)]) -> String {
         table,
         "\nnestbox / nginx (mean of the rounds; ≥ 1.00 is as good or better):"
     );
-    let rows: [Row; 6] = [
+    let rows: [Row; 7] = [
         ("HTTP/1.1 req/s", |f| f.h1_rps, true),
         ("HTTP/1.1 p50 latency", |f| f.h1_p50_ms, false),
         ("HTTP/1.1 p99 latency", |f| f.h1_p99_ms, false),
         ("HTTP/2 req/s", |f| f.h2_rps, true),
         ("new TLS connections/s", |f| f.new_tls_per_s, true),
+        ("proxy CPU per new conn", |f| f.tls_cpu_ms_per_1000, false),
         ("peak RSS", |f| f.peak_rss_mib, false),
     ];
     for (label, pick, higher_is_better) in rows {
