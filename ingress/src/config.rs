@@ -168,7 +168,11 @@ impl Config {
         Ok(config)
     }
 
-    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+    /// Checks the values that parsing cannot (`path` is for messages).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the field.
+    pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |field: String, why: &str| ConfigError::Invalid {
             path: path.to_owned(),
             field,

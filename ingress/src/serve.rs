@@ -71,6 +71,34 @@ impl Handles {
     }
 }
 
+impl Handles {
+    /// Handles over `routes` with no ingress running behind them (tools and
+    /// tests).
+    #[must_use]
+    pub fn detached(routes: RouteTable) -> Self {
+        Self {
+            routes,
+            renew: None,
+            hosts: Arc::new(watch::channel(Vec::new()).0),
+        }
+    }
+
+    /// Publishes `host` → `backend` now (replacing any route for `host`);
+    /// ACME starts keeping a certificate for it.
+    pub fn publish(&self, host: &str, backend: Backend) {
+        self.routes.insert(host, backend);
+        self.hosts.send_replace(self.routes.hosts());
+    }
+
+    /// Withdraws the route for `host`; requests for it get the 404 page
+    /// from the next one on. The stored certificate stays on disk, so a
+    /// route published again is served at once.
+    pub fn unpublish(&self, host: &str) {
+        let _ = self.routes.remove(host);
+        self.hosts.send_replace(self.routes.hosts());
+    }
+}
+
 /// Serves `config` until `shutdown` turns true; `started` receives the
 /// handles once both listeners are bound.
 ///
