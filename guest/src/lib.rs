@@ -7,6 +7,7 @@
 //!   its own (never on a tokio worker);
 //! - [`publish`]: port events become ingress routes (and the API's port
 //!   list and stream);
+//! - [`supervisor`]: runs each platform service, restarting it on failure;
 //! - [`portwatch`]: the eBPF port watcher that turns listen/close in the inner
 //!   container into port events.
 
@@ -15,3 +16,4 @@ pub mod config;
 pub mod netns;
 pub mod portwatch;
 pub mod publish;
+pub mod supervisor;
