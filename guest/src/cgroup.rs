@@ -109,6 +109,28 @@ pub fn resolve(dir: &Path) -> Result<PathBuf, CgroupError> {
     Ok(path)
 }
 
+/// The cgroup v2 directory of this process (from `/proc/self/cgroup`).
+///
+/// # Errors
+/// [`CgroupError`] if cgroup2 is not mounted or the file cannot be read.
+pub fn own_cgroup() -> Result<PathBuf, CgroupError> {
+    let mount = cgroup2_mount()?;
+    let path = Path::new("/proc/self/cgroup");
+    let text = std::fs::read_to_string(path).map_err(|source| CgroupError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let relative = parse_own_cgroup(&text).ok_or_else(|| CgroupError::Io {
+        path: path.to_owned(),
+        source: io::Error::other("no cgroup v2 entry (0::/…)"),
+    })?;
+    Ok(mount.join(relative.trim_start_matches('/')))
+}
+
+fn parse_own_cgroup(text: &str) -> Option<&str> {
+    text.lines().find_map(|l| l.strip_prefix("0::"))
+}
+
 /// The ids of `dir` and every cgroup below it.
 ///
 /// # Errors
@@ -201,5 +223,12 @@ mod tests {
         assert_eq!(pids, vec![1, 2, 3]);
         assert_eq!(subtree_ids(&root).unwrap().len(), 3);
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn own_cgroup_line() {
+        let text = "12:cpu:/x\n0::/user.slice/session-1.scope\n";
+        assert_eq!(parse_own_cgroup(text), Some("/user.slice/session-1.scope"));
+        assert_eq!(parse_own_cgroup("1:name=systemd:/\n"), None);
     }
 }

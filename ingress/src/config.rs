@@ -63,7 +63,7 @@ pub enum ConfigError {
 }
 
 /// The whole file.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// HTTPS listen address.
@@ -94,7 +94,7 @@ fn default_http() -> SocketAddr {
 }
 
 /// One route.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// The hostname clients use.
@@ -106,7 +106,7 @@ pub struct RouteConfig {
 }
 
 /// A certificate from files.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertificateConfig {
     /// The names it serves (`*.example.com` allowed).
@@ -129,7 +129,7 @@ pub enum ChallengeKind {
 }
 
 /// ACME settings.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AcmeConfig {
     /// The ACME directory URL.

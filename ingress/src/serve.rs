@@ -109,14 +109,35 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
     started: impl FnOnce(Handles),
 ) -> Result<(), ServeError> {
-    let routes = RouteTable::new();
-    let (hosts_tx, hosts_rx) = watch::channel(Vec::new());
-    let handles = Handles {
-        routes: routes.clone(),
-        renew: None,
-        hosts: Arc::new(hosts_tx),
-    };
+    let handles = Handles::detached(RouteTable::new());
     handles.set_routes(&config.routes);
+    serve_with(config, handles, shutdown, started).await
+}
+
+/// [`serve`] over routes that outlive it: `handles` come from the caller
+/// (the guest publishes ports into them), the configuration's static routes
+/// are added, and an ingress started again after a failure serves the same
+/// routes.
+///
+/// # Errors
+/// [`ServeError`] if the ingress cannot start.
+pub async fn serve_with(
+    config: Config,
+    handles: Handles,
+    shutdown: watch::Receiver<bool>,
+    started: impl FnOnce(Handles),
+) -> Result<(), ServeError> {
+    for r in &config.routes {
+        handles.publish(
+            &r.host,
+            Backend {
+                addr: r.backend,
+                netns: r.netns.clone(),
+            },
+        );
+    }
+    let routes = handles.routes.clone();
+    let hosts_rx = handles.hosts.subscribe();
     let mut set = CertSet::default();
     for c in &config.certificates {
         let key = Arc::new(tls::load_files(&c.cert, &c.key)?);
