@@ -1,19 +1,31 @@
 //! `nestbox-guest`: the platform that runs in a nestbox VM's root namespace.
 //!
 //! Modules, one concept each:
+//! - [`container`]: the inner container (namespaces, overlay root,
+//!   processes started inside it, `cgroup.kill`);
 //! - [`config`]: the guest's configuration document, checked at start;
 //! - [`cgroup`]: finding the cgroup v2 mount and walking a cgroup subtree;
 //! - [`netns`]: doing work inside another network namespace, on a thread of
 //!   its own (never on a tokio worker);
 //! - [`publish`]: port events become ingress routes (and the API's port
 //!   list and stream);
+//! - [`run`]: the whole platform of a VM, from its configuration;
+//! - [`api`]: the VM's own API (HTTP/JSON, token, `OpenAPI` document);
+//! - [`services`]: user services, kept on the data disk, started in the
+//!   container, restarted when they crash;
+//! - [`logs`]: their output, on disk and followable;
 //! - [`supervisor`]: runs each platform service, restarting it on failure;
 //! - [`portwatch`]: the eBPF port watcher that turns listen/close in the inner
 //!   container into port events.
 
+pub mod api;
 pub mod cgroup;
 pub mod config;
+pub mod container;
+pub mod logs;
 pub mod netns;
 pub mod portwatch;
 pub mod publish;
+pub mod run;
+pub mod services;
 pub mod supervisor;

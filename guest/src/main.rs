@@ -20,6 +20,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the platform of a VM from a configuration file, outside PID 1
+    /// (the host's mounts and network are used as they are). SIGTERM stops
+    /// the services, then the inner container.
+    Run {
+        /// The guest configuration (TOML; see the `config` module).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// (internal) PID 1 of the inner container; started by `run`.
+    #[command(hide = true)]
+    ContainerInit {
+        #[arg(long)]
+        hostname: String,
+        #[arg(long)]
+        base: PathBuf,
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        api_dir: Option<PathBuf>,
+    },
     /// Print one line per TCP port that processes of a cgroup start or stop
     /// listening on, as it happens (ports already listening come first).
     WatchPorts {
@@ -45,6 +65,18 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
+    if let Command::ContainerInit {
+        hostname,
+        base,
+        state_dir,
+        api_dir,
+    } = &cli.command
+    {
+        // Before any thread exists: it forks and runs code in the child.
+        let layout =
+            nestbox_guest::container::init::layout_from(base, state_dir, api_dir.as_deref());
+        nestbox_guest::container::init::main(&layout, hostname);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -57,6 +89,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Run { config } => run(&config).await,
+            Command::ContainerInit { .. } => unreachable!("handled before the runtime starts"),
             Command::WatchPorts {
                 cgroup,
                 netns,
@@ -92,4 +126,23 @@ async fn watch_ports(cgroup: PathBuf, netns: Option<PathBuf>, json: bool) -> any
         }
         stdout.flush()?;
     }
+}
+
+async fn run(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = nestbox_guest::config::GuestConfig::load(path)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        let _ = stop_tx.send(true);
+    });
+    nestbox_guest::run::run(config, stop_rx).await?;
+    Ok(())
 }

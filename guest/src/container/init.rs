@@ -1,0 +1,332 @@
+//! The inside of the inner container: `nestbox-guest container-init`.
+//!
+//! The guest starts this program (itself, re-executed) with the mount, UTS,
+//! IPC, network and cgroup namespaces already unshared and the process
+//! already in the inner cgroup (see [`super::Container::start`]); the pid
+//! namespace was unshared too, which applies to children, so it forks once:
+//! the child is PID 1 of the container. PID 1 builds the root filesystem
+//! (overlay of the base and the writable layer, a minimal `/dev`, the API
+//! socket's directory at `/.nestbox`), `pivot_root`s into it, mounts a fresh
+//! `/proc`, sets the hostname, says `ready`, and then reaps orphans forever.
+//! The parent prints PID 1's pid as the host sees it and waits.
+//!
+//! Messages to the guest go to stdout, one per line: `pid N`, then `ready`
+//! or `error: …`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid, fork, pivot_root};
+
+/// One step of building the root filesystem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// `mkdir -p`.
+    Dir(PathBuf),
+    /// An empty file (a bind-mount target).
+    File(PathBuf),
+    /// `mount -t fstype source target -o data` with flags.
+    Mount {
+        /// Source.
+        source: String,
+        /// Target.
+        target: PathBuf,
+        /// Filesystem type (none for a bind).
+        fstype: Option<&'static str>,
+        /// Flags.
+        flags: MsFlags,
+        /// Options.
+        data: Option<String>,
+    },
+    /// A symbolic link `link` → `to`.
+    Symlink {
+        /// The link.
+        link: PathBuf,
+        /// What it points to.
+        to: &'static str,
+    },
+}
+
+/// Where the pieces are.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Read-only base.
+    pub lower: PathBuf,
+    /// Writable layer.
+    pub upper: PathBuf,
+    /// Overlay work directory (same filesystem as `upper`).
+    pub work: PathBuf,
+    /// Where the overlay is mounted.
+    pub merged: PathBuf,
+    /// Directory bind-mounted at `/.nestbox` (the API socket), if any.
+    pub api_dir: Option<PathBuf>,
+}
+
+/// Device nodes bind-mounted from the VM's `/dev`.
+const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+/// The steps that build the root filesystem at `layout.merged`, before
+/// `pivot_root` (pure: tested without root).
+#[must_use]
+pub fn plan(layout: &Layout) -> Vec<Step> {
+    let m = &layout.merged;
+    let mut steps = vec![
+        Step::Dir(layout.upper.clone()),
+        Step::Dir(layout.work.clone()),
+        Step::Dir(m.clone()),
+        Step::Mount {
+            source: "overlay".into(),
+            target: m.clone(),
+            fstype: Some("overlay"),
+            flags: MsFlags::empty(),
+            data: Some(format!(
+                "lowerdir={},upperdir={},workdir={}",
+                layout.lower.display(),
+                layout.upper.display(),
+                layout.work.display()
+            )),
+        },
+        Step::Dir(m.join("dev")),
+        Step::Mount {
+            source: "tmpfs".into(),
+            target: m.join("dev"),
+            fstype: Some("tmpfs"),
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            data: Some("mode=755,size=64k".into()),
+        },
+    ];
+    for dev in DEVICES {
+        steps.push(Step::File(m.join("dev").join(dev)));
+        steps.push(Step::Mount {
+            source: format!("/dev/{dev}"),
+            target: m.join("dev").join(dev),
+            fstype: None,
+            flags: MsFlags::MS_BIND,
+            data: None,
+        });
+    }
+    steps.extend([
+        Step::Dir(m.join("dev/pts")),
+        Step::Mount {
+            source: "devpts".into(),
+            target: m.join("dev/pts"),
+            fstype: Some("devpts"),
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            data: Some("newinstance,ptmxmode=0666,mode=620".into()),
+        },
+        Step::Symlink {
+            link: m.join("dev/ptmx"),
+            to: "pts/ptmx",
+        },
+        Step::Dir(m.join("dev/shm")),
+        Step::Mount {
+            source: "shm".into(),
+            target: m.join("dev/shm"),
+            fstype: Some("tmpfs"),
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            data: Some("mode=1777".into()),
+        },
+        Step::Dir(m.join("proc")),
+        Step::Dir(m.join("tmp")),
+        Step::Dir(m.join(".oldroot")),
+    ]);
+    if let Some(api) = &layout.api_dir {
+        steps.push(Step::Dir(m.join(".nestbox")));
+        steps.push(Step::Mount {
+            source: api.display().to_string(),
+            target: m.join(".nestbox"),
+            fstype: None,
+            flags: MsFlags::MS_BIND,
+            data: None,
+        });
+    }
+    steps
+}
+
+fn apply(step: &Step) -> Result<(), String> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
+    match step {
+        Step::Dir(d) => {
+            std::fs::create_dir_all(d).map_err(|e| fail(&format!("mkdir {}", d.display()), &e))
+        }
+        Step::File(f) => std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(f)
+            .map(drop)
+            .map_err(|e| fail(&format!("create {}", f.display()), &e)),
+        Step::Mount {
+            source,
+            target,
+            fstype,
+            flags,
+            data,
+        } => mount(
+            Some(source.as_str()),
+            target,
+            *fstype,
+            *flags,
+            data.as_deref(),
+        )
+        .map_err(|e| fail(&format!("mount {source} on {}", target.display()), &e)),
+        Step::Symlink { link, to } => std::os::unix::fs::symlink(to, link)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(|e| fail(&format!("symlink {}", link.display()), &e)),
+    }
+}
+
+/// PID 1's setup: everything up to `ready`.
+fn build_root(layout: &Layout, hostname: &str) -> Result<(), String> {
+    // Nothing mounted here may propagate back to the VM's namespace.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("make / private: {e}"))?;
+    for step in plan(layout) {
+        apply(&step)?;
+    }
+    let m = &layout.merged;
+    pivot_root(m, &m.join(".oldroot"))
+        .map_err(|e| format!("pivot_root to {}: {e}", m.display()))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    umount2("/.oldroot", MntFlags::MNT_DETACH).map_err(|e| format!("detach the old root: {e}"))?;
+    let _ = std::fs::remove_dir("/.oldroot");
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("mount /proc: {e}"))?;
+    nix::unistd::sethostname(hostname).map_err(|e| format!("sethostname {hostname}: {e}"))?;
+    Ok(())
+}
+
+/// Reaps every child until there are none and no more can come; PID 1 of a
+/// pid namespace is the parent of every orphan in it.
+fn reap_forever() -> ! {
+    loop {
+        if let Err(nix::errno::Errno::ECHILD) =
+            waitpid(Pid::from_raw(-1), Some(WaitPidFlag::empty()))
+        {
+            // No children right now: wait for one to be reparented.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// The body of `nestbox-guest container-init`.
+pub fn main(layout: &Layout, hostname: &str) -> ! {
+    // SAFETY: this process is single-threaded (it was just exec'd and has
+    // started no threads), so the child may run arbitrary code after fork.
+    match unsafe { fork() } {
+        Err(e) => {
+            say(&format!("error: fork PID 1: {e}"));
+            std::process::exit(1);
+        }
+        Ok(ForkResult::Parent { child }) => {
+            say(&format!("pid {child}"));
+            let code = match waitpid(child, None) {
+                Ok(WaitStatus::Exited(_, code)) => code,
+                _ => 1,
+            };
+            std::process::exit(code);
+        }
+        Ok(ForkResult::Child) => {
+            match build_root(layout, hostname) {
+                Ok(()) => say("ready"),
+                Err(why) => {
+                    say(&format!("error: {why}"));
+                    std::process::exit(1);
+                }
+            }
+            reap_forever()
+        }
+    }
+}
+
+/// Parses the arguments the guest passes (see [`super::Container::start`]).
+#[must_use]
+pub fn layout_from(lower: &Path, state_dir: &Path, api_dir: Option<&Path>) -> Layout {
+    Layout {
+        lower: lower.to_owned(),
+        upper: state_dir.join("upper"),
+        work: state_dir.join("work"),
+        merged: state_dir.join("rootfs"),
+        api_dir: api_dir.map(Path::to_owned),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_mounts_the_overlay_first_and_keeps_everything_inside_merged() {
+        let layout = layout_from(
+            Path::new("/base"),
+            Path::new("/data/c"),
+            Some(Path::new("/data/api")),
+        );
+        let steps = plan(&layout);
+        let first_mount = steps.iter().find_map(|s| match s {
+            Step::Mount {
+                fstype,
+                data,
+                target,
+                ..
+            } => Some((*fstype, data.clone(), target.clone())),
+            _ => None,
+        });
+        assert_eq!(
+            first_mount,
+            Some((
+                Some("overlay"),
+                Some("lowerdir=/base,upperdir=/data/c/upper,workdir=/data/c/work".into()),
+                PathBuf::from("/data/c/rootfs")
+            ))
+        );
+        for s in &steps {
+            let target = match s {
+                Step::Mount { target, .. } | Step::File(target) => target,
+                Step::Symlink { link, .. } => link,
+                Step::Dir(_) => continue,
+            };
+            assert!(target.starts_with("/data/c/rootfs"), "{s:?}");
+        }
+        assert!(steps.contains(&Step::Mount {
+            source: "/data/api".into(),
+            target: "/data/c/rootfs/.nestbox".into(),
+            fstype: None,
+            flags: MsFlags::MS_BIND,
+            data: None,
+        }));
+        // No API directory, no /.nestbox.
+        let layout = layout_from(Path::new("/base"), Path::new("/data/c"), None);
+        assert!(
+            !plan(&layout)
+                .iter()
+                .any(|s| matches!(s, Step::Dir(d) if d.ends_with(".nestbox")))
+        );
+    }
+}

@@ -1,0 +1,438 @@
+//! The inner container: where the user's code runs, beside the platform.
+//!
+//! Namespaces: its own pid, mount, network, UTS, IPC and cgroup namespaces.
+//! Root filesystem: an overlay of the read-only base and a writable layer on
+//! the data disk, entered with `pivot_root`, with a fresh `/proc`, a minimal
+//! `/dev` and the API socket's directory at `/.nestbox` (see [`init`]).
+//!
+//! How it is built: the guest re-executes itself as `nestbox-guest
+//! container-init` with a `pre_exec` hook that first joins the inner cgroup,
+//! then unshares the namespaces; that program forks PID 1 of the new pid
+//! namespace, which builds the root and reaps orphans. Re-executing (rather
+//! than forking the guest) gives a single-threaded process in which any code
+//! may run after `fork`; the `pre_exec` hook itself only makes two system
+//! calls.
+//!
+//! How programs are started inside: a dedicated OS thread per container
+//! unshares its filesystem attributes and `setns`es into PID 1's cgroup,
+//! IPC, UTS, network, pid and mount namespaces; every child it forks starts
+//! in all of them, with the container's root as `/`, and joins the inner
+//! cgroup (through a descriptor opened before entering) before it execs, so
+//! that its first socket already belongs to the cgroup the port watcher
+//! watches. The children are the guest's own, so tokio reaps them and the
+//! service manager sees their exit.
+//!
+//! Why no user namespace: the container is the boundary between user code
+//! and a platform that runs as root in the VM; mapping the container's root
+//! to an unprivileged id would be stronger, but overlayfs on the data disk
+//! then needs idmapped or userxattr mounts whose support varies with the
+//! guest kernel, and services expect to run as root in their sandbox. The
+//! VM is the tenant boundary; see `docs/design.md`.
+//!
+//! Stopping: `cgroup.kill` on the inner cgroup kills every process in it at
+//! once (PID 1 included); the mount namespace and its overlay go with the
+//! last of them. The writable layer stays on the data disk.
+
+pub mod init;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sched::CloneFlags;
+use serde::Deserialize;
+
+/// Errors building, entering or stopping the container.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    /// A directory could not be made.
+    #[error("cannot create {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The container's init could not be started.
+    #[error("cannot start the container's init ({program}): {source}")]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The container's init failed while building the container.
+    #[error("the container could not be built: {0}")]
+    Init(String),
+    /// Entering the container's namespaces failed.
+    #[error("cannot enter the container's {namespace} namespace: {source}")]
+    Enter {
+        /// Which namespace.
+        namespace: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Processes were still in the cgroup after the kill.
+    #[error("processes are still in {cgroup} {secs} s after cgroup.kill")]
+    Lingering {
+        /// The cgroup.
+        cgroup: PathBuf,
+        /// How long we waited.
+        secs: u64,
+    },
+    /// A cgroup file could not be used.
+    #[error("cannot use {path}: {source}")]
+    Cgroup {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// What to build.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerSpec {
+    /// The container's hostname (the VM's name).
+    pub hostname: String,
+    /// The read-only base root filesystem.
+    pub base_rootfs: PathBuf,
+    /// Where the writable layer (`upper`, `work`) and the mount point
+    /// (`rootfs`) live, on the data disk.
+    pub state_dir: PathBuf,
+    /// The inner cgroup v2 directory (created if missing).
+    pub cgroup: PathBuf,
+    /// A directory to bind-mount at `/.nestbox` (the API socket's).
+    pub api_dir: Option<PathBuf>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A running inner container.
+#[derive(Debug)]
+pub struct Container {
+    spec: ContainerSpec,
+    init: Child,
+    pid1: u32,
+    jobs: Option<mpsc::Sender<Job>>,
+}
+
+fn read_line(out: &mut impl BufRead) -> Result<String, ContainerError> {
+    let mut line = String::new();
+    out.read_line(&mut line)
+        .map_err(|e| ContainerError::Init(format!("reading from the container's init: {e}")))?;
+    if line.is_empty() {
+        return Err(ContainerError::Init(
+            "the container's init exited before it was ready".into(),
+        ));
+    }
+    Ok(line.trim_end().to_owned())
+}
+
+fn cgroup_file(cgroup: &Path, name: &str) -> Result<File, ContainerError> {
+    let path = cgroup.join(name);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(|source| ContainerError::Cgroup { path, source })
+}
+
+/// Brings `lo` up in the network namespace at `netns`.
+fn loopback_up(netns: &Path) -> Result<(), ContainerError> {
+    let enter = |e: std::io::Error| ContainerError::Enter {
+        namespace: "network",
+        source: e,
+    };
+    crate::netns::run_in(Some(netns), || {
+        let fd = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Inet,
+            nix::sys::socket::SockType::Datagram,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        // SAFETY: ifreq is plain data; zeroed is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = libc::c_char::try_from(*src).unwrap_or_default();
+        }
+        // SAFETY: fd is a socket we own; req is a valid ifreq for "lo".
+        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &raw mut req) } < 0 {
+            return Err(nix::errno::Errno::last());
+        }
+        // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+        unsafe {
+            req.ifr_ifru.ifru_flags |= i16::try_from(libc::IFF_UP).unwrap_or_default();
+        }
+        // SAFETY: as above.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCSIFFLAGS, &raw const req) } < 0 {
+            return Err(nix::errno::Errno::last());
+        }
+        Ok(())
+    })
+    .map_err(|e| enter(std::io::Error::other(e.to_string())))?
+    .map_err(|e| enter(e.into()))
+}
+
+impl Container {
+    /// Builds the container and returns once its PID 1 is ready. Blocking:
+    /// call from `spawn_blocking`.
+    ///
+    /// # Errors
+    /// [`ContainerError`] saying which step failed.
+    pub fn start(spec: ContainerSpec) -> Result<Self, ContainerError> {
+        for dir in [&spec.state_dir, &spec.cgroup] {
+            std::fs::create_dir_all(dir).map_err(|source| ContainerError::Dir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let program = std::env::current_exe().map_err(|source| ContainerError::Spawn {
+            program: "/proc/self/exe".into(),
+            source,
+        })?;
+        let procs = cgroup_file(&spec.cgroup, "cgroup.procs")?;
+        let procs_fd = procs.as_raw_fd();
+        let mut cmd = Command::new(&program);
+        cmd.arg("container-init")
+            .arg("--hostname")
+            .arg(&spec.hostname)
+            .arg("--base")
+            .arg(&spec.base_rootfs)
+            .arg("--state-dir")
+            .arg(&spec.state_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(api) = &spec.api_dir {
+            cmd.arg("--api-dir").arg(api);
+        }
+        // SAFETY: the hook runs in the forked child before exec and makes
+        // only async-signal-safe system calls (write, unshare).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let flags = libc::CLONE_NEWNS
+                    | libc::CLONE_NEWUTS
+                    | libc::CLONE_NEWIPC
+                    | libc::CLONE_NEWNET
+                    | libc::CLONE_NEWCGROUP
+                    | libc::CLONE_NEWPID;
+                if libc::unshare(flags) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut init = cmd.spawn().map_err(|source| ContainerError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+        drop(procs);
+        let mut out = BufReader::new(init.stdout.take().expect("piped"));
+        let started = (|| {
+            let first = read_line(&mut out)?;
+            let pid1: u32 = first
+                .strip_prefix("pid ")
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| ContainerError::Init(first.clone()))?;
+            let second = read_line(&mut out)?;
+            if second != "ready" {
+                return Err(ContainerError::Init(
+                    second.strip_prefix("error: ").unwrap_or(&second).to_owned(),
+                ));
+            }
+            Ok(pid1)
+        })();
+        let pid1 = match started {
+            Ok(pid) => pid,
+            Err(err) => {
+                let _ = init.kill();
+                let _ = init.wait();
+                return Err(err);
+            }
+        };
+        let mut container = Self {
+            spec,
+            init,
+            pid1,
+            jobs: None,
+        };
+        loopback_up(&container.netns_path())?;
+        container.jobs = Some(container.enter_thread()?);
+        tracing::info!(pid1, hostname = %container.spec.hostname, "inner container ready");
+        Ok(container)
+    }
+
+    /// The thread that has entered the container and forks its processes.
+    fn enter_thread(&self) -> Result<mpsc::Sender<Job>, ContainerError> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let pid1 = self.pid1;
+        std::thread::Builder::new()
+            .name("nestbox-container".into())
+            .spawn(move || {
+                let entered = enter_namespaces(pid1);
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered);
+                if ok {
+                    while let Ok(job) = rx.recv() {
+                        job();
+                    }
+                }
+            })
+            .map_err(|source| ContainerError::Enter {
+                namespace: "thread",
+                source,
+            })?;
+        ready_rx.recv().map_err(|_| ContainerError::Enter {
+            namespace: "thread",
+            source: std::io::Error::other("the entering thread died"),
+        })??;
+        Ok(tx)
+    }
+
+    /// The container's network namespace, as a path ingress and the port
+    /// watcher can open.
+    #[must_use]
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/net", self.pid1))
+    }
+
+    /// PID 1 of the container, as the VM sees it.
+    #[must_use]
+    pub fn pid1(&self) -> u32 {
+        self.pid1
+    }
+
+    /// The inner cgroup.
+    #[must_use]
+    pub fn cgroup(&self) -> &Path {
+        &self.spec.cgroup
+    }
+
+    /// Starts `cmd` inside the container: its namespaces, its root, its
+    /// cgroup (joined before exec). The child is this process's own.
+    ///
+    /// # Errors
+    /// The spawn error, or why the container cannot take it.
+    pub fn spawn(
+        &self,
+        mut cmd: tokio::process::Command,
+    ) -> std::io::Result<tokio::process::Child> {
+        let procs = cgroup_file(&self.spec.cgroup, "cgroup.procs")
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let runtime = tokio::runtime::Handle::current();
+        let (tx, rx) = mpsc::channel();
+        let job: Job = Box::new(move || {
+            let fd = procs.as_raw_fd();
+            // SAFETY: runs in the forked child before exec; write is
+            // async-signal-safe and fd stays open until the job ends.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let _entered = runtime.enter();
+            let _ = tx.send(cmd.spawn());
+            drop(procs);
+        });
+        self.jobs
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("the container is stopping"))?
+            .send(job)
+            .map_err(|_| std::io::Error::other("the container's thread is gone"))?;
+        rx.recv()
+            .map_err(|_| std::io::Error::other("the container's thread dropped the request"))?
+    }
+
+    /// Kills everything in the container and waits until its cgroup is
+    /// empty. Blocking. The writable layer stays.
+    ///
+    /// # Errors
+    /// [`ContainerError`] if the cgroup cannot be emptied.
+    pub fn stop(mut self) -> Result<(), ContainerError> {
+        self.kill_all()
+    }
+
+    fn kill_all(&mut self) -> Result<(), ContainerError> {
+        // The entering thread holds the mount namespace: let it end.
+        self.jobs = None;
+        let kill = self.spec.cgroup.join("cgroup.kill");
+        std::fs::write(&kill, "1").map_err(|source| ContainerError::Cgroup {
+            path: kill.clone(),
+            source,
+        })?;
+        let _ = self.init.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let procs =
+                std::fs::read_to_string(self.spec.cgroup.join("cgroup.procs")).unwrap_or_default();
+            if procs.trim().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(ContainerError::Lingering {
+                    cgroup: self.spec.cgroup.clone(),
+                    secs: 10,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if self.jobs.is_some()
+            && let Err(err) = self.kill_all()
+        {
+            tracing::warn!(%err, "the inner container was not emptied");
+        }
+    }
+}
+
+/// Joins PID 1's namespaces on this thread (after unsharing the
+/// filesystem attributes, which `setns` into a mount namespace needs).
+fn enter_namespaces(pid1: u32) -> Result<(), ContainerError> {
+    let order = [
+        ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+        ("ipc", CloneFlags::CLONE_NEWIPC),
+        ("uts", CloneFlags::CLONE_NEWUTS),
+        ("net", CloneFlags::CLONE_NEWNET),
+        ("pid", CloneFlags::CLONE_NEWPID),
+        ("mnt", CloneFlags::CLONE_NEWNS),
+    ];
+    // Open all first: after entering the mount namespace, /proc paths are
+    // the container's.
+    let mut files = Vec::new();
+    for (name, flag) in order {
+        let file = File::open(format!("/proc/{pid1}/ns/{name}")).map_err(|source| {
+            ContainerError::Enter {
+                namespace: name,
+                source,
+            }
+        })?;
+        files.push((name, flag, file));
+    }
+    nix::sched::unshare(CloneFlags::CLONE_FS).map_err(|e| ContainerError::Enter {
+        namespace: "fs",
+        source: e.into(),
+    })?;
+    for (name, flag, file) in files {
+        nix::sched::setns(&file, flag).map_err(|e| ContainerError::Enter {
+            namespace: name,
+            source: e.into(),
+        })?;
+    }
+    Ok(())
+}

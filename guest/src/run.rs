@@ -1,0 +1,292 @@
+//! `nestbox-guest run`: the platform of one VM, from its configuration —
+//! the ingress, the inner container, the port watcher that publishes its
+//! ports, the user services and their logs, and the API — each platform
+//! service supervised, until SIGTERM stops everything in order.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use nestbox_ingress::routes::{Backend, RouteTable};
+use nestbox_ingress::serve::Handles;
+use tokio::sync::{mpsc, watch};
+
+use crate::api::{self, Api, ContainerState, Control, TokenHash};
+use crate::config::GuestConfig;
+use crate::container::{Container, ContainerSpec};
+use crate::logs::{LogLimits, Logs};
+use crate::portwatch::{WatchError, Watcher};
+use crate::publish::{Names, Publisher};
+use crate::services::{Launcher, Manager, ServiceSpec};
+use crate::supervisor::supervise;
+
+/// Errors starting the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A directory on the data disk could not be made.
+    #[error("cannot create {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The API could not listen.
+    #[error("the API cannot listen on {what}: {source}")]
+    ApiListen {
+        /// The address or socket path.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Logs could not be opened.
+    #[error(transparent)]
+    Logs(#[from] crate::logs::LogError),
+    /// Service definitions could not be loaded.
+    #[error(transparent)]
+    Services(#[from] crate::services::ServiceError),
+    /// The inner container could not be built.
+    #[error("the inner container could not be built: {0}")]
+    Container(String),
+    /// The cgroup setup failed.
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+}
+
+/// The running inner container, replaced on bounce.
+#[derive(Clone, Default)]
+struct Current(Arc<Mutex<Option<Arc<Container>>>>);
+
+impl Current {
+    fn get(&self) -> Option<Arc<Container>> {
+        self.0.lock().expect("container lock").clone()
+    }
+
+    fn set(&self, c: Option<Arc<Container>>) -> Option<Arc<Container>> {
+        std::mem::replace(&mut *self.0.lock().expect("container lock"), c)
+    }
+}
+
+/// Starts services inside whichever container is current.
+struct InContainer(Current);
+
+impl Launcher for InContainer {
+    fn spawn(&self, spec: &ServiceSpec) -> std::io::Result<tokio::process::Child> {
+        let container = self.0.get().ok_or_else(|| {
+            std::io::Error::other("the inner container is not running (it is being rebuilt)")
+        })?;
+        container.spawn(crate::services::command(spec))
+    }
+}
+
+fn data_dir(path: &Path) -> Result<PathBuf, RunError> {
+    std::fs::create_dir_all(path).map_err(|source| RunError::DataDir {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(path.to_owned())
+}
+
+/// The inner container's cgroup: `inner` below the guest's own cgroup.
+fn inner_cgroup() -> Result<PathBuf, RunError> {
+    Ok(crate::cgroup::own_cgroup()?.join("inner"))
+}
+
+async fn start_container(spec: ContainerSpec) -> Result<Arc<Container>, RunError> {
+    tokio::task::spawn_blocking(move || Container::start(spec))
+        .await
+        .map_err(|e| RunError::Container(e.to_string()))?
+        .map(Arc::new)
+        .map_err(|e| RunError::Container(e.to_string()))
+}
+
+async fn stop_container(container: Option<Arc<Container>>) {
+    let Some(container) = container else { return };
+    let stopped = tokio::task::spawn_blocking(move || match Arc::try_unwrap(container) {
+        Ok(c) => c.stop().map_err(|e| e.to_string()),
+        Err(_) => Err("the container is still in use".to_owned()),
+    })
+    .await;
+    match stopped {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => tracing::warn!(%why, "the inner container did not stop cleanly"),
+        Err(e) => tracing::warn!(%e, "stopping the inner container failed"),
+    }
+}
+
+/// Follows the container's network namespace: a new watcher for each.
+async fn watch_ports(
+    cgroup: PathBuf,
+    mut netns: watch::Receiver<Option<PathBuf>>,
+    publisher: Publisher,
+) -> Result<(), WatchError> {
+    loop {
+        let current = netns.borrow_and_update().clone();
+        let Some(path) = current else {
+            if netns.changed().await.is_err() {
+                return Ok(());
+            }
+            continue;
+        };
+        let mut watcher = Watcher::start(&cgroup, Some(&path)).await?;
+        loop {
+            tokio::select! {
+                event = watcher.next() => publisher.apply(&event?),
+                changed = netns.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Everything the control loop works with.
+struct Platform {
+    spec: ContainerSpec,
+    current: Current,
+    publisher: Publisher,
+    services: Manager,
+    netns: watch::Sender<Option<PathBuf>>,
+    state: watch::Sender<ContainerState>,
+}
+
+impl Platform {
+    async fn up(&self) -> Result<(), RunError> {
+        self.state.send_replace(ContainerState::Starting);
+        let container = match start_container(self.spec.clone()).await {
+            Ok(c) => c,
+            Err(err) => {
+                self.state
+                    .send_replace(ContainerState::Failed(err.to_string()));
+                return Err(err);
+            }
+        };
+        let netns = container.netns_path();
+        self.current.set(Some(container));
+        self.publisher.set_netns(Some(netns.clone()));
+        self.netns.send_replace(Some(netns));
+        self.services.up().await;
+        self.state.send_replace(ContainerState::Running);
+        Ok(())
+    }
+
+    async fn down(&self) {
+        self.services.down().await;
+        self.publisher.set_netns(None);
+        self.netns.send_replace(None);
+        stop_container(self.current.set(None)).await;
+    }
+
+    async fn bounce(&self) -> Result<(), String> {
+        self.state.send_replace(ContainerState::Bouncing);
+        self.down().await;
+        self.up().await.map_err(|e| e.to_string())
+    }
+}
+
+/// Runs the guest until `shutdown` turns true.
+///
+/// # Errors
+/// [`RunError`] if the platform cannot start.
+pub async fn run(config: GuestConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
+    let data = data_dir(&config.data_dir)?;
+    let names = Names {
+        name: config.name.clone(),
+        domain: config.domain.clone(),
+    };
+    let handles = Handles::detached(RouteTable::new());
+    let publisher = Publisher::new(handles.clone(), names, config.primary_port);
+    handles.publish(
+        &config.api_host(),
+        Backend {
+            addr: config.api.listen,
+            netns: None,
+        },
+    );
+    {
+        let (ingress, handles, stop) = (config.ingress.clone(), handles.clone(), shutdown.clone());
+        supervise("ingress", move || {
+            nestbox_ingress::serve::serve_with(
+                ingress.clone(),
+                handles.clone(),
+                stop.clone(),
+                |_| {},
+            )
+        });
+    }
+
+    let logs = Logs::open(&data_dir(&data.join("logs"))?, LogLimits::default())?;
+    let current = Current::default();
+    let services = Manager::open(&data, logs.clone(), Arc::new(InContainer(current.clone())))?;
+    if let Some((_, port)) = services.primary() {
+        publisher.set_primary(port);
+    }
+    let cgroup = inner_cgroup()?;
+    let api_dir = data_dir(&data.join("api"))?;
+    let spec = ContainerSpec {
+        hostname: config.name.clone(),
+        base_rootfs: config.base_rootfs.clone(),
+        state_dir: data.join("container"),
+        cgroup: cgroup.clone(),
+        api_dir: Some(api_dir.clone()),
+    };
+    let (netns_tx, netns_rx) = watch::channel(None);
+    {
+        let (cgroup, publisher) = (cgroup.clone(), publisher.clone());
+        supervise("portwatch", move || {
+            watch_ports(cgroup.clone(), netns_rx.clone(), publisher.clone())
+        });
+    }
+    let (state_tx, state_rx) = watch::channel(ContainerState::Starting);
+    let (control_tx, mut control_rx) = mpsc::channel(4);
+    let api = Api::new(api::Parts {
+        token: TokenHash::from_hex(&config.api.token_sha256).expect("checked by the configuration"),
+        publisher: publisher.clone(),
+        services: services.clone(),
+        logs,
+        control: control_tx,
+        container: state_rx,
+    });
+    let tcp = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .map_err(|source| RunError::ApiListen {
+            what: config.api.listen.to_string(),
+            source,
+        })?;
+    let socket = api_dir.join("api.sock");
+    let unix = api::bind_unix(&socket).map_err(|source| RunError::ApiListen {
+        what: socket.display().to_string(),
+        source,
+    })?;
+    tokio::spawn(api.clone().serve_tcp(tcp));
+    tokio::spawn(api.serve_unix(unix));
+
+    let platform = Platform {
+        spec,
+        current,
+        publisher,
+        services,
+        netns: netns_tx,
+        state: state_tx,
+    };
+    if let Err(err) = platform.up().await {
+        tracing::error!(%err, "the inner container could not start; the API stays up (bounce to retry)");
+    }
+    loop {
+        tokio::select! {
+            request = control_rx.recv() => match request {
+                Some(Control::Bounce(reply)) => {
+                    tracing::info!("bouncing the inner container");
+                    let _ = reply.send(platform.bounce().await);
+                }
+                None => break,
+            },
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        }
+    }
+    tracing::info!("stopping: services, then the inner container");
+    platform.down().await;
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! User services: definitions kept on the data disk, started in dependency
+//! order inside the inner container, restarted with backoff when they
+//! crash, stopped and started on request; their output goes to [`Logs`].
+//!
+//! [`Logs`]: crate::logs::Logs
+
+mod manager;
+mod spec;
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+pub use manager::Manager;
+pub use spec::{ServiceSpec, start_order};
+
+/// Starts a service's process; the real one runs it inside the inner
+/// container. The child must have stdout and stderr piped and lead its own
+/// process group.
+pub trait Launcher: Send + Sync + 'static {
+    /// Starts `spec`'s process.
+    ///
+    /// # Errors
+    /// Why it could not start.
+    fn spawn(&self, spec: &ServiceSpec) -> std::io::Result<tokio::process::Child>;
+}
+
+/// The command for `spec`: its program, arguments, environment (only its
+/// own, with a default `PATH`), working directory, piped output, its own
+/// process group.
+#[must_use]
+pub fn command(spec: &ServiceSpec) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(&spec.cmd);
+    cmd.args(&spec.args)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .envs(&spec.env)
+        .current_dir(spec.dir.as_deref().unwrap_or("/"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false);
+    cmd
+}
+
+/// Starts services as plain child processes of the guest (tests, and
+/// anyone running services without a container).
+#[derive(Debug, Default)]
+pub struct HostLauncher;
+
+impl Launcher for HostLauncher {
+    fn spawn(&self, spec: &ServiceSpec) -> std::io::Result<tokio::process::Child> {
+        command(spec).spawn()
+    }
+}
+
+/// A service's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Its process runs.
+    Running,
+    /// Being started.
+    Starting,
+    /// Waiting to be started again after it exited.
+    Backoff,
+    /// Not running, on request (or the container is down).
+    Stopped,
+}
+
+/// A service as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceStatus {
+    /// Its name.
+    pub name: String,
+    /// Its definition.
+    pub spec: ServiceSpec,
+    /// Its state.
+    pub state: State,
+    /// Its process id (as the VM sees it) while running.
+    pub pid: Option<u32>,
+    /// How many times it was started again after exiting.
+    pub restarts: u32,
+    /// How its last run ended.
+    pub last_exit: Option<String>,
+}
+
+/// Errors of the service manager.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// A field of a definition is not valid.
+    #[error("`{field}` {why}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// The name is taken.
+    #[error("a service named \"{0}\" exists: delete it first, or pick another name")]
+    Exists(String),
+    /// No such service.
+    #[error("no service named \"{0}\"")]
+    NotFound(String),
+    /// The definitions on disk could not be read or written.
+    #[error("service definition {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl ServiceError {
+    /// A stable code for the API.
+    #[must_use]
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Invalid { .. } => "invalid",
+            Self::Exists(_) => "exists",
+            Self::NotFound(_) => "not_found",
+            Self::Io { .. } => "io",
+        }
+    }
+}

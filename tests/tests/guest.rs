@@ -1,0 +1,365 @@
+//! The guest in a netns-simulated VM (root; run serially).
+//!
+//! Layout per test: Pebble and its DNS in the test's namespace at
+//! `10.202.K.1`; the "VM" is a network namespace + cgroup at `10.202.K.2`
+//! where `nestbox-guest run` serves ports 80 and 443 and builds its inner
+//! container (own namespaces, busybox base rootfs). The client (curl) runs
+//! in the test's namespace and verifies against Pebble's issuing root.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nestbox_tests::Sandbox;
+use nestbox_tests::pebble::Pebble;
+
+const TOKEN: &str = "nestbox-test-token";
+
+struct Env {
+    k: u8,
+    dir: PathBuf,
+    pebble: Pebble,
+    vm: Sandbox,
+    guest: Option<Child>,
+}
+
+/// A busybox root filesystem with a web page in `/www`.
+fn busybox_rootfs(dir: &Path) {
+    nestbox_tests::require_tool("busybox", "busybox-static");
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let busybox = Command::new("sh")
+        .args(["-c", "command -v busybox"])
+        .output()
+        .unwrap();
+    let busybox = String::from_utf8(busybox.stdout).unwrap();
+    std::fs::copy(busybox.trim(), bin.join("busybox")).unwrap();
+    // Relative links: the rootfs is seen from inside the container.
+    let applets = Command::new(bin.join("busybox"))
+        .arg("--list")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8(applets.stdout).unwrap().lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+        }
+    }
+    for d in ["www", "tmp", "etc", "proc", "dev", "sys"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    std::fs::write(
+        dir.join("www/index.html"),
+        "hello from the inner container\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("www/second.html"), "second service\n").unwrap();
+}
+
+fn sha256_hex(s: &str) -> String {
+    let out = Command::new("sh")
+        .args(["-c", &format!("printf %s '{s}' | sha256sum")])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+impl Env {
+    fn new(k: u8) -> Self {
+        nestbox_tests::require_root();
+        let dir = std::env::temp_dir().join(format!("nestbox-guest-{}-{k}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let vm = Sandbox::new("vm").unwrap();
+        vm.link_to_host(&format!("10.202.{k}.1/24"), &format!("10.202.{k}.2/24"))
+            .unwrap();
+        let pebble = Pebble::start(
+            &dir.join("pebble"),
+            &format!("10.202.{k}.1"),
+            &format!("10.202.{k}.2"),
+            8053,
+        )
+        .unwrap();
+        busybox_rootfs(&dir.join("rootfs"));
+        let config = format!(
+            "name = \"vm1\"\ndomain = \"test\"\ndata_dir = \"{0}/data\"\nbase_rootfs = \"{0}/rootfs\"\n\
+             [api]\ntoken_sha256 = \"{1}\"\n\
+             [ingress]\nhttps = \"0.0.0.0:443\"\nhttp = \"0.0.0.0:80\"\n\
+             [ingress.acme]\ndirectory = \"{2}\"\nca_root = \"{3}\"\nstate_dir = \"{0}/data/acme\"\n",
+            dir.display(),
+            sha256_hex(TOKEN),
+            pebble.directory(),
+            pebble.listener_ca().display(),
+        );
+        std::fs::write(dir.join("guest.toml"), config).unwrap();
+        let mut env = Self {
+            k,
+            dir,
+            pebble,
+            vm,
+            guest: None,
+        };
+        env.start_guest();
+        env
+    }
+
+    fn start_guest(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("guest.log"))
+            .unwrap();
+        let child = self
+            .vm
+            .command(nestbox_tests::workspace_binary("nestbox-guest"))
+            .args(["run", "--config"])
+            .arg(self.dir.join("guest.toml"))
+            .env("RUST_LOG", "info")
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.guest = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.api("GET", "/v1/status", None);
+            if out.status.success() && body(&out).contains("\"running\"") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the guest's API did not report a running container: {}\n{}",
+                body(&out),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("guest.log")).unwrap_or_default()
+    }
+
+    /// The API over its loopback port in the VM's namespace, with the token.
+    fn api(&self, method: &str, path: &str, json: Option<&str>) -> Output {
+        let mut cmd = self.vm.command_in("curl", None);
+        cmd.args(["-sS", "--max-time", "30", "-X", method])
+            .args(["-H", &format!("Authorization: Bearer {TOKEN}")]);
+        if let Some(json) = json {
+            cmd.args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                json,
+            ]);
+        }
+        cmd.arg(format!("http://127.0.0.1:7070{path}"))
+            .output()
+            .unwrap()
+    }
+
+    /// A streaming API request (NDJSON), read line by line.
+    fn api_stream(
+        &self,
+        path: &str,
+    ) -> (Child, std::io::Lines<BufReader<std::process::ChildStdout>>) {
+        let mut child = self
+            .vm
+            .command_in("curl", None)
+            .args(["-sSN", "-H", &format!("Authorization: Bearer {TOKEN}")])
+            .arg(format!("http://127.0.0.1:7070{path}"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        (child, lines)
+    }
+
+    fn curl(&self, host: &str, path: &str) -> Output {
+        let root = self.pebble.issuing_root().unwrap();
+        Command::new("curl")
+            .args(["-sS", "--max-time", "20", "--cacert"])
+            .arg(root)
+            .args(["--resolve", &format!("{host}:443:10.202.{}.2", self.k)])
+            .arg(format!("https://{host}{path}"))
+            .output()
+            .unwrap()
+    }
+
+    /// Waits until `https://{host}{path}` answers `want`.
+    fn wait_body(&self, host: &str, path: &str, want: &str) {
+        let deadline = Instant::now() + Duration::from_mins(1);
+        loop {
+            let out = self.curl(host, path);
+            if out.status.success() && body(&out) == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "https://{host}{path} did not serve {want:?} within 60 s: {} {}\n{}",
+                body(&out),
+                String::from_utf8_lossy(&out.stderr),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn create_service(&self, json: &str) {
+        let out = self.api("POST", "/v1/services", Some(json));
+        assert!(
+            body(&out).contains("\"name\""),
+            "create failed: {}\n{}",
+            body(&out),
+            self.log()
+        );
+    }
+
+    fn stop_guest(&mut self) {
+        if let Some(mut c) = self.guest.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.stop_guest();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn body(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const WEB: &str = r#"{"name": "web", "cmd": "/bin/busybox", "args": ["httpd", "-f", "-p", "8080", "-h", "/www"], "http_port": 8080}"#;
+
+#[test]
+fn a_service_on_8080_is_the_vm_url() {
+    let env = Env::new(21);
+    let (mut stream, mut events) = env.api_stream("/v1/ports/events");
+    env.create_service(WEB);
+    env.wait_body("vm1.test", "/", "hello from the inner container\n");
+    env.wait_body("8080.vm1.test", "/", "hello from the inner container\n");
+    let open = events.next().unwrap().unwrap();
+    assert!(
+        open.contains("\"event\":\"open\"") && open.contains("\"port\":8080"),
+        "{open}"
+    );
+    assert!(open.contains("https://8080.vm1.test/"), "{open}");
+    let _ = stream.kill();
+    let _ = stream.wait();
+    let ports = body(&env.api("GET", "/v1/ports", None));
+    assert!(ports.contains("\"primary\":true"), "{ports}");
+}
+
+#[test]
+fn a_loopback_service_gets_its_url_and_loses_it_when_removed() {
+    let env = Env::new(22);
+    env.create_service(
+        r#"{"name": "second", "cmd": "/bin/busybox", "args": ["httpd", "-f", "-p", "127.0.0.1:9090", "-h", "/www"]}"#,
+    );
+    env.wait_body("9090.vm1.test", "/second.html", "second service\n");
+    let out = env.api("DELETE", "/v1/services/second", None);
+    assert!(out.status.success(), "{}", body(&out));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ports = body(&env.api("GET", "/v1/ports", None));
+        if !ports.contains("9090") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "9090 still published: {ports}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = env.curl("9090.vm1.test", "/second.html");
+    assert!(
+        body(&out).contains("404") || !out.status.success(),
+        "{}",
+        body(&out)
+    );
+}
+
+#[test]
+fn a_killed_service_restarts_and_keeps_its_logs() {
+    let env = Env::new(23);
+    env.create_service(
+        r#"{"name": "talker", "cmd": "/bin/sh", "args": ["-c", "echo started $$; exec /bin/busybox httpd -f -p 8080 -h /www"], "http_port": 8080}"#,
+    );
+    env.wait_body("vm1.test", "/", "hello from the inner container\n");
+    let status = body(&env.api("GET", "/v1/services/talker", None));
+    let pid: u32 = status
+        .split("\"pid\":")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {status}"));
+    let ok = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = body(&env.api("GET", "/v1/services/talker", None));
+        if status.contains("\"restarts\":1") && status.contains("\"running\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no restart: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    env.wait_body("vm1.test", "/", "hello from the inner container\n");
+    let logs = body(&env.api("GET", "/v1/services/talker/logs", None));
+    assert_eq!(logs.matches("started ").count(), 2, "{logs}");
+}
+
+#[test]
+fn bounce_brings_every_url_back_without_restarting_the_root_namespace() {
+    let env = Env::new(24);
+    env.create_service(WEB);
+    env.wait_body("vm1.test", "/", "hello from the inner container\n");
+    let guest_pid = env.guest.as_ref().unwrap().id();
+    let out = env.api("POST", "/v1/bounce", None);
+    assert!(
+        out.status.success() && body(&out).contains("running"),
+        "{}",
+        body(&out)
+    );
+    env.wait_body("vm1.test", "/", "hello from the inner container\n");
+    env.wait_body("8080.vm1.test", "/", "hello from the inner container\n");
+    let services = body(&env.api("GET", "/v1/services", None));
+    assert!(services.contains("\"web\""), "{services}");
+    // The guest is the same process.
+    assert!(Path::new(&format!("/proc/{guest_pid}")).exists());
+    assert!(!env.log().contains("panicked"), "{}", env.log());
+}
+
+#[test]
+fn unauthenticated_api_requests_are_refused() {
+    let env = Env::new(25);
+    let out = env
+        .vm
+        .command_in("curl", None)
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg("http://127.0.0.1:7070/v1/status")
+        .output()
+        .unwrap();
+    assert_eq!(body(&out), "401");
+    let out = env
+        .vm
+        .command_in("curl", None)
+        .args(["-sS", "-D", "-", "-H", "Authorization: Bearer wrong"])
+        .arg("http://127.0.0.1:7070/v1/status")
+        .output()
+        .unwrap();
+    let text = body(&out);
+    assert!(
+        text.contains("401") && text.contains("nestbox-api-version: 1"),
+        "{text}"
+    );
+    assert!(text.contains("\"code\":\"unauthorized\""), "{text}");
+}
