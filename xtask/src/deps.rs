@@ -32,8 +32,9 @@ pub const BUILD: [Package; 3] = [
     },
 ];
 
-/// Running the privileged tests, benches and the demo.
-pub const RUN: [Package; 2] = [
+/// Running the privileged tests, benches and the demo: namespaces, the ACME
+/// test server, the HTTP client, the inner container's test rootfs.
+pub const RUN: [Package; 5] = [
     Package {
         name: "iproute2",
         provides: "/usr/sbin/ip",
@@ -41,6 +42,18 @@ pub const RUN: [Package; 2] = [
     Package {
         name: "util-linux",
         provides: "/usr/bin/nsenter",
+    },
+    Package {
+        name: "pebble",
+        provides: "/usr/bin/pebble-challtestsrv",
+    },
+    Package {
+        name: "curl",
+        provides: "/usr/bin/curl",
+    },
+    Package {
+        name: "busybox-static",
+        provides: "/bin/busybox",
     },
 ];
 
