@@ -237,6 +237,24 @@ impl Publisher {
         }
     }
 
+    /// Withdraws the ports not in `open` (after the watcher was started
+    /// again: ports that closed while it was down).
+    pub fn keep_only(&self, open: &[u16]) {
+        let gone: Vec<PortInfo> = {
+            let mut st = self.state.lock().expect("publisher lock");
+            let gone: Vec<u16> = st
+                .ports
+                .keys()
+                .filter(|p| !open.contains(p))
+                .copied()
+                .collect();
+            gone.iter().filter_map(|p| st.ports.remove(p)).collect()
+        };
+        for info in &gone {
+            self.withdraw(info);
+        }
+    }
+
     /// The open ports.
     #[must_use]
     pub fn ports(&self) -> Vec<PortInfo> {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use nestbox_ingress::routes::{Backend, RouteTable};
 use nestbox_ingress::serve::Handles;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::api::{self, Api, ContainerState, Control, TokenHash};
 use crate::config::GuestConfig;
@@ -38,6 +38,9 @@ pub enum RunError {
         /// The error.
         source: std::io::Error,
     },
+    /// A signal handler could not be installed.
+    #[error("cannot handle a signal: {0}")]
+    Signal(#[source] std::io::Error),
     /// Logs could not be opened.
     #[error(transparent)]
     Logs(#[from] crate::logs::LogError),
@@ -118,6 +121,7 @@ async fn watch_ports(
     cgroup: PathBuf,
     mut netns: watch::Receiver<Option<PathBuf>>,
     publisher: Publisher,
+    fault: Arc<Notify>,
 ) -> Result<(), WatchError> {
     loop {
         let current = netns.borrow_and_update().clone();
@@ -128,9 +132,12 @@ async fn watch_ports(
             continue;
         };
         let mut watcher = Watcher::start(&cgroup, Some(&path)).await?;
+        let open: Vec<u16> = watcher.ports().iter().map(|(port, _)| *port).collect();
+        publisher.keep_only(&open);
         loop {
             tokio::select! {
                 event = watcher.next() => publisher.apply(&event?),
+                () = fault.notified() => panic!("injected fault (SIGUSR2 with faults = true)"),
                 changed = netns.changed() => {
                     if changed.is_err() {
                         return Ok(());
@@ -233,10 +240,28 @@ pub async fn run(config: GuestConfig, mut shutdown: watch::Receiver<bool>) -> Re
         api_dir: Some(api_dir.clone()),
     };
     let (netns_tx, netns_rx) = watch::channel(None);
+    let fault = Arc::new(Notify::new());
+    if config.faults {
+        let fault = fault.clone();
+        let mut usr2 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())
+                .map_err(RunError::Signal)?;
+        tokio::spawn(async move {
+            while usr2.recv().await.is_some() {
+                tracing::warn!("SIGUSR2: injecting a panic into the port watcher");
+                fault.notify_one();
+            }
+        });
+    }
     {
         let (cgroup, publisher) = (cgroup.clone(), publisher.clone());
         supervise("portwatch", move || {
-            watch_ports(cgroup.clone(), netns_rx.clone(), publisher.clone())
+            watch_ports(
+                cgroup.clone(),
+                netns_rx.clone(),
+                publisher.clone(),
+                fault.clone(),
+            )
         });
     }
     let (state_tx, state_rx) = watch::channel(ContainerState::Starting);

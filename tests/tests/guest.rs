@@ -66,6 +66,11 @@ fn sha256_hex(s: &str) -> String {
 
 impl Env {
     fn new(k: u8) -> Self {
+        Self::with(k, "")
+    }
+
+    /// An environment whose guest configuration has `extra` top-level keys.
+    fn with(k: u8, extra: &str) -> Self {
         nestbox_tests::require_root();
         let dir = std::env::temp_dir().join(format!("nestbox-guest-{}-{k}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -82,7 +87,7 @@ impl Env {
         .unwrap();
         busybox_rootfs(&dir.join("rootfs"));
         let config = format!(
-            "name = \"vm1\"\ndomain = \"test\"\ndata_dir = \"{0}/data\"\nbase_rootfs = \"{0}/rootfs\"\n\
+            "{extra}\nname = \"vm1\"\ndomain = \"test\"\ndata_dir = \"{0}/data\"\nbase_rootfs = \"{0}/rootfs\"\n\
              [api]\ntoken_sha256 = \"{1}\"\n\
              [ingress]\nhttps = \"0.0.0.0:443\"\nhttp = \"0.0.0.0:80\"\n\
              [ingress.acme]\ndirectory = \"{2}\"\nca_root = \"{3}\"\nstate_dir = \"{0}/data/acme\"\n",
@@ -362,4 +367,54 @@ fn unauthenticated_api_requests_are_refused() {
         "{text}"
     );
     assert!(text.contains("\"code\":\"unauthorized\""), "{text}");
+}
+
+#[test]
+fn a_panic_in_the_port_watcher_does_not_interrupt_requests() {
+    let env = Env::with(26, "faults = true");
+    env.create_service(WEB);
+    env.wait_body("vm1.test", "/", "hello from the inner container\n");
+    let root = env.pebble.issuing_root().unwrap();
+    let guest = env.guest.as_ref().unwrap().id().to_string();
+    // Requests back to back on fresh connections while the watcher panics
+    // three times.
+    let mut served = 0;
+    for i in 0..60 {
+        if i % 20 == 5 {
+            let ok = Command::new("kill")
+                .args(["-USR2", &guest])
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(&root)
+            .args(["--resolve", "vm1.test:443:10.202.26.2", "https://vm1.test/"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            body(&out),
+            "hello from the inner container\n",
+            "request {i}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            env.log()
+        );
+        served += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(served, 60);
+    let log = env.log();
+    assert_eq!(
+        log.matches("platform service failed; restarting it")
+            .count(),
+        3,
+        "{log}"
+    );
+    assert!(log.contains("injected fault"), "{log}");
+    // The restarted watcher still publishes new ports.
+    env.create_service(
+        r#"{"name": "second", "cmd": "/bin/busybox", "args": ["httpd", "-f", "-p", "9090", "-h", "/www"]}"#,
+    );
+    env.wait_body("9090.vm1.test", "/second.html", "second service\n");
 }
