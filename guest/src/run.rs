@@ -193,6 +193,37 @@ impl Platform {
     }
 }
 
+/// Supervises the port watcher; with `faults`, SIGUSR2 makes it panic.
+fn start_portwatch(
+    faults: bool,
+    cgroup: PathBuf,
+    netns_rx: watch::Receiver<Option<PathBuf>>,
+    publisher: Publisher,
+) -> Result<(), RunError> {
+    let fault = Arc::new(Notify::new());
+    if faults {
+        let fault = fault.clone();
+        let mut usr2 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())
+                .map_err(RunError::Signal)?;
+        tokio::spawn(async move {
+            while usr2.recv().await.is_some() {
+                tracing::warn!("SIGUSR2: injecting a panic into the port watcher");
+                fault.notify_one();
+            }
+        });
+    }
+    supervise("portwatch", move || {
+        watch_ports(
+            cgroup.clone(),
+            netns_rx.clone(),
+            publisher.clone(),
+            fault.clone(),
+        )
+    });
+    Ok(())
+}
+
 /// Runs the guest until `shutdown` turns true.
 ///
 /// # Errors
@@ -240,30 +271,7 @@ pub async fn run(config: GuestConfig, mut shutdown: watch::Receiver<bool>) -> Re
         api_dir: Some(api_dir.clone()),
     };
     let (netns_tx, netns_rx) = watch::channel(None);
-    let fault = Arc::new(Notify::new());
-    if config.faults {
-        let fault = fault.clone();
-        let mut usr2 =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())
-                .map_err(RunError::Signal)?;
-        tokio::spawn(async move {
-            while usr2.recv().await.is_some() {
-                tracing::warn!("SIGUSR2: injecting a panic into the port watcher");
-                fault.notify_one();
-            }
-        });
-    }
-    {
-        let (cgroup, publisher) = (cgroup.clone(), publisher.clone());
-        supervise("portwatch", move || {
-            watch_ports(
-                cgroup.clone(),
-                netns_rx.clone(),
-                publisher.clone(),
-                fault.clone(),
-            )
-        });
-    }
+    start_portwatch(config.faults, cgroup.clone(), netns_rx, publisher.clone())?;
     let (state_tx, state_rx) = watch::channel(ContainerState::Starting);
     let (control_tx, mut control_rx) = mpsc::channel(4);
     let api = Api::new(api::Parts {
