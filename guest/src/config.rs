@@ -75,6 +75,9 @@ pub struct GuestConfig {
     pub base_rootfs: PathBuf,
     /// The VM's own API.
     pub api: ApiConfig,
+    /// The inner container's way out (veth + NAT); on by default.
+    #[serde(default)]
+    pub egress: crate::container::egress::Egress,
     /// Testing only: SIGUSR2 makes the port watcher panic, to show that the
     /// supervisor restarts it while everything else keeps serving.
     #[serde(default)]

@@ -12,6 +12,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::api::{self, Api, ContainerState, Control, TokenHash};
 use crate::config::GuestConfig;
+use crate::container::egress::{self, Egress};
 use crate::container::{Container, ContainerSpec};
 use crate::logs::{LogLimits, Logs};
 use crate::portwatch::{WatchError, Watcher};
@@ -116,6 +117,17 @@ async fn stop_container(container: Option<Arc<Container>>) {
     }
 }
 
+/// A listener on `addr` even while no interface has that address yet.
+fn bind_freebind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_freebind_v4(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    socket.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}
+
 /// Follows the container's network namespace: a new watcher for each.
 async fn watch_ports(
     cgroup: PathBuf,
@@ -152,6 +164,7 @@ async fn watch_ports(
 /// Everything the control loop works with.
 struct Platform {
     spec: ContainerSpec,
+    egress: Egress,
     current: Current,
     publisher: Publisher,
     services: Manager,
@@ -171,6 +184,11 @@ impl Platform {
             }
         };
         let netns = container.netns_path();
+        if self.egress.enabled
+            && let Err(err) = egress::set_up(&self.egress, container.pid1(), &netns).await
+        {
+            tracing::error!(%err, "the inner container has no way out");
+        }
         self.current.set(Some(container));
         self.publisher.set_netns(Some(netns.clone()));
         self.netns.send_replace(Some(netns));
@@ -221,6 +239,39 @@ fn start_portwatch(
             fault.clone(),
         )
     });
+    Ok(())
+}
+
+/// Serves the API on its loopback port, on the container's gateway
+/// address (with egress) and on the Unix socket mounted into the container.
+fn serve_api(config: &GuestConfig, api: &Api, api_dir: &Path) -> Result<(), RunError> {
+    let tcp = std::net::TcpListener::bind(config.api.listen)
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(l)
+        })
+        .map_err(|source| RunError::ApiListen {
+            what: config.api.listen.to_string(),
+            source,
+        })?;
+    let socket = api_dir.join("api.sock");
+    let unix = api::bind_unix(&socket).map_err(|source| RunError::ApiListen {
+        what: socket.display().to_string(),
+        source,
+    })?;
+    tokio::spawn(api.clone().serve_tcp(tcp));
+    if config.egress.enabled {
+        // The container reaches the API over TCP at its gateway (the token
+        // is still needed); bound before the address exists.
+        let addr = std::net::SocketAddr::from((config.egress.root_addr, config.api.listen.port()));
+        let gateway = bind_freebind(addr).map_err(|source| RunError::ApiListen {
+            what: addr.to_string(),
+            source,
+        })?;
+        tokio::spawn(api.clone().serve_tcp(gateway));
+    }
+    tokio::spawn(api.clone().serve_unix(unix));
+
     Ok(())
 }
 
@@ -282,22 +333,11 @@ pub async fn run(config: GuestConfig, mut shutdown: watch::Receiver<bool>) -> Re
         control: control_tx,
         container: state_rx,
     });
-    let tcp = tokio::net::TcpListener::bind(config.api.listen)
-        .await
-        .map_err(|source| RunError::ApiListen {
-            what: config.api.listen.to_string(),
-            source,
-        })?;
-    let socket = api_dir.join("api.sock");
-    let unix = api::bind_unix(&socket).map_err(|source| RunError::ApiListen {
-        what: socket.display().to_string(),
-        source,
-    })?;
-    tokio::spawn(api.clone().serve_tcp(tcp));
-    tokio::spawn(api.serve_unix(unix));
+    serve_api(&config, &api, &api_dir)?;
 
     let platform = Platform {
         spec,
+        egress: config.egress.clone(),
         current,
         publisher,
         services,
@@ -321,5 +361,8 @@ pub async fn run(config: GuestConfig, mut shutdown: watch::Receiver<bool>) -> Re
     }
     tracing::info!("stopping: services, then the inner container");
     platform.down().await;
+    if config.egress.enabled {
+        egress::tear_down().await;
+    }
     Ok(())
 }

@@ -418,3 +418,67 @@ fn a_panic_in_the_port_watcher_does_not_interrupt_requests() {
     );
     env.wait_body("9090.vm1.test", "/second.html", "second service\n");
 }
+
+#[test]
+fn inside_the_container_user_code_sees_only_its_own() {
+    let env = Env::new(27);
+    // A server in another namespace (the test's), reached through egress.
+    let mut server = Command::new(env!("CARGO_BIN_EXE_nb-backend"))
+        .arg("10.202.27.1:18099")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("listening"), "{line}");
+    let data = env.dir.join("data");
+    let script = format!(
+        "echo pids $(ls /proc | grep -c '^[0-9]*$'); \
+         echo init $(tr '\\0' ' ' < /proc/1/cmdline); \
+         wget -q -O - http://10.202.27.1:18099/hello; \
+         wget -S -O /dev/null http://10.88.0.1:7070/v1/status 2>&1 | grep -m1 HTTP/; \
+         if test -e {data}; then echo data-visible; else echo data-hidden; fi; \
+         if test -S /.nestbox/api.sock; then echo api-socket; fi; \
+         echo host $(hostname); echo done; exec sleep 600",
+        data = data.display()
+    );
+    let spec = serde_json::json!({"name": "probe", "cmd": "/bin/sh", "args": ["-c", script]});
+    env.create_service(&spec.to_string());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let logs = loop {
+        let logs = body(&env.api("GET", "/v1/services/probe/logs", None));
+        if logs.contains("\"done\"") {
+            break logs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the probe did not finish: {logs}\n{}",
+            env.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    let said = |prefix: &str| -> String {
+        logs.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["line"].as_str().map(str::to_owned))
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line starting {prefix:?} in {logs}"))
+    };
+    // Only the container's processes: its init, the probe's shell and the
+    // commands of that line.
+    let pids: usize = said("pids ").trim_start_matches("pids ").parse().unwrap();
+    assert!(pids <= 6, "{pids} processes visible: {logs}");
+    assert!(said("init ").contains("container-init"), "{logs}");
+    assert_eq!(said("hello"), "hello from nb-backend");
+    assert!(
+        said("  HTTP/").contains("401") || logs.contains("401 Unauthorized"),
+        "{logs}"
+    );
+    said("data-hidden");
+    said("api-socket");
+    assert_eq!(said("host "), "host vm1");
+}

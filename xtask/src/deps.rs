@@ -34,7 +34,7 @@ pub const BUILD: [Package; 3] = [
 
 /// Running the privileged tests, benches and the demo: namespaces, the ACME
 /// test server, the HTTP client, the inner container's test rootfs.
-pub const RUN: [Package; 5] = [
+pub const RUN: [Package; 6] = [
     Package {
         name: "iproute2",
         provides: "/usr/sbin/ip",
@@ -54,6 +54,10 @@ pub const RUN: [Package; 5] = [
     Package {
         name: "busybox-static",
         provides: "/bin/busybox",
+    },
+    Package {
+        name: "nftables",
+        provides: "/usr/sbin/nft",
     },
 ];
 

@@ -33,6 +33,7 @@
 //! once (PID 1 included); the mount namespace and its overlay go with the
 //! last of them. The writable layer stays on the data disk.
 
+pub mod egress;
 pub mod init;
 
 use std::fs::File;
