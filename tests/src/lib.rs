@@ -99,3 +99,41 @@ pub fn require_root() {
         "this test needs root (netns, cgroups, BPF): run it through `cargo xtask test` as root"
     );
 }
+
+/// A busybox root filesystem for the inner container, with web pages in
+/// `/www` (`index.html`, `second.html`).
+///
+/// # Panics
+/// If busybox is missing (install `busybox-static`) or the files cannot be
+/// written.
+pub fn busybox_rootfs(dir: &std::path::Path) {
+    require_tool("busybox", "busybox-static");
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let busybox = std::process::Command::new("sh")
+        .args(["-c", "command -v busybox"])
+        .output()
+        .unwrap();
+    let busybox = String::from_utf8(busybox.stdout).unwrap();
+    std::fs::copy(busybox.trim(), bin.join("busybox")).unwrap();
+    // Relative links: the rootfs is seen from inside the container.
+    let applets = std::process::Command::new(bin.join("busybox"))
+        .arg("--list")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8(applets.stdout).unwrap().lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+        }
+    }
+    for d in ["www", "tmp", "etc", "proc", "dev", "sys"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    std::fs::write(
+        dir.join("www/index.html"),
+        "hello from the inner container\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("www/second.html"), "second service\n").unwrap();
+}
+

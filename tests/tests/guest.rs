@@ -24,38 +24,6 @@ struct Env {
     guest: Option<Child>,
 }
 
-/// A busybox root filesystem with a web page in `/www`.
-fn busybox_rootfs(dir: &Path) {
-    nestbox_tests::require_tool("busybox", "busybox-static");
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let busybox = Command::new("sh")
-        .args(["-c", "command -v busybox"])
-        .output()
-        .unwrap();
-    let busybox = String::from_utf8(busybox.stdout).unwrap();
-    std::fs::copy(busybox.trim(), bin.join("busybox")).unwrap();
-    // Relative links: the rootfs is seen from inside the container.
-    let applets = Command::new(bin.join("busybox"))
-        .arg("--list")
-        .output()
-        .unwrap();
-    for applet in String::from_utf8(applets.stdout).unwrap().lines() {
-        if applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
-        }
-    }
-    for d in ["www", "tmp", "etc", "proc", "dev", "sys"] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
-    std::fs::write(
-        dir.join("www/index.html"),
-        "hello from the inner container\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("www/second.html"), "second service\n").unwrap();
-}
-
 fn sha256_hex(s: &str) -> String {
     let out = Command::new("sh")
         .args(["-c", &format!("printf %s '{s}' | sha256sum")])
@@ -85,7 +53,7 @@ impl Env {
             8053,
         )
         .unwrap();
-        busybox_rootfs(&dir.join("rootfs"));
+        nestbox_tests::busybox_rootfs(&dir.join("rootfs"));
         let config = format!(
             "{extra}\nname = \"vm1\"\ndomain = \"test\"\ndata_dir = \"{0}/data\"\nbase_rootfs = \"{0}/rootfs\"\n\
              [api]\ntoken_sha256 = \"{1}\"\n\

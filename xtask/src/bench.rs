@@ -23,6 +23,8 @@ enum Bench {
     /// The HTTPS ingress vs nginx: req/s (HTTP/1.1, HTTP/2), new TLS
     /// connections/s, latency, peak RSS.
     Ingress,
+    /// The guest: platform RSS idle and after 10,000 requests; bounce time.
+    Guest,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -34,6 +36,7 @@ pub fn run(args: &Args) -> Result<()> {
             deps::ensure(&deps::BENCH)?;
             "ingress"
         }
+        Bench::Guest => "guest",
     };
     util::run(util::cargo().args([
         "build",
@@ -43,6 +46,8 @@ pub fn run(args: &Args) -> Result<()> {
         "nestbox-tests",
         "-p",
         "nestbox-ingress",
+        "-p",
+        "nestbox-guest",
         "--bins",
     ]))?;
     let root = util::root();

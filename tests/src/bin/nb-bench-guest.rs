@@ -1,0 +1,323 @@
+//! `cargo xtask bench guest`: the guest's memory and the time a bounce takes.
+//!
+//! A netns-simulated VM runs `nestbox-guest run` (static certificate, no
+//! ACME) with one service, busybox httpd on 8080 (the primary URL). Reported:
+//! RSS summed over the platform's processes (the guest and the inner
+//! container's init; the user's httpd apart) idle with the one published
+//! port, and again after 10,000 HTTPS requests; then 20 bounces, each timed
+//! from the API call to the first 200 from `https://vm1.test/`.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use nestbox_tests::Sandbox;
+
+#[derive(Parser)]
+struct Args {
+    /// Bounces to time.
+    #[arg(long, default_value_t = 20)]
+    bounces: usize,
+    /// Requests between the two memory readings.
+    #[arg(long, default_value_t = 10_000)]
+    requests: usize,
+    /// Write the results as JSON here too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+const VM_IP: &str = "10.203.1.2";
+const TOKEN: &str = "bench-token";
+
+#[derive(serde::Serialize)]
+struct Results {
+    rss_idle_kib: u64,
+    rss_after_kib: u64,
+    service_rss_kib: u64,
+    requests: usize,
+    bounce_ms: Vec<f64>,
+    bounce_p50_ms: f64,
+    bounce_p99_ms: f64,
+}
+
+fn kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// RSS of the platform (the guest and its `nestbox-guest` descendants) and
+/// of everything else the guest started (the user's services).
+fn rss(guest: u32) -> (u64, u64) {
+    let (mut platform, mut services) = (kib(guest, "VmRSS:"), 0);
+    let mut todo = children(guest);
+    while let Some(pid) = todo.pop() {
+        if comm(pid) == "nestbox-guest" {
+            platform += kib(pid, "VmRSS:");
+        } else {
+            services += kib(pid, "VmRSS:");
+        }
+        todo.extend(children(pid));
+    }
+    (platform, services)
+}
+
+/// One HTTPS GET on a new connection; the status code.
+fn get(tls: &Arc<rustls::ClientConfig>, host: &str) -> Option<u16> {
+    let tcp = TcpStream::connect((VM_IP, 443)).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).ok()?;
+    let conn = rustls::ClientConnection::new(tls.clone(), name).ok()?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+struct Vm {
+    dir: PathBuf,
+    sandbox: Sandbox,
+    guest: Child,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.guest.id().to_string()])
+            .status();
+        let _ = self.guest.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Vm {
+    fn api(&self, method: &str, path: &str, json: Option<&str>) -> Result<String> {
+        let mut cmd = self.sandbox.command_in("curl", None);
+        cmd.args(["-sSf", "--max-time", "60", "-X", method])
+            .args(["-H", &format!("Authorization: Bearer {TOKEN}")]);
+        if let Some(json) = json {
+            cmd.args(["--data-binary", json]);
+        }
+        let out = cmd
+            .arg(format!("http://127.0.0.1:7070{path}"))
+            .output()?;
+        if !out.status.success() {
+            bail!("API {method} {path}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+fn write_config(dir: &Path) -> Result<PathBuf> {
+    let key = rcgen::KeyPair::generate()?;
+    let names = ["vm1.test", "8080.vm1.test", "api.vm1.test"].map(str::to_owned);
+    let cert = rcgen::CertificateParams::new(names.to_vec())?.self_signed(&key)?;
+    std::fs::write(dir.join("cert.pem"), cert.pem())?;
+    std::fs::write(dir.join("key.pem"), key.serialize_pem())?;
+    let hash = Command::new("sh")
+        .args(["-c", &format!("printf %s {TOKEN} | sha256sum")])
+        .output()?;
+    let hash = String::from_utf8(hash.stdout)?;
+    let mut text = String::new();
+    let _ = write!(
+        text,
+        "name = \"vm1\"\ndomain = \"test\"\ndata_dir = \"{0}/data\"\nbase_rootfs = \"{0}/rootfs\"\n\
+         [api]\ntoken_sha256 = \"{1}\"\n[ingress]\nhttps = \"0.0.0.0:443\"\nhttp = \"0.0.0.0:80\"\n\
+         [[ingress.certificate]]\nnames = [\"vm1.test\", \"8080.vm1.test\", \"api.vm1.test\"]\n\
+         cert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\n",
+        dir.display(),
+        &hash[..64]
+    );
+    let path = dir.join("guest.toml");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+fn start(bin: &Path) -> Result<Vm> {
+    let dir = std::env::temp_dir().join(format!("nestbox-bench-guest-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    nestbox_tests::busybox_rootfs(&dir.join("rootfs"));
+    let config = write_config(&dir)?;
+    let sandbox = Sandbox::new("benchvm")?;
+    sandbox.link_to_host("10.203.1.1/24", &format!("{VM_IP}/24"))?;
+    let guest = sandbox
+        .command(bin.join("nestbox-guest"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stderr(std::fs::File::create(dir.join("guest.log"))?)
+        .spawn()
+        .context("start nestbox-guest")?;
+    let vm = Vm {
+        dir,
+        sandbox,
+        guest,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !vm
+        .api("GET", "/v1/status", None)
+        .is_ok_and(|s| s.contains("\"running\""))
+    {
+        if Instant::now() > deadline {
+            bail!(
+                "the guest did not start: {}",
+                std::fs::read_to_string(vm.dir.join("guest.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(vm)
+}
+
+fn wait_ok(tls: &Arc<rustls::ClientConfig>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(tls, "vm1.test") != Some(200) {
+        if Instant::now() > deadline {
+            bail!("https://vm1.test/ did not answer 200");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "small counts"
+    )]
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    nestbox_tests::require_root();
+    nestbox_tests::require_tool("curl", "curl");
+    let bin = std::env::current_exe()?
+        .parent()
+        .context("binary directory")?
+        .to_owned();
+    let vm = start(&bin)?;
+    vm.api(
+        "POST",
+        "/v1/services",
+        Some(r#"{"name": "web", "cmd": "/bin/busybox", "args": ["httpd", "-f", "-p", "8080", "-h", "/www"], "http_port": 8080}"#),
+    )?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &std::fs::read(vm.dir.join("cert.pem"))?[..]) {
+        roots.add(cert?)?;
+    }
+    let tls = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    wait_ok(&tls)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let guest = vm.guest.id();
+    let (rss_idle_kib, _) = rss(guest);
+
+    let out = Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(vm.dir.join("cert.pem"))
+        .args(["--resolve", &format!("vm1.test:443:{VM_IP}")])
+        .args(["-o", "/dev/null", "-w", "%{http_code}\\n"])
+        .arg(format!("https://vm1.test/?n=[1-{}]", args.requests))
+        .stderr(Stdio::inherit())
+        .output()?;
+    let ok = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| *l == "200")
+        .count();
+    if ok != args.requests {
+        bail!("{ok} of {} requests answered 200", args.requests);
+    }
+    let (rss_after_kib, service_rss_kib) = rss(guest);
+
+    let mut bounce_ms = Vec::new();
+    for _ in 0..args.bounces {
+        let t0 = Instant::now();
+        vm.api("POST", "/v1/bounce", None)?;
+        wait_ok(&tls)?;
+        bounce_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    let mut sorted = bounce_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    let results = Results {
+        rss_idle_kib,
+        rss_after_kib,
+        service_rss_kib,
+        requests: args.requests,
+        bounce_p50_ms: percentile(&sorted, 0.5),
+        bounce_p99_ms: percentile(&sorted, 0.99),
+        bounce_ms,
+    };
+    #[expect(clippy::cast_precision_loss, reason = "KiB counts are small")]
+    let mib = |k: u64| k as f64 / 1024.0;
+    println!("| measure | value | target |");
+    println!("| --- | ---: | ---: |");
+    println!(
+        "| platform RSS, idle, one published port | {:.1} MiB | ≤ 12 MiB |",
+        mib(results.rss_idle_kib)
+    );
+    println!(
+        "| platform RSS after {} HTTPS requests | {:.1} MiB | ≤ 12 MiB |",
+        results.requests,
+        mib(results.rss_after_kib)
+    );
+    println!(
+        "| (the user's httpd, not counted) | {:.1} MiB | |",
+        mib(results.service_rss_kib)
+    );
+    println!(
+        "| bounce → primary URL serving, p50 of {} | {:.1} ms | ≤ 100 ms |",
+        args.bounces, results.bounce_p50_ms
+    );
+    println!(
+        "| bounce → primary URL serving, p99 of {} | {:.1} ms | ≤ 100 ms |",
+        args.bounces, results.bounce_p99_ms
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
+    }
+    Ok(())
+}
