@@ -136,4 +136,3 @@ pub fn busybox_rootfs(dir: &std::path::Path) {
     .unwrap();
     std::fs::write(dir.join("www/second.html"), "second service\n").unwrap();
 }
-

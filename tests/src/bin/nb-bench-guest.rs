@@ -101,7 +101,11 @@ fn get(tls: &Arc<rustls::ClientConfig>, host: &str) -> Option<u16> {
     let name = rustls::pki_types::ServerName::try_from(host.to_owned()).ok()?;
     let conn = rustls::ClientConnection::new(tls.clone(), name).ok()?;
     let mut s = rustls::StreamOwned::new(conn, tcp);
-    write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut head = [0u8; 12];
     s.read_exact(&mut head).ok()?;
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
@@ -131,11 +135,12 @@ impl Vm {
         if let Some(json) = json {
             cmd.args(["--data-binary", json]);
         }
-        let out = cmd
-            .arg(format!("http://127.0.0.1:7070{path}"))
-            .output()?;
+        let out = cmd.arg(format!("http://127.0.0.1:7070{path}")).output()?;
         if !out.status.success() {
-            bail!("API {method} {path}: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "API {method} {path}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
