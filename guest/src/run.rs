@@ -128,27 +128,37 @@ fn bind_freebind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpL
     tokio::net::TcpListener::from_std(socket.into())
 }
 
-/// Follows the container's network namespace: a new watcher for each.
+/// Follows the container's network namespace: the programs stay attached
+/// to the inner cgroup; a rebuilt container only retargets the watcher.
 async fn watch_ports(
     cgroup: PathBuf,
     mut netns: watch::Receiver<Option<PathBuf>>,
     publisher: Publisher,
     fault: Arc<Notify>,
 ) -> Result<(), WatchError> {
+    let mut watcher: Option<Watcher> = None;
     loop {
         let current = netns.borrow_and_update().clone();
-        let Some(path) = current else {
-            if netns.changed().await.is_err() {
-                return Ok(());
-            }
-            continue;
-        };
-        let mut watcher = Watcher::start(&cgroup, Some(&path)).await?;
-        let open: Vec<u16> = watcher.ports().iter().map(|(port, _)| *port).collect();
-        publisher.keep_only(&open);
+        if let Some(path) = current {
+            let w = match watcher.as_mut() {
+                Some(w) => {
+                    w.retarget(Some(&path)).await?;
+                    w
+                }
+                None => watcher.insert(Watcher::start(&cgroup, Some(&path)).await?),
+            };
+            let open: Vec<u16> = w.ports().iter().map(|(port, _)| *port).collect();
+            publisher.keep_only(&open);
+        }
         loop {
+            let next = async {
+                match watcher.as_mut() {
+                    Some(w) => w.next().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                event = watcher.next() => publisher.apply(&event?),
+                event = next => publisher.apply(&event?),
                 () = fault.notified() => panic!("injected fault (SIGUSR2 with faults = true)"),
                 changed = netns.changed() => {
                     if changed.is_err() {
@@ -165,6 +175,8 @@ async fn watch_ports(
 struct Platform {
     spec: ContainerSpec,
     egress: Egress,
+    /// Whether forwarding and the masquerade rule are in place.
+    egress_rules: std::sync::atomic::AtomicBool,
     current: Current,
     publisher: Publisher,
     services: Manager,
@@ -184,10 +196,15 @@ impl Platform {
             }
         };
         let netns = container.netns_path();
-        if self.egress.enabled
-            && let Err(err) = egress::set_up(&self.egress, container.pid1(), &netns).await
-        {
-            tracing::error!(%err, "the inner container has no way out");
+        if self.egress.enabled {
+            let first = !self
+                .egress_rules
+                .swap(true, std::sync::atomic::Ordering::SeqCst);
+            if let Err(err) = egress::set_up(&self.egress, container.pid1(), &netns, first).await {
+                self.egress_rules
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                tracing::error!(%err, "the inner container has no way out");
+            }
         }
         self.current.set(Some(container));
         self.publisher.set_netns(Some(netns.clone()));
@@ -338,6 +355,7 @@ pub async fn run(config: GuestConfig, mut shutdown: watch::Receiver<bool>) -> Re
     let platform = Platform {
         spec,
         egress: config.egress.clone(),
+        egress_rules: std::sync::atomic::AtomicBool::new(false),
         current,
         publisher,
         services,

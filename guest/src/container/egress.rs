@@ -159,11 +159,18 @@ async fn nft(script: &str) -> Result<(), EgressError> {
 }
 
 /// Gives the container whose network namespace is `netns` (PID 1 = `pid1`)
-/// its way out. Idempotent: what an earlier run left is replaced.
+/// its way out. Idempotent: what an earlier run left is replaced. The
+/// forwarding switch and the masquerade rule do not depend on the link, so
+/// a rebuilt container skips them (`with_rules` false).
 ///
 /// # Errors
 /// [`EgressError`] naming the step.
-pub async fn set_up(egress: &Egress, pid1: u32, netns: &Path) -> Result<(), EgressError> {
+pub async fn set_up(
+    egress: &Egress,
+    pid1: u32,
+    netns: &Path,
+    with_rules: bool,
+) -> Result<(), EgressError> {
     let root = connect()?;
     remove_stale(&root).await?;
     root.link()
@@ -225,6 +232,9 @@ pub async fn set_up(egress: &Egress, pid1: u32, netns: &Path) -> Result<(), Egre
         .await
         .map_err(nl("the container's default route"))?;
 
+    if !with_rules {
+        return Ok(());
+    }
     tokio::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
         .await
         .map_err(io("enable IPv4 forwarding"))?;

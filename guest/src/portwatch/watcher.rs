@@ -174,6 +174,29 @@ impl Watcher {
     }
 
     /// Brings the table in line with the sockets listening right now.
+    /// Watches another network namespace (the container was rebuilt)
+    /// with the programs already attached: what was known is forgotten
+    /// without events, and the new namespace's listeners are reported as
+    /// at start.
+    ///
+    /// # Errors
+    /// [`WatchError`] if the namespace cannot be entered or dumped.
+    pub async fn retarget(&mut self, netns: Option<&Path>) -> Result<(), WatchError> {
+        let netns = netns.map(Path::to_owned);
+        let (diag, netns_cookie) = tokio::task::spawn_blocking(move || {
+            let diag = SockDiag::open_in(netns.as_deref())?;
+            let cookie = netns::run_in(netns.as_deref(), netns::current_cookie)?
+                .map_err(WatchError::NetnsCookie)?;
+            Ok::<_, WatchError>((diag, cookie))
+        })
+        .await??;
+        self.diag = Some(diag);
+        self.netns_cookie = netns_cookie;
+        self.table = PortTable::default();
+        self.pending.clear();
+        self.reconcile().await
+    }
+
     async fn reconcile(&mut self) -> Result<(), WatchError> {
         let diag = self
             .diag

@@ -82,9 +82,21 @@ fn comm(pid: u32) -> String {
 /// of everything else the guest started (the user's services).
 fn rss(guest: u32) -> (u64, u64) {
     let (mut platform, mut services) = (kib(guest, "VmRSS:"), 0);
+    eprintln!(
+        "  guest pid {guest}: {} KiB (anon {} KiB, file {} KiB)",
+        kib(guest, "VmRSS:"),
+        kib(guest, "RssAnon:"),
+        kib(guest, "RssFile:")
+    );
     let mut todo = children(guest);
     while let Some(pid) = todo.pop() {
         if comm(pid) == "nestbox-guest" {
+            eprintln!(
+                "  container init pid {pid}: {} KiB (anon {} KiB, file {} KiB)",
+                kib(pid, "VmRSS:"),
+                kib(pid, "RssAnon:"),
+                kib(pid, "RssFile:")
+            );
             platform += kib(pid, "VmRSS:");
         } else {
             services += kib(pid, "VmRSS:");
