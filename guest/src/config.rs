@@ -75,6 +75,11 @@ pub struct GuestConfig {
     pub base_rootfs: PathBuf,
     /// The VM's own API.
     pub api: ApiConfig,
+    /// As PID 1: the VM's interface (address, gateway), set with rtnetlink.
+    pub network: Option<crate::init::Network>,
+    /// As PID 1: the data disk's block device, mounted on `data_dir`
+    /// (formatted ext4 on first boot).
+    pub data_device: Option<PathBuf>,
     /// The inner container's way out (veth + NAT); on by default.
     #[serde(default)]
     pub egress: crate::container::egress::Egress,

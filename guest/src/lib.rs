@@ -3,6 +3,8 @@
 //! Modules, one concept each:
 //! - [`container`]: the inner container (namespaces, overlay root,
 //!   processes started inside it, `cgroup.kill`);
+//! - [`init`]: PID 1 duties (mounts, reaping, power-off, network and data
+//!   disk);
 //! - [`config`]: the guest's configuration document, checked at start;
 //! - [`cgroup`]: finding the cgroup v2 mount and walking a cgroup subtree;
 //! - [`netns`]: doing work inside another network namespace, on a thread of
@@ -22,6 +24,7 @@ pub mod api;
 pub mod cgroup;
 pub mod config;
 pub mod container;
+pub mod init;
 pub mod logs;
 pub mod netns;
 pub mod portwatch;

@@ -64,6 +64,29 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
+    if nestbox_guest::init::is_pid1() {
+        // The VM's init: mounts, then the platform runs in a child while
+        // this process reaps and powers off at the end.
+        nestbox_guest::init::become_init();
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        let path = nestbox_guest::init::config_path(&cmdline);
+        return match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => match rt.block_on(run(&path, true)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("nestbox-guest: {err}");
+                    ExitCode::FAILURE
+                }
+            },
+            Err(err) => {
+                eprintln!("nestbox-guest: cannot start the async runtime: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     if let Command::ContainerInit {
         hostname,
@@ -89,7 +112,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run { config } => run(&config).await,
+            Command::Run { config } => run(&config, false).await,
             Command::ContainerInit { .. } => unreachable!("handled before the runtime starts"),
             Command::WatchPorts {
                 cgroup,
@@ -128,7 +151,7 @@ async fn watch_ports(cgroup: PathBuf, netns: Option<PathBuf>, json: bool) -> any
     }
 }
 
-async fn run(path: &std::path::Path) -> anyhow::Result<()> {
+async fn run(path: &std::path::Path, as_init: bool) -> anyhow::Result<()> {
     let config = nestbox_guest::config::GuestConfig::load(path)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -143,6 +166,6 @@ async fn run(path: &std::path::Path) -> anyhow::Result<()> {
         }
         let _ = stop_tx.send(true);
     });
-    nestbox_guest::run::run(config, stop_rx).await?;
+    nestbox_guest::run::run(config, stop_rx, as_init).await?;
     Ok(())
 }

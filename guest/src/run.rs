@@ -292,11 +292,37 @@ fn serve_api(config: &GuestConfig, api: &Api, api_dir: &Path) -> Result<(), RunE
     Ok(())
 }
 
+/// As PID 1: the data disk and the network (failures are logged; the API
+/// still comes up to say what is wrong).
+async fn init_vm(config: &GuestConfig) {
+    if let Some(device) = config.data_device.clone() {
+        let dir = config.data_dir.clone();
+        match tokio::task::spawn_blocking(move || crate::init::mount_data_disk(&device, &dir)).await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => tracing::error!(%why, "the data disk is not mounted"),
+            Err(e) => tracing::error!(%e, "mounting the data disk failed"),
+        }
+    }
+    if let Some(net) = &config.network
+        && let Err(err) = crate::init::configure_network(net).await
+    {
+        tracing::error!(%err, "the network is not configured");
+    }
+}
+
 /// Runs the guest until `shutdown` turns true.
 ///
 /// # Errors
 /// [`RunError`] if the platform cannot start.
-pub async fn run(config: GuestConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
+pub async fn run(
+    config: GuestConfig,
+    mut shutdown: watch::Receiver<bool>,
+    as_init: bool,
+) -> Result<(), RunError> {
+    if as_init {
+        init_vm(&config).await;
+    }
     let data = data_dir(&config.data_dir)?;
     let names = Names {
         name: config.name.clone(),

@@ -1,0 +1,350 @@
+//! PID 1 duties, used only when `nestbox-guest` is the VM's init.
+//!
+//! As PID 1 the guest mounts what a Linux userland needs (`/proc`, `/sys`,
+//! `/dev`, `/run`, cgroup2 at `/sys/fs/cgroup`, bpffs), then forks: the
+//! child runs the platform ([`crate::run`]) like `nestbox-guest run` does,
+//! the parent stays PID 1. PID 1 reaps every orphan (they are all
+//! reparented to it; reaping there never steals an exit status from the
+//! platform's own process waits, which live in the child), passes SIGTERM
+//! and SIGINT on to the platform (which stops services in order, flushes
+//! logs and exits), and when the platform has exited, syncs and powers the
+//! VM off. Network and data disk setup happen in the platform, with
+//! rtnetlink ([`configure_network`]). Outside PID 1 none of this runs: the
+//! host already has its mounts and network.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use nix::mount::MsFlags;
+use serde::Deserialize;
+
+/// One filesystem PID 1 mounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseMount {
+    /// Filesystem type (also the source).
+    pub fstype: &'static str,
+    /// Mount point.
+    pub target: &'static str,
+    /// Flags.
+    pub flags: MsFlags,
+    /// Options.
+    pub data: Option<&'static str>,
+}
+
+/// What a userland needs, in order (parents first).
+#[must_use]
+pub fn base_mounts() -> Vec<BaseMount> {
+    let secure = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    vec![
+        BaseMount {
+            fstype: "proc",
+            target: "/proc",
+            flags: secure,
+            data: None,
+        },
+        BaseMount {
+            fstype: "sysfs",
+            target: "/sys",
+            flags: secure,
+            data: None,
+        },
+        BaseMount {
+            fstype: "devtmpfs",
+            target: "/dev",
+            flags: MsFlags::MS_NOSUID,
+            data: Some("mode=0755"),
+        },
+        BaseMount {
+            fstype: "devpts",
+            target: "/dev/pts",
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            data: Some("ptmxmode=0666,mode=620"),
+        },
+        BaseMount {
+            fstype: "tmpfs",
+            target: "/run",
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            data: Some("mode=0755"),
+        },
+        BaseMount {
+            fstype: "cgroup2",
+            target: "/sys/fs/cgroup",
+            flags: secure,
+            data: None,
+        },
+        BaseMount {
+            fstype: "bpf",
+            target: "/sys/fs/bpf",
+            flags: secure,
+            data: None,
+        },
+    ]
+}
+
+/// The mount points listed in a `/proc/self/mountinfo` text.
+#[must_use]
+pub fn mounted(mountinfo: &str) -> Vec<String> {
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_owned))
+        .collect()
+}
+
+/// Mounts what is not mounted yet; failures are reported and skipped (a
+/// kernel without bpffs still runs everything but the port watcher).
+pub fn mount_base() {
+    for m in base_mounts() {
+        let already = std::fs::read_to_string("/proc/self/mountinfo")
+            .is_ok_and(|t| mounted(&t).iter().any(|p| p == m.target));
+        if already {
+            continue;
+        }
+        let _ = std::fs::create_dir_all(m.target);
+        if let Err(err) =
+            nix::mount::mount(Some(m.fstype), m.target, Some(m.fstype), m.flags, m.data)
+        {
+            eprintln!(
+                "nestbox-guest: cannot mount {} on {}: {err}",
+                m.fstype, m.target
+            );
+        }
+    }
+}
+
+/// The VM's interface settings (`[network]` in the configuration).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// The interface (`eth0`).
+    #[serde(default = "default_interface")]
+    pub interface: String,
+    /// Its address.
+    pub address: Ipv4Addr,
+    /// Its prefix length.
+    pub prefix_len: u8,
+    /// The default gateway.
+    pub gateway: Ipv4Addr,
+}
+
+fn default_interface() -> String {
+    "eth0".into()
+}
+
+/// Errors configuring the network.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// A netlink request failed.
+    #[error("network setup: {what}: {source}")]
+    Netlink {
+        /// The step.
+        what: String,
+        /// The error.
+        source: rtnetlink::Error,
+    },
+    /// No netlink socket.
+    #[error("network setup: no netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+}
+
+async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<u32, InitError> {
+    use futures_util::TryStreamExt;
+    let found = handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+        .map_err(|source| InitError::Netlink {
+            what: format!("find {name}"),
+            source,
+        })?;
+    found
+        .map(|l| l.header.index)
+        .ok_or_else(|| InitError::Netlink {
+            what: format!("find {name}"),
+            source: rtnetlink::Error::RequestFailed,
+        })
+}
+
+/// Brings `lo` and the VM's interface up, addresses it and adds the
+/// default route (as PID 1, from the `[network]` configuration).
+///
+/// # Errors
+/// [`InitError`] naming the step.
+pub async fn configure_network(net: &Network) -> Result<(), InitError> {
+    use rtnetlink::{LinkUnspec, RouteMessageBuilder};
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(InitError::Socket)?;
+    tokio::spawn(conn);
+    let step = |what: &str| {
+        let what = what.to_owned();
+        move |source| InitError::Netlink { what, source }
+    };
+    for name in ["lo", net.interface.as_str()] {
+        let index = link_index(&handle, name).await?;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(step(&format!("bring {name} up")))?;
+    }
+    let index = link_index(&handle, &net.interface).await?;
+    handle
+        .address()
+        .add(index, net.address.into(), net.prefix_len)
+        .execute()
+        .await
+        .map_err(step(&format!("address {}", net.interface)))?;
+    handle
+        .route()
+        .add(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(net.gateway)
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(step("default route"))?;
+    Ok(())
+}
+
+/// The configuration file PID 1 reads: `nestbox.config=PATH` on the kernel
+/// command line, else `/etc/nestbox/guest.toml`.
+#[must_use]
+pub fn config_path(cmdline: &str) -> PathBuf {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("nestbox.config="))
+        .map_or_else(|| PathBuf::from("/etc/nestbox/guest.toml"), PathBuf::from)
+}
+
+/// PID 1: mounts, then forks the platform and stays behind to reap orphans
+/// and power off when the platform ends. Returns only in the child, which
+/// goes on to run the platform.
+pub fn become_init() {
+    use nix::sys::signal::{SigSet, Signal};
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    use nix::unistd::{ForkResult, Pid, fork};
+
+    mount_base();
+    let signals = [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGPWR,
+    ];
+    let mut set = SigSet::empty();
+    for s in signals {
+        set.add(s);
+    }
+    // Blocked before the fork, so that no SIGCHLD is lost in between.
+    let _ = set.thread_block();
+    // SAFETY: nothing else runs yet: this process has no other thread.
+    let child = match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            let _ = set.thread_unblock();
+            return;
+        }
+        Ok(ForkResult::Parent { child }) => child,
+        Err(err) => {
+            eprintln!("nestbox-guest: cannot fork the platform: {err}");
+            power_off();
+        }
+    };
+    loop {
+        match set.wait() {
+            Ok(Signal::SIGCHLD) => loop {
+                match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, _, _))
+                        if pid == child =>
+                    {
+                        eprintln!("nestbox-guest: the platform has stopped; powering off");
+                        power_off();
+                    }
+                    Ok(WaitStatus::StillAlive) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            },
+            Ok(_) => {
+                let _ = nix::sys::signal::kill(child, Signal::SIGTERM);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    std::process::exit(0)
+}
+
+/// Whether this process is PID 1.
+#[must_use]
+pub fn is_pid1() -> bool {
+    std::process::id() == 1
+}
+
+/// Mounts the data disk `device` on `dir`, making an ext4 filesystem on it
+/// first if it has none (a new VM's blank disk).
+///
+/// # Errors
+/// Why it could not be mounted.
+pub fn mount_data_disk(device: &Path, dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let mount = || {
+        nix::mount::mount(
+            Some(device),
+            dir,
+            Some("ext4"),
+            MsFlags::MS_NOATIME,
+            None::<&str>,
+        )
+    };
+    if mount().is_ok() {
+        return Ok(());
+    }
+    let status = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(device)
+        .status()
+        .map_err(|e| format!("run mkfs.ext4 (e2fsprogs): {e}"))?;
+    if !status.success() {
+        return Err(format!("mkfs.ext4 {} failed: {status}", device.display()));
+    }
+    mount().map_err(|e| format!("mount {} on {}: {e}", device.display(), dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mounts_parents_first_and_skips_mounted() {
+        let targets: Vec<&str> = base_mounts().iter().map(|m| m.target).collect();
+        for (i, t) in targets.iter().enumerate() {
+            for later in &targets[i + 1..] {
+                assert!(
+                    !t.starts_with(&format!("{later}/")),
+                    "{t} before its parent {later}"
+                );
+            }
+        }
+        let info =
+            "22 1 0:21 / /proc rw,nosuid - proc proc rw\n23 1 0:22 / /sys rw - sysfs sysfs rw\n";
+        assert_eq!(mounted(info), ["/proc", "/sys"]);
+    }
+
+    #[test]
+    fn config_path_from_the_kernel_command_line() {
+        assert_eq!(
+            config_path("console=ttyS0 nestbox.config=/data/g.toml quiet"),
+            PathBuf::from("/data/g.toml")
+        );
+        assert_eq!(
+            config_path("console=ttyS0"),
+            PathBuf::from("/etc/nestbox/guest.toml")
+        );
+    }
+}
