@@ -409,7 +409,7 @@ fn inside_the_container_user_code_sees_only_its_own() {
          wget -S -O /dev/null http://10.88.0.1:7070/v1/status 2>&1 | grep -m1 HTTP/; \
          if test -e {data}; then echo data-visible; else echo data-hidden; fi; \
          if test -S /.nestbox/api.sock; then echo api-socket; fi; \
-         echo host $(hostname); echo done; exec sleep 600",
+         echo host $(hostname); grep CapBnd /proc/self/status; echo done; exec sleep 600",
         data = data.display()
     );
     let spec = serde_json::json!({"name": "probe", "cmd": "/bin/sh", "args": ["-c", script]});
@@ -449,4 +449,20 @@ fn inside_the_container_user_code_sees_only_its_own() {
     said("data-hidden");
     said("api-socket");
     assert_eq!(said("host "), "host vm1");
+    // Root in the container cannot mount, load BPF or change the network.
+    let bounding =
+        u64::from_str_radix(said("CapBnd:").trim_start_matches("CapBnd:").trim(), 16).unwrap();
+    for (bit, name) in [
+        (21, "CAP_SYS_ADMIN"),
+        (39, "CAP_BPF"),
+        (12, "CAP_NET_ADMIN"),
+        (16, "CAP_SYS_MODULE"),
+    ] {
+        assert_eq!(
+            bounding & (1 << bit),
+            0,
+            "{name} is in the bounding set {bounding:x}"
+        );
+    }
+    assert_ne!(bounding & (1 << 10), 0, "CAP_NET_BIND_SERVICE kept");
 }

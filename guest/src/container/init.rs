@@ -8,7 +8,7 @@
 //! (overlay of the base and the writable layer, a minimal `/dev`, the API
 //! socket's directory at `/.nestbox`), `pivot_root`s into it, mounts a fresh
 //! `/proc`, sets the hostname, says `ready`, and then reaps orphans forever.
-//! The parent prints PID 1's pid as the host sees it and waits.
+//! The parent prints PID 1's pid as the host sees it and exits.
 //!
 //! Messages to the guest go to stdout, one per line: `pid N`, then `ready`
 //! or `error: …`.
@@ -17,7 +17,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, pivot_root};
 
 /// One step of building the root filesystem.
@@ -245,12 +245,11 @@ pub fn main(layout: &Layout, hostname: &str) -> ! {
             std::process::exit(1);
         }
         Ok(ForkResult::Parent { child }) => {
+            // PID 1 needs no parent of ours: whoever adopts it (the VM's
+            // init) reaps it once `cgroup.kill` has ended it. Not waiting
+            // here keeps one process fewer in the VM.
             say(&format!("pid {child}"));
-            let code = match waitpid(child, None) {
-                Ok(WaitStatus::Exited(_, code)) => code,
-                _ => 1,
-            };
-            std::process::exit(code);
+            std::process::exit(0);
         }
         Ok(ForkResult::Child) => {
             match build_root(layout, hostname) {

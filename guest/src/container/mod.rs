@@ -251,6 +251,8 @@ impl Container {
             }
             Ok(pid1)
         })();
+        // The init's parent process exits once PID 1 is forked.
+        let _ = init.wait();
         let pid1 = match started {
             Ok(pid) => pid,
             Err(err) => {
@@ -279,7 +281,7 @@ impl Container {
         std::thread::Builder::new()
             .name("nestbox-container".into())
             .spawn(move || {
-                let entered = enter_namespaces(pid1);
+                let entered = enter_namespaces(pid1).and_then(|()| confine());
                 let ok = entered.is_ok();
                 let _ = ready_tx.send(entered);
                 if ok {
@@ -400,6 +402,50 @@ impl Drop for Container {
             tracing::warn!(%err, "the inner container was not emptied");
         }
     }
+}
+
+/// Capabilities a program in the container may hold: Docker's defaults
+/// without `CAP_MKNOD`. There is no user namespace, so root in the
+/// container would otherwise hold the VM's `CAP_SYS_ADMIN` (mount the data
+/// disk), `CAP_BPF` (load programs) and `CAP_NET_ADMIN`.
+pub const KEPT_CAPABILITIES: [u32; 13] = [0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 29, 31];
+
+/// Cuts this thread's bounding set down to [`KEPT_CAPABILITIES`] and clears
+/// its ambient set; the processes it forks inherit both, so nothing else
+/// comes back when they exec.
+fn confine() -> Result<(), ContainerError> {
+    let fail = |e: std::io::Error| ContainerError::Enter {
+        namespace: "capabilities",
+        source: e,
+    };
+    for cap in 0..64u32 {
+        if KEPT_CAPABILITIES.contains(&cap) {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINVAL) {
+                // Past the kernel's last capability.
+                break;
+            }
+            return Err(fail(err));
+        }
+    }
+    // SAFETY: prctl with integer arguments only.
+    let cleared = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    if cleared != 0 {
+        return Err(fail(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Joins PID 1's namespaces on this thread (after unsharing the
