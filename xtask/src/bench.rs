@@ -53,10 +53,14 @@ pub fn run(args: &Args) -> Result<()> {
     let root = util::root();
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out)?;
-    util::run(
-        std::process::Command::new(root.join(format!("target/perf/nb-bench-{name}")))
-            .arg("--json")
-            .arg(out.join(format!("{name}.json")))
-            .args(&args.extra),
-    )
+    let mut bench = std::process::Command::new(root.join(format!("target/perf/nb-bench-{name}")));
+    bench.arg("--json").arg(out.join(format!("{name}.json")));
+    if matches!(args.what, Bench::Guest) {
+        // The guest as it ships: the size-optimized `guest` profile.
+        util::run(util::cargo().args(["build", "--profile", "guest", "-p", "nestbox-guest"]))?;
+        bench
+            .arg("--guest")
+            .arg(root.join("target/guest/nestbox-guest"));
+    }
+    util::run(bench.args(&args.extra))
 }

@@ -30,6 +30,9 @@ struct Args {
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The `nestbox-guest` binary (default: next to this one).
+    #[arg(long)]
+    guest: Option<PathBuf>,
 }
 
 const VM_IP: &str = "10.203.1.2";
@@ -89,6 +92,24 @@ fn rss(guest: u32) -> (u64, u64) {
         kib(guest, "RssFile:")
     );
     let mut todo = children(guest);
+    // The container's PID 1 is the platform's too, though its parent (the
+    // short-lived container-init) is gone: find it in the inner cgroup.
+    let own = std::fs::read_to_string(format!("/proc/{guest}/cgroup")).unwrap_or_default();
+    if let (Some(rel), Ok(mount)) = (
+        own.lines().find_map(|l| l.strip_prefix("0::")),
+        nestbox_guest::cgroup::cgroup2_mount(),
+    ) {
+        let procs = mount
+            .join(rel.trim_start_matches('/'))
+            .join("inner/cgroup.procs");
+        todo.extend(
+            std::fs::read_to_string(procs)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|p| p.parse::<u32>().ok())
+                .filter(|p| comm(*p) == "nestbox-guest"),
+        );
+    }
     while let Some(pid) = todo.pop() {
         if comm(pid) == "nestbox-guest" {
             eprintln!(
@@ -192,7 +213,7 @@ fn start(bin: &Path) -> Result<Vm> {
     let sandbox = Sandbox::new("benchvm")?;
     sandbox.link_to_host("10.203.1.1/24", &format!("{VM_IP}/24"))?;
     let guest = sandbox
-        .command(bin.join("nestbox-guest"))
+        .command(bin)
         .args(["run", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn")
@@ -246,11 +267,14 @@ fn main() -> Result<()> {
     let args = Args::parse();
     nestbox_tests::require_root();
     nestbox_tests::require_tool("curl", "curl");
-    let bin = std::env::current_exe()?
-        .parent()
-        .context("binary directory")?
-        .to_owned();
-    let vm = start(&bin)?;
+    let guest_bin = match &args.guest {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary directory")?
+            .join("nestbox-guest"),
+    };
+    let vm = start(&guest_bin)?;
     vm.api(
         "POST",
         "/v1/services",
