@@ -198,16 +198,13 @@ impl GuestConfig {
             .map_err(|e| ConfigError::Ingress(Box::new(e)))
     }
 
-    /// `<name>.<domain>`: the VM's primary host name.
+    /// The VM's names (`<name>.<domain>`, `<port>.<name>.<domain>`).
     #[must_use]
-    pub fn vm_host(&self) -> String {
-        format!("{}.{}", self.name, self.domain)
-    }
-
-    /// The host name of published `port`.
-    #[must_use]
-    pub fn port_host(&self, port: u16) -> String {
-        format!("{port}.{}.{}", self.name, self.domain)
+    pub fn names(&self) -> crate::publish::Names {
+        crate::publish::Names {
+            name: self.name.clone(),
+            domain: self.domain.clone(),
+        }
     }
 
     /// The API's host name.
@@ -239,8 +236,8 @@ mod tests {
     fn minimal_config_has_working_defaults() {
         let c = parse(&minimal("")).unwrap();
         assert_eq!(c.primary_port, 8080);
-        assert_eq!(c.vm_host(), "vm1.test");
-        assert_eq!(c.port_host(3000), "3000.vm1.test");
+        assert_eq!(c.names().vm_host(), "vm1.test");
+        assert_eq!(c.names().port_host(3000), "3000.vm1.test");
         assert_eq!(c.api_host(), "api.vm1.test");
         assert_eq!(c.api.listen, default_api_listen());
         assert_eq!(c.ingress.https.port(), 443);

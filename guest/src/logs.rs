@@ -116,6 +116,18 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// `service`'s state, made on first use.
+fn service_state<'a>(services: &'a mut HashMap<String, Service>, service: &str) -> &'a mut Service {
+    services
+        .entry(service.to_owned())
+        .or_insert_with(|| Service {
+            file: None,
+            size: 0,
+            tail: VecDeque::new(),
+            live: broadcast::channel(256).0,
+        })
+}
+
 fn check_name(name: &str) -> Result<(), LogError> {
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
         return Err(LogError::BadName(name.to_owned()));
@@ -165,14 +177,7 @@ impl Logs {
         let mut json = serde_json::to_vec(&entry).expect("a log line serializes");
         json.push(b'\n');
         let mut services = self.inner.services.lock().expect("logs lock");
-        let svc = services
-            .entry(service.to_owned())
-            .or_insert_with(|| Service {
-                file: None,
-                size: 0,
-                tail: VecDeque::new(),
-                live: broadcast::channel(256).0,
-            });
+        let svc = service_state(&mut services, service);
         if let Err(err) = self.append(service, svc, &json) {
             tracing::warn!(%err, service, "a log line could not be written");
         }
@@ -299,16 +304,7 @@ impl Logs {
     #[must_use]
     pub fn follow(&self, service: &str) -> broadcast::Receiver<LogLine> {
         let mut services = self.inner.services.lock().expect("logs lock");
-        services
-            .entry(service.to_owned())
-            .or_insert_with(|| Service {
-                file: None,
-                size: 0,
-                tail: VecDeque::new(),
-                live: broadcast::channel(256).0,
-            })
-            .live
-            .subscribe()
+        service_state(&mut services, service).live.subscribe()
     }
 
     /// The in-memory tail of `service`.

@@ -16,7 +16,7 @@ use crate::container::egress::{self, Egress};
 use crate::container::{Container, ContainerSpec};
 use crate::logs::{LogLimits, Logs};
 use crate::portwatch::{WatchError, Watcher};
-use crate::publish::{Names, Publisher};
+use crate::publish::Publisher;
 use crate::services::{Launcher, Manager, ServiceSpec};
 use crate::supervisor::supervise;
 
@@ -324,10 +324,7 @@ pub async fn run(
         init_vm(&config).await;
     }
     let data = data_dir(&config.data_dir)?;
-    let names = Names {
-        name: config.name.clone(),
-        domain: config.domain.clone(),
-    };
+    let names = config.names();
     let handles = Handles::detached(RouteTable::new());
     let publisher = Publisher::new(handles.clone(), names, config.primary_port);
     handles.publish(

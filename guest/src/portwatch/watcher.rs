@@ -92,14 +92,7 @@ impl Watcher {
         ring_bytes: Option<u32>,
     ) -> Result<Self, WatchError> {
         let cgroup = cgroup::resolve(cgroup)?;
-        let netns = netns.map(Path::to_owned);
-        let (diag, netns_cookie) = tokio::task::spawn_blocking(move || {
-            let diag = SockDiag::open_in(netns.as_deref())?;
-            let cookie = netns::run_in(netns.as_deref(), netns::current_cookie)?
-                .map_err(WatchError::NetnsCookie)?;
-            Ok::<_, WatchError>((diag, cookie))
-        })
-        .await??;
+        let (diag, netns_cookie) = open_netns(netns).await?;
         // Attach before the first dump so that nothing falls between them.
         let (probe, ring) = PortProbe::attach_with(&cgroup, ring_bytes)?;
         // SAFETY: the ring buffer owns its fd, keeps it open and returns the
@@ -182,14 +175,7 @@ impl Watcher {
     /// # Errors
     /// [`WatchError`] if the namespace cannot be entered or dumped.
     pub async fn retarget(&mut self, netns: Option<&Path>) -> Result<(), WatchError> {
-        let netns = netns.map(Path::to_owned);
-        let (diag, netns_cookie) = tokio::task::spawn_blocking(move || {
-            let diag = SockDiag::open_in(netns.as_deref())?;
-            let cookie = netns::run_in(netns.as_deref(), netns::current_cookie)?
-                .map_err(WatchError::NetnsCookie)?;
-            Ok::<_, WatchError>((diag, cookie))
-        })
-        .await??;
+        let (diag, netns_cookie) = open_netns(netns).await?;
         self.diag = Some(diag);
         self.netns_cookie = netns_cookie;
         self.table = PortTable::default();
@@ -222,6 +208,19 @@ impl Watcher {
         self.pending.extend(changes.events);
         Ok(())
     }
+}
+
+/// A `sock_diag` socket in `netns` (this process's when `None`) and the
+/// namespace's cookie, made off the runtime's workers.
+async fn open_netns(netns: Option<&Path>) -> Result<(SockDiag, u64), WatchError> {
+    let netns = netns.map(Path::to_owned);
+    tokio::task::spawn_blocking(move || {
+        let diag = SockDiag::open_in(netns.as_deref())?;
+        let cookie = netns::run_in(netns.as_deref(), netns::current_cookie)?
+            .map_err(WatchError::NetnsCookie)?;
+        Ok::<_, WatchError>((diag, cookie))
+    })
+    .await?
 }
 
 /// Applies one kernel record to the table.
