@@ -15,7 +15,7 @@ const MAX_SPEC: usize = 256 * 1024;
 fn api_error(err: &ServiceError) -> ApiError {
     let status = match err.code() {
         "invalid" => StatusCode::BAD_REQUEST,
-        "exists" => StatusCode::CONFLICT,
+        "exists" | "needed" => StatusCode::CONFLICT,
         "not_found" => StatusCode::NOT_FOUND,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };

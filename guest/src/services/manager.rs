@@ -232,6 +232,18 @@ impl Manager {
         if entries.contains_key(&spec.name) {
             return Err(ServiceError::Exists(spec.name));
         }
+        if let Some(port) = spec.http_port
+            && let Some(other) = entries.values().find(|e| e.spec.http_port.is_some())
+        {
+            return Err(ServiceError::Invalid {
+                field: "http_port",
+                why: format!(
+                    "{port}: \"{}\" is already the primary URL (on {}); one service can be",
+                    other.spec.name,
+                    other.spec.http_port.unwrap_or_default()
+                ),
+            });
+        }
         let mut specs: BTreeMap<String, ServiceSpec> = entries
             .iter()
             .map(|(n, e)| (n.clone(), e.spec.clone()))
@@ -269,9 +281,21 @@ impl Manager {
     /// [`ServiceError::NotFound`], or the disk failed.
     pub async fn delete(&self, name: &str) -> Result<(), ServiceError> {
         let mut entries = self.inner.entries.lock().await;
-        let mut entry = entries
-            .remove(name)
-            .ok_or_else(|| ServiceError::NotFound(name.to_owned()))?;
+        if !entries.contains_key(name) {
+            return Err(ServiceError::NotFound(name.to_owned()));
+        }
+        let by: Vec<&str> = entries
+            .values()
+            .filter(|e| e.spec.needs.iter().any(|n| n == name))
+            .map(|e| e.spec.name.as_str())
+            .collect();
+        if !by.is_empty() {
+            return Err(ServiceError::Needed {
+                name: name.to_owned(),
+                by: by.join(", "),
+            });
+        }
+        let mut entry = entries.remove(name).expect("checked above");
         Self::halt(&mut entry).await;
         let file = self.file(name);
         std::fs::remove_file(&file).map_err(io_err(&file))?;
@@ -526,6 +550,14 @@ mod tests {
             m.create(sh("db", "true", &[])).await.unwrap_err().code(),
             "exists"
         );
+        assert_eq!(m.delete("db").await.unwrap_err().code(), "needed");
+        let mut primary = sh("p1", "true", &[]);
+        primary.http_port = Some(8080);
+        m.create(primary.clone()).await.unwrap();
+        primary.name = "p2".into();
+        let err = m.create(primary).await.unwrap_err().to_string();
+        assert!(err.contains("`http_port`") && err.contains("p1"), "{err}");
+        m.delete("p1").await.unwrap();
         m.stop("cache").await.unwrap();
         m.up().await;
         until("two started", || {

@@ -106,6 +106,14 @@ pub enum ServiceError {
     /// No such service.
     #[error("no service named \"{0}\"")]
     NotFound(String),
+    /// Other services need this one.
+    #[error("\"{name}\" is needed by {by}: delete or change those first")]
+    Needed {
+        /// The service.
+        name: String,
+        /// The services that need it.
+        by: String,
+    },
     /// The definitions on disk could not be read or written.
     #[error("service definition {path}: {source}")]
     Io {
@@ -124,6 +132,7 @@ impl ServiceError {
             Self::Invalid { .. } => "invalid",
             Self::Exists(_) => "exists",
             Self::NotFound(_) => "not_found",
+            Self::Needed { .. } => "needed",
             Self::Io { .. } => "io",
         }
     }
