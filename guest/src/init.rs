@@ -147,22 +147,15 @@ pub enum InitError {
 }
 
 async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<u32, InitError> {
-    use futures_util::TryStreamExt;
-    let found = handle
-        .link()
-        .get()
-        .match_name(name.to_owned())
-        .execute()
-        .try_next()
+    let what = || format!("find {name}");
+    crate::container::egress::link_index(handle, name)
         .await
         .map_err(|source| InitError::Netlink {
-            what: format!("find {name}"),
+            what: what(),
             source,
-        })?;
-    found
-        .map(|l| l.header.index)
+        })?
         .ok_or_else(|| InitError::Netlink {
-            what: format!("find {name}"),
+            what: what(),
             source: rtnetlink::Error::RequestFailed,
         })
 }

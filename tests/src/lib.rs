@@ -136,3 +136,21 @@ pub fn busybox_rootfs(dir: &std::path::Path) {
     .unwrap();
     std::fs::write(dir.join("www/second.html"), "second service\n").unwrap();
 }
+
+/// The index of the `q` quantile (0.0–1.0, nearest rank) in a sorted
+/// sample of `len` values.
+///
+/// # Panics
+/// If `len` is 0.
+#[must_use]
+pub fn quantile_index(len: usize, q: f64) -> usize {
+    assert!(len > 0, "a quantile of nothing");
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "index of a small vector"
+    )]
+    let i = ((len as f64 - 1.0) * q).round() as usize;
+    i
+}

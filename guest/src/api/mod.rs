@@ -219,26 +219,28 @@ impl Api {
 
     /// Serves the API on `listener` (TCP) until the task is dropped.
     pub async fn serve_tcp(self, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((tcp, _)) => {
-                    let api = self.clone();
-                    tokio::spawn(async move { api.serve_connection(tcp).await });
-                }
-                Err(err) => {
-                    tracing::warn!(?err, "API accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
-        }
+        self.serve_accepted(|| async { listener.accept().await.map(|(s, _)| s) })
+            .await;
     }
 
     /// Serves the API on the Unix socket `listener` until the task is
     /// dropped.
     pub async fn serve_unix(self, listener: UnixListener) {
+        self.serve_accepted(|| async { listener.accept().await.map(|(s, _)| s) })
+            .await;
+    }
+
+    /// The accept loop, whatever the listener: each connection on its task;
+    /// a failed accept (EMFILE …) backs off instead of spinning.
+    async fn serve_accepted<S, F, Fut>(self, mut accept: F)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::io::Result<S>>,
+    {
         loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
+            match accept().await {
+                Ok(stream) => {
                     let api = self.clone();
                     tokio::spawn(async move { api.serve_connection(stream).await });
                 }

@@ -101,14 +101,23 @@ fn connect_in(netns: &Path) -> Result<Handle, EgressError> {
     Ok(handle)
 }
 
-async fn index_of(handle: &Handle, name: &str) -> Result<Option<u32>, EgressError> {
+/// The index of the link `name` in `handle`'s namespace, if it exists
+/// (also used by PID 1's network setup).
+pub(crate) async fn link_index(
+    handle: &Handle,
+    name: &str,
+) -> Result<Option<u32>, rtnetlink::Error> {
     let mut links = handle.link().get().match_name(name.to_owned()).execute();
     match links.try_next().await {
         Ok(found) => Ok(found.map(|l| l.header.index)),
         // ENODEV: no such link.
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(nl("find a link")(e)),
+        Err(e) => Err(e),
     }
+}
+
+async fn index_of(handle: &Handle, name: &str) -> Result<Option<u32>, EgressError> {
+    link_index(handle, name).await.map_err(nl("find a link"))
 }
 
 /// Removes the root side (and so the pair) if it is left from before.

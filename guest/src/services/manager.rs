@@ -178,13 +178,21 @@ impl Manager {
         self.inner.dir.join(format!("{name}.json"))
     }
 
-    fn persist(&self, spec: &ServiceSpec, stopped: bool) -> Result<(), ServiceError> {
+    /// Writes a definition (with fsyncs) on the blocking pool, not on a
+    /// runtime worker.
+    async fn persist(&self, spec: &ServiceSpec, stopped: bool) -> Result<(), ServiceError> {
         let bytes = serde_json::to_vec_pretty(&Stored {
             spec: spec.clone(),
             stopped,
         })
         .expect("a definition serializes");
-        write_atomic(&self.file(&spec.name), &bytes)
+        let path = self.file(&spec.name);
+        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+            .await
+            .map_err(|e| ServiceError::Io {
+                path: self.file(&spec.name),
+                source: std::io::Error::other(e),
+            })?
     }
 
     fn status(spec: &ServiceSpec, live: &Mutex<Live>) -> ServiceStatus {
@@ -250,7 +258,7 @@ impl Manager {
             .collect();
         specs.insert(spec.name.clone(), spec.clone());
         start_order(&specs)?;
-        self.persist(&spec, false)?;
+        self.persist(&spec, false).await?;
         let live = Arc::new(Mutex::new(Live {
             state: State::Stopped,
             pid: None,
@@ -314,7 +322,7 @@ impl Manager {
             .get_mut(name)
             .ok_or_else(|| ServiceError::NotFound(name.to_owned()))?;
         if entry.stopped {
-            self.persist(&entry.spec, false)?;
+            self.persist(&entry.spec, false).await?;
             entry.stopped = false;
         }
         if self.inner.up.load(Ordering::SeqCst) && entry.run.is_none() {
@@ -333,7 +341,7 @@ impl Manager {
             .get_mut(name)
             .ok_or_else(|| ServiceError::NotFound(name.to_owned()))?;
         if !entry.stopped {
-            self.persist(&entry.spec, true)?;
+            self.persist(&entry.spec, true).await?;
             entry.stopped = true;
         }
         Self::halt(entry).await;

@@ -253,14 +253,7 @@ fn wait_ok(tls: &Arc<rustls::ClientConfig>) -> Result<()> {
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss,
-        reason = "small counts"
-    )]
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
+    sorted[nestbox_tests::quantile_index(sorted.len(), p)]
 }
 
 fn main() -> Result<()> {

@@ -208,15 +208,8 @@ fn percentile(sorted: &[u64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
-    #[expect(
-        clippy::cast_precision_loss,
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        reason = "index of a small vector"
-    )]
-    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
     #[expect(clippy::cast_precision_loss, reason = "nanoseconds well below 2^52")]
-    let v = sorted[i] as f64;
+    let v = sorted[nestbox_tests::quantile_index(sorted.len(), q)] as f64;
     v / 1000.0
 }
 
