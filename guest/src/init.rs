@@ -81,6 +81,146 @@ pub fn base_mounts() -> Vec<BaseMount> {
     ]
 }
 
+/// Where the guest image lists the kernel modules PID 1 loads: absolute
+/// `.ko` paths, one per line, dependencies first.
+pub const MODULE_LIST: &str = "/etc/nestbox/modules";
+
+/// Loads the modules of `list` in order with `finit_module` (virtio
+/// transports and disks, overlayfs, veth, `nf_tables`, the power button: the
+/// cloud kernel builds none of them in). A module already loaded or built
+/// in is fine; any other failure is reported and the next module is tried.
+/// No list (a kernel that needs none) is fine too.
+pub fn load_modules(list: &Path) {
+    let Ok(text) = std::fs::read_to_string(list) else {
+        return;
+    };
+    for path in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let loaded = std::fs::File::open(path)
+            .map_err(|e| e.to_string())
+            .and_then(|file| {
+                match nix::kmod::finit_module(&file, c"", nix::kmod::ModuleInitFlags::empty()) {
+                    Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                }
+            });
+        if let Err(why) = loaded {
+            eprintln!("nestbox-guest: cannot load kernel module {path}: {why}");
+        }
+    }
+}
+
+/// Makes `/` a mount that `pivot_root` can leave. The kernel unpacks the
+/// initramfs into `rootfs`, the one mount with no parent, and `pivot_root`
+/// refuses to move away from it — which the inner container must do. So PID
+/// 1 binds the initramfs onto a directory of itself, moves that bind mount
+/// over `/` and `chroot`s into it: the same files, now on a mount whose
+/// parent is `rootfs`. Nothing to do when `/` is a real filesystem.
+///
+/// # Errors
+/// The failing step.
+pub fn make_root_pivotable() -> Result<(), String> {
+    use nix::sys::statfs::{FsType, TMPFS_MAGIC, statfs};
+    // linux/magic.h; nix names TMPFS_MAGIC but not this one.
+    const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
+    let kind = statfs("/")
+        .map_err(|e| format!("statfs /: {e}"))?
+        .filesystem_type();
+    if kind != RAMFS_MAGIC && kind != TMPFS_MAGIC {
+        return Ok(());
+    }
+    let dir = Path::new("/.nestbox-root");
+    let step = |what: &str| {
+        let what = what.to_owned();
+        move |e: nix::errno::Errno| format!("{what}: {e}")
+    };
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    nix::mount::mount(Some("/"), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(step("bind / on itself"))?;
+    nix::unistd::chdir(dir).map_err(step("chdir into the bind mount"))?;
+    nix::mount::mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(step("move the bind mount to /"))?;
+    nix::unistd::chroot(".").map_err(step("chroot"))?;
+    nix::unistd::chdir("/").map_err(step("chdir /"))?;
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
+}
+
+/// The block device `spec` names: `virtio:SERIAL` is the virtio disk whose
+/// serial the VMM set to `SERIAL` (device names depend on probe order, the
+/// serial does not); anything else is a path. Waits a little for the disk
+/// to appear (its driver was just loaded).
+///
+/// # Errors
+/// No disk with that serial.
+pub fn resolve_device(spec: &Path) -> Result<PathBuf, String> {
+    let Some(serial) = spec.to_str().and_then(|s| s.strip_prefix("virtio:")) else {
+        return Ok(spec.to_owned());
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if let Some(name) = disk_with_serial(Path::new("/sys/block"), serial) {
+            return Ok(Path::new("/dev").join(name));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "no virtio disk has serial {serial:?} (the VMM must attach it with serial={serial})"
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The name of the disk under `sys_block` whose `serial` is `serial`.
+fn disk_with_serial(sys_block: &Path, serial: &str) -> Option<String> {
+    std::fs::read_dir(sys_block)
+        .ok()?
+        .flatten()
+        .find(|d| {
+            std::fs::read_to_string(d.path().join("serial")).is_ok_and(|s| s.trim() == serial)
+        })
+        .map(|d| d.file_name().to_string_lossy().into_owned())
+}
+
+/// Calls `on_press` when the VM's power button is pressed (the VMM's
+/// graceful stop: ACPI power button → evdev `KEY_POWER`). One thread per
+/// power-button input device; nothing happens if there is none.
+pub fn watch_power_button(on_press: impl Fn() + Clone + Send + 'static) {
+    const EV_KEY: u16 = 1;
+    const KEY_POWER: u16 = 116;
+    let Ok(inputs) = std::fs::read_dir("/sys/class/input") else {
+        return;
+    };
+    for input in inputs.flatten() {
+        let name = input.file_name().to_string_lossy().into_owned();
+        let is_button = std::fs::read_to_string(input.path().join("device/name"))
+            .is_ok_and(|n| n.trim() == "Power Button");
+        if !name.starts_with("event") || !is_button {
+            continue;
+        }
+        let Ok(mut dev) = std::fs::File::open(Path::new("/dev/input").join(&name)) else {
+            continue;
+        };
+        let on_press = on_press.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            // struct input_event on 64-bit: timeval (16), type u16, code u16, value i32.
+            let mut ev = [0u8; 24];
+            while dev.read_exact(&mut ev).is_ok() {
+                let kind = u16::from_ne_bytes([ev[16], ev[17]]);
+                let code = u16::from_ne_bytes([ev[18], ev[19]]);
+                let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
+                if kind == EV_KEY && code == KEY_POWER && value == 1 {
+                    on_press();
+                }
+            }
+        });
+    }
+}
+
 /// The mount points listed in a `/proc/self/mountinfo` text.
 #[must_use]
 pub fn mounted(mountinfo: &str) -> Vec<String> {
@@ -220,7 +360,11 @@ pub fn become_init() {
     use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     use nix::unistd::{ForkResult, Pid, fork};
 
+    if let Err(why) = make_root_pivotable() {
+        eprintln!("nestbox-guest: the inner container cannot pivot_root: {why}");
+    }
     mount_base();
+    load_modules(Path::new(MODULE_LIST));
     let signals = [
         Signal::SIGCHLD,
         Signal::SIGTERM,
@@ -285,6 +429,7 @@ pub fn is_pid1() -> bool {
 /// # Errors
 /// Why it could not be mounted.
 pub fn mount_data_disk(device: &Path, dir: &Path) -> Result<(), String> {
+    let device = &resolve_device(device)?;
     std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     let mount = || {
         nix::mount::mount(
@@ -327,6 +472,30 @@ mod tests {
         let info =
             "22 1 0:21 / /proc rw,nosuid - proc proc rw\n23 1 0:22 / /sys rw - sysfs sysfs rw\n";
         assert_eq!(mounted(info), ["/proc", "/sys"]);
+    }
+
+    #[test]
+    fn disks_are_found_by_serial() {
+        let dir = std::env::temp_dir().join(format!("nb-serial-{}", std::process::id()));
+        for (disk, serial) in [("vda", "nestbox-config\n"), ("vdb", "nestbox-data\n")] {
+            std::fs::create_dir_all(dir.join(disk)).unwrap();
+            std::fs::write(dir.join(disk).join("serial"), serial).unwrap();
+        }
+        std::fs::create_dir_all(dir.join("loop0")).unwrap();
+        assert_eq!(
+            disk_with_serial(&dir, "nestbox-data").as_deref(),
+            Some("vdb")
+        );
+        assert_eq!(
+            disk_with_serial(&dir, "nestbox-config").as_deref(),
+            Some("vda")
+        );
+        assert_eq!(disk_with_serial(&dir, "other"), None);
+        assert_eq!(
+            resolve_device(Path::new("/dev/vdc")).unwrap(),
+            PathBuf::from("/dev/vdc")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

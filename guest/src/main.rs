@@ -61,7 +61,14 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            // As PID 1 the log is the VM's console: say what happens.
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                if nestbox_guest::init::is_pid1() {
+                    "info".into()
+                } else {
+                    "warn".into()
+                }
+            }),
         )
         .init();
     if nestbox_guest::init::is_pid1() {
@@ -69,7 +76,15 @@ fn main() -> ExitCode {
         // this process reaps and powers off at the end.
         nestbox_guest::init::become_init();
         let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-        let path = nestbox_guest::init::config_path(&cmdline);
+        let path = match nestbox_guest::init::resolve_device(&nestbox_guest::init::config_path(
+            &cmdline,
+        )) {
+            Ok(path) => path,
+            Err(why) => {
+                eprintln!("nestbox-guest: no configuration: {why}");
+                return ExitCode::FAILURE;
+            }
+        };
         return match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -154,6 +169,13 @@ async fn watch_ports(cgroup: PathBuf, netns: Option<PathBuf>, json: bool) -> any
 async fn run(path: &std::path::Path, as_init: bool) -> anyhow::Result<()> {
     let config = nestbox_guest::config::GuestConfig::load(path)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_tx = std::sync::Arc::new(stop_tx);
+    if as_init {
+        let stop_tx = stop_tx.clone();
+        nestbox_guest::init::watch_power_button(move || {
+            let _ = stop_tx.send(true);
+        });
+    }
     tokio::spawn(async move {
         let Ok(mut term) =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

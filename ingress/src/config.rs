@@ -134,8 +134,12 @@ pub enum ChallengeKind {
 pub struct AcmeConfig {
     /// The ACME directory URL.
     pub directory: String,
-    /// An extra CA root (PEM) to trust for the directory's TLS (Pebble).
+    /// An extra CA root (PEM file) to trust for the directory's TLS (Pebble).
     pub ca_root: Option<PathBuf>,
+    /// The same root given inline as PEM text, for a configuration that
+    /// travels without its files (a VM's config disk). At most one of
+    /// `ca_root` and `ca_root_pem`.
+    pub ca_root_pem: Option<String>,
     /// Where the account key, certificates and keys are kept.
     pub state_dir: PathBuf,
     /// The challenge to use.
@@ -200,6 +204,23 @@ impl Config {
                 ));
             }
         }
+        if let Some(acme) = &self.acme
+            && acme.ca_root.is_some()
+            && acme.ca_root_pem.is_some()
+        {
+            return Err(invalid(
+                "acme.ca_root_pem".into(),
+                "give the extra root as a file (ca_root) or inline (ca_root_pem), not both",
+            ));
+        }
+        if let Some(pem) = self.acme.as_ref().and_then(|a| a.ca_root_pem.as_ref())
+            && !pem.contains("-----BEGIN CERTIFICATE-----")
+        {
+            return Err(invalid(
+                "acme.ca_root_pem".into(),
+                "must be a PEM certificate (-----BEGIN CERTIFICATE-----)",
+            ));
+        }
         if self.limits.max_connections == 0 {
             return Err(invalid(
                 "limits.max_connections".into(),
@@ -249,6 +270,18 @@ mod tests {
         assert_eq!(c.limits.header_read_timeout_secs, 3);
         assert_eq!(c.limits.max_connections, Limits::default().max_connections);
         assert_eq!(c.http, default_http());
+    }
+
+    #[test]
+    fn inline_ca_root_is_checked() {
+        let base = "[acme]\ndirectory = \"https://localhost:14000/dir\"\nstate_dir = \"/tmp/a\"\n";
+        let pem =
+            "ca_root_pem = \"-----BEGIN CERTIFICATE-----\\nMIIB\\n-----END CERTIFICATE-----\\n\"\n";
+        assert!(parse(&format!("{base}{pem}")).is_ok());
+        let both = parse(&format!("{base}{pem}ca_root = \"/r.pem\"\n")).unwrap_err();
+        assert!(both.to_string().contains("acme.ca_root_pem"), "{both}");
+        let junk = parse(&format!("{base}ca_root_pem = \"hello\"\n")).unwrap_err();
+        assert!(junk.to_string().contains("PEM certificate"), "{junk}");
     }
 
     #[test]

@@ -12,7 +12,14 @@ use crate::config::{AcmeConfig, ChallengeKind};
 
 /// The account from the store, or a new one (saved before use).
 pub(super) async fn account(config: &AcmeConfig, store: &CertStore) -> Result<Account, AcmeError> {
-    let builder = match &config.ca_root {
+    let inline_root = match &config.ca_root_pem {
+        Some(pem) => {
+            let pem = pem.clone();
+            Some(super::off_runtime(store, move |st| st.save_ca_root(&pem)).await?)
+        }
+        None => None,
+    };
+    let builder = match inline_root.as_ref().or(config.ca_root.as_ref()) {
         Some(root) => Account::builder_with_root(root)?,
         None => Account::builder()?,
     };

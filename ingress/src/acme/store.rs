@@ -220,6 +220,17 @@ impl CertStore {
         }
     }
 
+    /// Writes an inline CA root (PEM) next to the account, for the ACME
+    /// client that reads its extra root from a file; returns the file.
+    ///
+    /// # Errors
+    /// [`StoreError`] if it cannot be written.
+    pub fn save_ca_root(&self, pem: &str) -> Result<PathBuf, StoreError> {
+        let path = self.dir.join("ca-root.pem");
+        write_atomic(&path, pem.as_bytes(), 0o644)?;
+        Ok(path)
+    }
+
     /// Saves the ACME account (mode 0600).
     ///
     /// # Errors
