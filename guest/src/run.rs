@@ -184,9 +184,15 @@ struct Platform {
     state: watch::Sender<ContainerState>,
 }
 
+/// Milliseconds, for log fields.
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 impl Platform {
     async fn up(&self) -> Result<(), RunError> {
         self.state.send_replace(ContainerState::Starting);
+        let t0 = std::time::Instant::now();
         let container = match start_container(self.spec.clone()).await {
             Ok(c) => c,
             Err(err) => {
@@ -196,6 +202,7 @@ impl Platform {
             }
         };
         let netns = container.netns_path();
+        let t_container = t0.elapsed();
         if self.egress.enabled {
             let first = !self
                 .egress_rules
@@ -209,16 +216,30 @@ impl Platform {
         self.current.set(Some(container));
         self.publisher.set_netns(Some(netns.clone()));
         self.netns.send_replace(Some(netns));
+        let t_egress = t0.elapsed();
         self.services.up().await;
         self.state.send_replace(ContainerState::Running);
+        tracing::info!(
+            container_ms = ms(t_container),
+            egress_ms = ms(t_egress.saturating_sub(t_container)),
+            services_ms = ms(t0.elapsed().saturating_sub(t_egress)),
+            "the inner container is up"
+        );
         Ok(())
     }
 
     async fn down(&self) {
+        let t0 = std::time::Instant::now();
         self.services.down().await;
+        let t_services = t0.elapsed();
         self.publisher.set_netns(None);
         self.netns.send_replace(None);
         stop_container(self.current.set(None)).await;
+        tracing::info!(
+            services_ms = ms(t_services),
+            container_ms = ms(t0.elapsed().saturating_sub(t_services)),
+            "the inner container is down"
+        );
     }
 
     async fn bounce(&self) -> Result<(), String> {

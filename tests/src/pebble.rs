@@ -17,6 +17,9 @@ use anyhow::{Context, Result, bail};
 pub struct Pebble {
     dir: PathBuf,
     acme_ip: String,
+    /// Where this process reaches Pebble (its listen address, or loopback
+    /// when it listens on every address).
+    probe_ip: String,
     dns_port: u16,
     server: Option<Child>,
     dns: Child,
@@ -28,6 +31,26 @@ impl Pebble {
     /// # Errors
     /// If either cannot start (install the `pebble` package).
     pub fn start(dir: &Path, acme_ip: &str, target_ip: &str, dns_port: u16) -> Result<Self> {
+        Self::start_on(dir, acme_ip, acme_ip, target_ip, dns_port)
+    }
+
+    /// Starts both for real VMs: Pebble listens on every address (the
+    /// host's address on the VMs' taps, `acme_ip`, exists only while a VM
+    /// does) and the DNS knows no name until [`Pebble::add_a`].
+    ///
+    /// # Errors
+    /// If either cannot start (install the `pebble` package).
+    pub fn start_for_vms(dir: &Path, acme_ip: &str, dns_port: u16) -> Result<Self> {
+        Self::start_on(dir, acme_ip, "0.0.0.0", "", dns_port)
+    }
+
+    fn start_on(
+        dir: &Path,
+        acme_ip: &str,
+        listen_ip: &str,
+        target_ip: &str,
+        dns_port: u16,
+    ) -> Result<Self> {
         crate::require_tool("pebble", "pebble");
         crate::require_tool("pebble-challtestsrv", "pebble");
         crate::require_tool("curl", "curl");
@@ -52,7 +75,7 @@ impl Pebble {
         std::fs::write(
             dir.join("pebble.json"),
             format!(
-                r#"{{"pebble": {{"listenAddress": "{acme_ip}:14000", "managementListenAddress": "127.0.0.1:15000",
+                r#"{{"pebble": {{"listenAddress": "{listen_ip}:14000", "managementListenAddress": "127.0.0.1:15000",
                 "certificate": "{0}/listener.pem", "privateKey": "{0}/listener.key",
                 "httpPort": 80, "tlsPort": 443, "ocspResponderURL": "", "externalAccountBindingRequired": false}}}}"#,
                 dir.display()
@@ -78,6 +101,11 @@ impl Pebble {
         let mut me = Self {
             dir: dir.to_owned(),
             acme_ip: acme_ip.to_owned(),
+            probe_ip: if listen_ip == "0.0.0.0" {
+                "127.0.0.1".to_owned()
+            } else {
+                listen_ip.to_owned()
+            },
             dns_port,
             server: None,
             dns,
@@ -127,7 +155,7 @@ impl Pebble {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if self
-                .get(&format!("https://{}:14000/dir", self.acme_ip))
+                .get(&format!("https://{}:14000/dir", self.probe_ip))
                 .is_ok()
             {
                 return Ok(());
@@ -150,6 +178,22 @@ impl Pebble {
             bail!("GET {url}: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Makes the DNS answer `host` with `ip` (A record).
+    ///
+    /// # Errors
+    /// If pebble-challtestsrv refuses.
+    pub fn add_a(&self, host: &str, ip: &str) -> Result<()> {
+        let out = Command::new("curl")
+            .args(["-sSf", "--max-time", "5", "--data-binary"])
+            .arg(format!(r#"{{"host":"{host}","addresses":["{ip}"]}}"#))
+            .arg("http://127.0.0.1:8055/add-a")
+            .output()?;
+        if !out.status.success() {
+            bail!("add-a {host}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
     }
 
     /// The CA of Pebble's own listener certificate (PEM file).
