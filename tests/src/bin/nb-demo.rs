@@ -1,28 +1,90 @@
-//! `nb-demo`, run by `cargo xtask demo`: the platform live, on the embedded
-//! defaults.
+//! `nb-demo`, run by `cargo xtask demo`: one real nestbox VM, on the
+//! embedded defaults.
 //!
-//! For now (port watcher only): an inner container stand-in (a network
-//! namespace + a cgroup), `nestbox-guest watch-ports` attached to it and
-//! printing events as they happen, and a small workload inside that opens
-//! and closes ports. Anything you start in the sandbox shows up too. Ctrl-C
-//! stops it all and removes the sandbox.
+//! Starts Pebble (the ACME test CA) and its DNS on the host, boots a VM with
+//! `nestbox-launcher` (guest image from `cargo xtask image`), starts a small
+//! web app in its inner container through the VM's own API, prints the
+//! HTTPS URL and a `curl` command that works as printed, and shows the VM's
+//! port events live (a second app opens a port a few seconds in). Ctrl-C
+//! destroys the VM and stops everything the demo started.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
-use nestbox_tests::{Owner, Sandbox};
+use nestbox_tests::pebble::Pebble;
 
 #[derive(Parser)]
 struct Args {
     /// Stop by itself after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     seconds: Option<u64>,
+    /// The guest image directory (`cargo xtask image`).
+    #[arg(long)]
+    image: PathBuf,
+    /// The VM's name.
+    #[arg(long, default_value = "demo")]
+    name: String,
+}
+
+/// The demo's embedded defaults.
+const DOMAIN: &str = "nestbox.test";
+const POOL: &str = "10.123.0.0/24";
+const HOST_IP: &str = "10.123.0.1";
+const WORK: &str = "/tmp/nestbox-demo";
+
+const WEB: &str = r#"{"name": "web", "cmd": "/bin/busybox", "args": ["httpd", "-f", "-p", "8080", "-h", "/www"], "http_port": 8080}"#;
+const SECOND: &str = r#"{"name": "second", "cmd": "/bin/busybox", "args": ["httpd", "-f", "-p", "3000", "-h", "/www"]}"#;
+
+struct Demo {
+    work: PathBuf,
+    launcher: PathBuf,
+    name: String,
+    created: bool,
+}
+
+impl Demo {
+    fn launcher(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.launcher)
+            .arg("--state-dir")
+            .arg(self.work.join("state"))
+            .args(args)
+            .output()
+            .context("run nestbox-launcher")?;
+        if !out.status.success() {
+            bail!(
+                "nestbox-launcher {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn address(&self) -> Result<String> {
+        let list: serde_json::Value = serde_json::from_str(&self.launcher(&["list", "--json"])?)?;
+        list.as_array()
+            .and_then(|vms| vms.iter().find(|v| v["name"] == self.name.as_str()))
+            .and_then(|v| v["address"].as_str())
+            .map(str::to_owned)
+            .context("the VM is not in the launcher's list")
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if self.created {
+            println!("destroying {} …", self.name);
+            if let Err(err) = self.launcher(&["destroy", &self.name.clone()]) {
+                eprintln!("{err}");
+            }
+        }
+    }
 }
 
 fn main() -> Result<()> {
@@ -35,83 +97,172 @@ fn main() -> Result<()> {
     let flag = stop.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
         .context("install Ctrl-C handler")?;
+    let deadline = args
+        .seconds
+        .map(|s| Instant::now() + Duration::from_secs(s));
+    let over = || stop.load(Ordering::SeqCst) || deadline.is_some_and(|d| Instant::now() > d);
 
-    let sandbox = Sandbox::new("demo")?;
-    println!("inner container stand-in:");
-    println!("  network namespace  {}", sandbox.netns().display());
-    println!("  cgroup             {}", sandbox.cgroup().display());
-    println!("start anything inside it from another terminal, e.g.:");
+    let work = PathBuf::from(WORK);
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(work.join("state"))?;
+    println!("starting Pebble (ACME test CA) and its DNS on the host …");
+    let pebble = Pebble::start_for_vms(&work.join("pebble"), HOST_IP, 8053)?;
+    std::fs::write(
+        work.join("state/launcher.toml"),
+        launcher_config(&args.image, &pebble)?,
+    )?;
+    let mut demo = Demo {
+        work: work.clone(),
+        launcher: bin.join("nestbox-launcher"),
+        name: args.name.clone(),
+        created: false,
+    };
+    println!("booting VM {} (QEMU) …", demo.name);
+    let started = Instant::now();
+    demo.created = true;
+    print!("{}", demo.launcher(&["create", &demo.name.clone()])?);
+    let ip = demo.address()?;
+    let vm = format!("{}.{DOMAIN}", demo.name);
+    for host in [
+        vm.clone(),
+        format!("api.{vm}"),
+        format!("8080.{vm}"),
+        format!("3000.{vm}"),
+    ] {
+        pebble.add_a(&host, &ip)?;
+    }
+    let token = demo
+        .launcher(&["token", &demo.name.clone()])?
+        .trim()
+        .to_owned();
+    let root = pebble.issuing_root()?;
+    let client = Client {
+        root: root.clone(),
+        ip: ip.clone(),
+        token,
+        api: format!("api.{vm}"),
+    };
+    wait_ready(&client, &over)?;
     println!(
-        "  nsenter --net={} sh -c 'echo $$ > {}/cgroup.procs; exec python3 -m http.server 8000'",
-        sandbox.netns().display(),
-        sandbox.cgroup().display()
+        "the VM's API is up {:.1} s after create",
+        started.elapsed().as_secs_f64()
     );
-    println!("port events (Ctrl-C to stop):");
-
-    let mut watcher = std::process::Command::new(bin.join("nestbox-guest"))
-        .arg("watch-ports")
-        .arg("--cgroup")
-        .arg(sandbox.cgroup())
-        .arg("--netns")
-        .arg(sandbox.netns())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("start nestbox-guest watch-ports")?;
-    let stdout = watcher.stdout.take().context("stdout")?;
-    let (attached_tx, attached) = std::sync::mpsc::channel();
+    let mut events = client.stream("/v1/ports/events")?;
+    client.post("/v1/services", WEB)?;
+    println!();
+    println!("your app: https://{vm}/");
+    println!(
+        "try:      curl --cacert {} --resolve {vm}:443:{ip} https://{vm}/",
+        root.display()
+    );
+    println!(
+        "console:  {} --state-dir {} logs {}",
+        demo.launcher.display(),
+        work.join("state").display(),
+        demo.name
+    );
+    println!();
+    println!("port events (Ctrl-C destroys the VM):");
+    let lines = events.stdout.take().context("event stream")?;
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
+        for line in std::io::BufReader::new(lines).lines() {
+            let Ok(line) = line else { break };
             println!("  {line}");
-            let _ = attached_tx.send(());
         }
     });
-    let result = workload(
-        &sandbox,
-        &bin.join("nb-listen"),
-        &stop,
-        args.seconds,
-        &attached,
-    );
-    let _ = watcher.kill();
-    let _ = watcher.wait();
-    drop(sandbox);
-    println!("stopped; the sandbox is removed");
-    result
+    let second_at = Instant::now() + Duration::from_secs(5);
+    let mut second = false;
+    while !over() {
+        if !second && Instant::now() > second_at {
+            second = true;
+            client.post("/v1/services", SECOND)?;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = events.kill();
+    let _ = events.wait();
+    drop(demo);
+    drop(pebble);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
 }
 
-/// A web app on 8080 (IPv4 + IPv6), and a port that comes and goes.
-fn workload(
-    sandbox: &Sandbox,
-    nb_listen: &Path,
-    stop: &AtomicBool,
-    seconds: Option<u64>,
-    attached: &std::sync::mpsc::Receiver<()>,
-) -> Result<()> {
-    let mut app = Owner::spawn(sandbox.command(nb_listen))?;
-    app.listen("0.0.0.0:8080", "")?;
-    // The first event (reconciled or live) shows the watcher is attached.
-    attached
-        .recv_timeout(Duration::from_secs(30))
-        .context("the watcher printed nothing within 30 s")?;
-    app.listen("[::]:8080", "v6only")?;
-    let deadline = seconds.map(|s| Instant::now() + Duration::from_secs(s));
-    let mut toggled: Option<u64> = None;
-    let mut last = Instant::now();
-    while !stop.load(Ordering::SeqCst) && deadline.is_none_or(|d| Instant::now() < d) {
-        if last.elapsed() >= Duration::from_secs(3) {
-            last = Instant::now();
-            toggled = match toggled {
-                Some(id) => {
-                    app.close(id)?;
-                    None
-                }
-                None => Some(app.listen("127.0.0.1:9000", "")?.id),
-            };
-        }
-        std::thread::sleep(Duration::from_millis(50));
+fn launcher_config(image: &Path, pebble: &Pebble) -> Result<String> {
+    let ca = std::fs::read_to_string(pebble.listener_ca())?;
+    Ok(format!(
+        "image = {image:?}\ndomain = {DOMAIN:?}\npool = {POOL:?}\ntap_prefix = \"nbdemo\"\n\
+         [guest.ingress]\nhttps = \"0.0.0.0:443\"\nhttp = \"0.0.0.0:80\"\n\
+         [guest.ingress.acme]\ndirectory = {directory:?}\nca_root_pem = {ca:?}\nstate_dir = \"/data/acme\"\n",
+        image = image.display().to_string(),
+        directory = pebble.directory(),
+    ))
+}
+
+/// curl against the VM's API, through its HTTPS ingress.
+struct Client {
+    root: PathBuf,
+    ip: String,
+    token: String,
+    api: String,
+}
+
+impl Client {
+    fn curl(&self, path: &str) -> Command {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--cacert"])
+            .arg(&self.root)
+            .args(["--resolve", &format!("{}:443:{}", self.api, self.ip)])
+            .args(["-H", &format!("Authorization: Bearer {}", self.token)])
+            .arg(format!("https://{}{path}", self.api));
+        cmd
     }
-    app.kill()
+
+    fn get(&self, path: &str) -> Option<String> {
+        let out = self.curl(path).args(["--max-time", "10"]).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn post(&self, path: &str, json: &str) -> Result<()> {
+        let out = self
+            .curl(path)
+            .args(["--max-time", "30", "-X", "POST"])
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                json,
+            ])
+            .output()?;
+        if !out.status.success() || !String::from_utf8_lossy(&out.stdout).contains("\"name\"") {
+            bail!(
+                "POST {path}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    fn stream(&self, path: &str) -> Result<std::process::Child> {
+        Ok(self.curl(path).arg("-N").stdout(Stdio::piped()).spawn()?)
+    }
+}
+
+fn wait_ready(client: &Client, over: &dyn Fn() -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_mins(3);
+    while !over() {
+        if client
+            .get("/v1/status")
+            .is_some_and(|s| s.contains("\"running\""))
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the VM's API did not come up within 3 minutes; see its console (logs)");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    bail!("stopped before the VM was ready")
 }
