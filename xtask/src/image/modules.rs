@@ -5,6 +5,7 @@
 //! VM, and so no on-demand loading (`request_module`) either: everything
 //! the platform could make the kernel ask for must be listed here.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::process::Command;
 
@@ -41,22 +42,46 @@ pub const WANTED: &[(&str, &str)] = &[
 
 /// Adds the `.ko` files of [`WANTED`] and their dependencies under
 /// `/lib/modules/<release>/` and writes [`LIST`]. Returns the list.
+///
+/// `modprobe --show-depends` gives the load order but also soft
+/// dependencies (`softdep … pre:`), which are optional and may not load:
+/// crc32c-intel, libcrc32c's, fails with ENODEV on a CPU without SSE4.2
+/// (TCG's default). Only what `modules.dep` says a wanted module needs is
+/// kept, so that every listed module must load.
 pub fn add(tree: &mut Tree, kernel: &Kernel) -> Result<Vec<String>> {
+    let dir = format!("/lib/modules/{}/", kernel.release);
+    let hard = hard_dependencies(&kernel.root.join(dir.trim_start_matches('/')))?;
     let mut order: Vec<String> = Vec::new();
+    let mut keep: HashSet<String> = HashSet::new();
     for (name, why) in WANTED {
         let out = util::output(
             Command::new("/sbin/modprobe")
-                .arg("-d")
+                // The host's /etc/modprobe.d has no say in the guest.
+                .args(["-C", "/dev/null", "-d"])
                 .arg(&kernel.root)
                 .args(["-S", &kernel.release, "--show-depends", name]),
         )
         .with_context(|| format!("module {name} ({why}) is not in kernel {}", kernel.release))?;
-        for path in parse(&out, &kernel.root)? {
+        let paths = parse(&out, &kernel.root)?;
+        // modprobe names the module itself last; a built-in one, not at all.
+        if let Some(module) = paths.last() {
+            let rel = module.strip_prefix(&dir).unwrap_or(module);
+            let deps = hard
+                .get(rel)
+                .with_context(|| format!("{module} is not in modules.dep"))?;
+            keep.insert(module.clone());
+            keep.extend(deps.iter().map(|d| format!("{dir}{d}")));
+        }
+        for path in paths {
             if !order.contains(&path) {
                 order.push(path);
             }
         }
     }
+    for path in order.iter().filter(|p| !keep.contains(*p)) {
+        eprintln!("kernel module {path}: a soft dependency only, left out");
+    }
+    order.retain(|p| keep.contains(p));
     for path in &order {
         tree.copy(path, &kernel.root.join(path.trim_start_matches('/')))?;
     }
@@ -64,6 +89,27 @@ pub fn add(tree: &mut Tree, kernel: &Kernel) -> Result<Vec<String>> {
     list.push('\n');
     tree.file(LIST, 0o644, list.into_bytes())?;
     Ok(order)
+}
+
+/// `modules.dep`: each module (path relative to `lib/modules/<release>`)
+/// and every module it needs, transitively.
+fn hard_dependencies(dir: &Path) -> Result<HashMap<String, Vec<String>>> {
+    let path = dir.join("modules.dep");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    Ok(parse_dep(&text))
+}
+
+fn parse_dep(text: &str) -> HashMap<String, Vec<String>> {
+    text.lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(module, deps)| {
+            (
+                module.trim().to_owned(),
+                deps.split_whitespace().map(str::to_owned).collect(),
+            )
+        })
+        .collect()
 }
 
 /// The image paths (`/lib/modules/…`) of the `insmod` lines, in order;
@@ -107,5 +153,12 @@ mod tests {
             ]
         );
         assert!(parse("insmod /elsewhere/x.ko\n", Path::new("/c/k")).is_err());
+    }
+
+    #[test]
+    fn reads_modules_dep() {
+        let dep = parse_dep("kernel/lib/libcrc32c.ko:\nkernel/a.ko: kernel/b.ko kernel/c.ko\n");
+        assert_eq!(dep["kernel/lib/libcrc32c.ko"], Vec::<String>::new());
+        assert_eq!(dep["kernel/a.ko"], ["kernel/b.ko", "kernel/c.ko"]);
     }
 }
