@@ -61,6 +61,36 @@ pub const RUN: [Package; 6] = [
     },
 ];
 
+/// Building the VM image: module dependency resolution, the programs the
+/// image carries (base rootfs, data disk formatting, egress NAT), stripping
+/// the guest binary, and reading archives back in the cpio writer's test.
+pub const IMAGE: [Package; 6] = [
+    Package {
+        name: "kmod",
+        provides: "/sbin/depmod",
+    },
+    Package {
+        name: "busybox-static",
+        provides: "/bin/busybox",
+    },
+    Package {
+        name: "e2fsprogs",
+        provides: "/sbin/mke2fs",
+    },
+    Package {
+        name: "nftables",
+        provides: "/usr/sbin/nft",
+    },
+    Package {
+        name: "binutils",
+        provides: "/usr/bin/strip",
+    },
+    Package {
+        name: "cpio",
+        provides: "/usr/bin/cpio",
+    },
+];
+
 /// The benchmarks' peers and load generators.
 pub const BENCH: [Package; 3] = [
     Package {
@@ -107,5 +137,6 @@ pub fn ensure(packages: &[Package]) -> Result<()> {
 /// `cargo xtask deps`: everything any task needs.
 pub fn install() -> Result<()> {
     ensure(&BUILD)?;
-    ensure(&RUN)
+    ensure(&RUN)?;
+    ensure(&IMAGE)
 }

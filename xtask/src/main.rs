@@ -7,6 +7,7 @@ mod bench;
 mod build_ebpf;
 mod demo;
 mod deps;
+mod image;
 mod test;
 mod util;
 
@@ -31,6 +32,8 @@ enum Task {
     BuildEbpf,
     /// Formatting, clippy, unit tests and the privileged integration tests.
     Test(test::Args),
+    /// Build the VM image (kernel, initramfs, manifest) into target/image/.
+    Image(image::Args),
     /// Run the platform live on the embedded defaults.
     Demo(demo::Args),
     /// Run a benchmark and print its table.
@@ -42,6 +45,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.task {
         Task::Deps => deps::install(),
         Task::BuildEbpf => build_ebpf::run(),
+        Task::Image(args) => image::run(&args),
         Task::Test(args) => test::run(&args),
         Task::Demo(args) => demo::run(&args),
         Task::Bench(args) => bench::run(&args),
