@@ -360,6 +360,12 @@ pub fn become_init() {
     use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     use nix::unistd::{ForkResult, Pid, fork};
 
+    // The kernel starts init with no PATH; the platform runs `nft` and
+    // `mkfs.ext4` from the image's /usr/sbin.
+    // SAFETY: no other thread exists yet, so nothing reads the environment
+    // concurrently.
+    unsafe { std::env::set_var("PATH", "/usr/sbin:/usr/bin:/sbin:/bin") };
+
     if let Err(why) = make_root_pivotable() {
         eprintln!("nestbox-guest: the inner container cannot pivot_root: {why}");
     }

@@ -24,6 +24,12 @@ pub const WANTED: &[(&str, &str)] = &[
     ("virtio_mmio", "the virtio transport of -M microvm"),
     ("virtio_blk", "the data and config disks"),
     ("virtio_net", "the VM's network interface"),
+    // Without a hardware RNG the kernel's CRNG takes seconds to seed under
+    // TCG, and getrandom() blocks: mkfs.ext4's UUIDs, every TLS key.
+    (
+        "virtio_rng",
+        "entropy from the host (-device virtio-rng-device)",
+    ),
     // The inner container.
     ("overlay", "the container's root (overlayfs)"),
     ("veth", "the container's link to the VM"),
