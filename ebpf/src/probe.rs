@@ -15,6 +15,7 @@ const SOCK_RELEASE: &str = "nb_sock_release";
 const EVENTS: &str = "events";
 const DROPPED: &str = "dropped";
 const RECONCILED: &str = "reconciled";
+const TASK_HELPERS: &str = "nb_task_helpers";
 
 /// Why the port probe could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +131,11 @@ fn errno_in(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
 
 /// EACCES also means "the verifier said no"; only a load with an empty log is
 /// a permission problem.
+/// The verifier refused a helper call this program type lacks.
+fn lacks_helper(source: &ProgramError) -> bool {
+    matches!(source, ProgramError::LoadError { verifier_log, .. } if verifier_log.to_string().contains("unknown func"))
+}
+
 fn is_verifier(source: &ProgramError) -> bool {
     matches!(source, ProgramError::LoadError { verifier_log, .. } if !verifier_log.to_string().is_empty())
 }
@@ -143,6 +149,8 @@ pub struct PortProbe {
     dropped: Array<MapData, u64>,
     /// Sockets found listening by userspace, by cookie (see `track`).
     reconciled: HashMap<MapData, u64, RawListener>,
+    /// Whether events carry the listening task (pid, comm, cgroup).
+    task_helpers: bool,
 }
 
 impl PortProbe {
@@ -176,16 +184,29 @@ impl PortProbe {
                 }
             }
         })?;
-        let mut loader = EbpfLoader::new();
-        if let Some(bytes) = ring_bytes {
-            loader.map_max_entries(EVENTS, bytes);
-        }
-        let mut ebpf = loader.load(PORTWATCH_OBJECT)?;
+        let load = |task_helpers: bool| -> Result<Ebpf, ProbeError> {
+            let mut loader = EbpfLoader::new();
+            if let Some(bytes) = ring_bytes {
+                loader.map_max_entries(EVENTS, bytes);
+            }
+            let flag = u8::from(task_helpers);
+            loader.override_global(TASK_HELPERS, &flag, true);
+            let mut ebpf = loader.load(PORTWATCH_OBJECT)?;
+            let sockops: &mut SockOps = program(&mut ebpf, SOCKOPS)?;
+            sockops
+                .load()
+                .map_err(|e| ProbeError::from_program(SOCKOPS, e))?;
+            Ok(ebpf)
+        };
+        let (mut ebpf, task_helpers) = match load(true) {
+            Ok(ebpf) => (ebpf, true),
+            Err(ProbeError::Program { source, .. }) if lacks_helper(&source) => {
+                (load(false)?, false)
+            }
+            Err(err) => return Err(err),
+        };
 
         let sockops: &mut SockOps = program(&mut ebpf, SOCKOPS)?;
-        sockops
-            .load()
-            .map_err(|e| ProbeError::from_program(SOCKOPS, e))?;
         sockops
             .attach(&dir, CgroupAttachMode::Single)
             .map_err(|e| ProbeError::from_program(SOCKOPS, e))?;
@@ -218,9 +239,18 @@ impl PortProbe {
                 ebpf,
                 dropped,
                 reconciled,
+                task_helpers,
             },
             events,
         ))
+    }
+
+    /// Whether events name the task that listened. Kernels whose sockops
+    /// programs lack the task helpers (Linux 6.1) report pid 0: the owner
+    /// must be found from the socket.
+    #[must_use]
+    pub fn reports_tasks(&self) -> bool {
+        self.task_helpers
     }
 
     /// How many records the kernel could not queue since the probe was

@@ -64,10 +64,14 @@ pub const RUN: [Package; 6] = [
 /// Building the VM image: module dependency resolution, the programs the
 /// image carries (base rootfs, data disk formatting, egress NAT), stripping
 /// the guest binary, and reading archives back in the cpio writer's test.
-pub const IMAGE: [Package; 6] = [
+pub const IMAGE: [Package; 7] = [
     Package {
         name: "kmod",
         provides: "/sbin/depmod",
+    },
+    Package {
+        name: "ca-certificates",
+        provides: "/etc/ssl/certs/ca-certificates.crt",
     },
     Package {
         name: "busybox-static",

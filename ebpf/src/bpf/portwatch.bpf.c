@@ -81,14 +81,30 @@ static __always_inline void count_drop(void)
 		__sync_fetch_and_add(n, 1);
 }
 
+/*
+ * Whether the task helpers (pid, comm, cgroup id) may be called. Sockops
+ * programs got them only in later kernels (Debian's 6.1 VM kernel says
+ * "unknown func bpf_get_current_pid_tgid"): the loader clears this
+ * read-only global there, the verifier then never visits the calls, and
+ * userspace finds the owner of the socket itself.
+ */
+const volatile __u8 nb_task_helpers = 1;
+
 static __always_inline void fill_task(struct nb_event *e)
 {
+	e->ktime_ns = bpf_ktime_get_ns();
+	if (!nb_task_helpers) {
+		e->tgid = 0;
+		e->pid = 0;
+		e->cgroup_id = 0;
+		__builtin_memset(e->comm, 0, sizeof(e->comm));
+		return;
+	}
 	__u64 id = bpf_get_current_pid_tgid();
 
 	e->tgid = id >> 32;
 	e->pid = (__u32)id;
 	e->cgroup_id = bpf_get_current_cgroup_id();
-	e->ktime_ns = bpf_ktime_get_ns();
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 }
 

@@ -1,6 +1,6 @@
 //! The watcher task: ring buffer in, port events out.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -127,13 +127,10 @@ impl Watcher {
             }
             let mut guard = self.ring.readable_mut().await.map_err(WatchError::Ring)?;
             let mut undecodable = false;
+            let mut raws = Vec::new();
             while let Some(item) = guard.get_inner_mut().next() {
                 match RawEvent::from_bytes(&item) {
-                    Ok(raw) => {
-                        if let Some(event) = apply(&mut self.table, &raw, self.netns_cookie) {
-                            self.pending.push_back(event);
-                        }
-                    }
+                    Ok(raw) => raws.push(raw),
                     Err(err) => {
                         tracing::error!(%err, "undecodable port event; reconciling");
                         undecodable = true;
@@ -141,6 +138,13 @@ impl Watcher {
                 }
             }
             guard.clear_ready();
+            let owners = self.owners_of(&raws).await;
+            for raw in &raws {
+                let owner = owners.get(&raw.socket_cookie).cloned();
+                if let Some(event) = apply(&mut self.table, raw, self.netns_cookie, owner) {
+                    self.pending.push_back(event);
+                }
+            }
             let dropped = self.probe.dropped()?;
             if dropped > self.dropped_seen || undecodable {
                 tracing::warn!(
@@ -151,6 +155,36 @@ impl Watcher {
                 self.reconcile().await?;
             }
         }
+    }
+
+    /// The owners of newly listening sockets, by cookie, when the kernel
+    /// could not name them (sockops without task helpers): sock_diag gives
+    /// each socket's inode, `/proc/PID/fd` of the cgroup's processes the
+    /// process holding it. Empty when events already carry the task.
+    async fn owners_of(&mut self, raws: &[RawEvent]) -> HashMap<u64, Process> {
+        let cookies: BTreeSet<u64> = raws
+            .iter()
+            .filter(|r| r.tgid == 0 && r.netns_cookie == self.netns_cookie)
+            .filter(|r| matches!(r.kind(), Ok(EventKind::Listen)))
+            .map(|r| r.socket_cookie)
+            .collect();
+        if self.probe.reports_tasks() || cookies.is_empty() {
+            return HashMap::new();
+        }
+        let Some(diag) = self.diag.take() else {
+            return HashMap::new();
+        };
+        let cgroup = self.cgroup.clone();
+        let Ok((diag, owners)) = tokio::task::spawn_blocking(move || {
+            let owners = owners_by_cookie(&diag, &cgroup, &cookies);
+            (diag, owners)
+        })
+        .await
+        else {
+            return HashMap::new();
+        };
+        self.diag = Some(diag);
+        owners
     }
 
     /// The published ports and their listening addresses, as of the events
@@ -224,7 +258,12 @@ async fn open_netns(netns: Option<&Path>) -> Result<(SockDiag, u64), WatchError>
 }
 
 /// Applies one kernel record to the table.
-fn apply(table: &mut PortTable, raw: &RawEvent, netns_cookie: u64) -> Option<PortEvent> {
+fn apply(
+    table: &mut PortTable,
+    raw: &RawEvent,
+    netns_cookie: u64,
+    owner: Option<Process>,
+) -> Option<PortEvent> {
     if raw.netns_cookie != netns_cookie {
         // A process of the cgroup in some other namespace: its ports are not
         // reachable where ingress dials, so they are not published.
@@ -240,10 +279,12 @@ fn apply(table: &mut PortTable, raw: &RawEvent, netns_cookie: u64) -> Option<Por
     };
     match raw.kind().ok()? {
         EventKind::Listen => {
-            let process = (raw.tgid != 0).then(|| Process {
-                pid: raw.tgid,
-                comm: raw.comm(),
-            });
+            let process = (raw.tgid != 0)
+                .then(|| Process {
+                    pid: raw.tgid,
+                    comm: raw.comm(),
+                })
+                .or(owner);
             table.listen(
                 Socket {
                     cookie: raw.socket_cookie,
@@ -256,6 +297,30 @@ fn apply(table: &mut PortTable, raw: &RawEvent, netns_cookie: u64) -> Option<Por
         }
         EventKind::Close => table.close(raw.socket_cookie, origin),
     }
+}
+
+/// The processes holding the listening sockets `cookies` (those that are
+/// still open), found through their inodes.
+fn owners_by_cookie(
+    diag: &SockDiag,
+    cgroup: &Path,
+    cookies: &BTreeSet<u64>,
+) -> HashMap<u64, Process> {
+    let Ok(listeners) = diag.listeners() else {
+        return HashMap::new();
+    };
+    let inodes: HashMap<u32, u64> = listeners
+        .iter()
+        .filter(|l| cookies.contains(&l.cookie))
+        .map(|l| (l.inode, l.cookie))
+        .collect();
+    let Ok(pids) = cgroup::subtree_pids(cgroup) else {
+        return HashMap::new();
+    };
+    owners::find(&pids, &inodes.keys().copied().collect())
+        .into_iter()
+        .filter_map(|(inode, process)| Some((*inodes.get(&inode)?, process)))
+        .collect()
 }
 
 /// The listeners of the watched cgroup subtree, now.

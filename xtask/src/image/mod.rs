@@ -94,6 +94,12 @@ pub fn build(args: &Args) -> Result<PathBuf> {
     tree.symlink("usr/sbin/mkfs.ext4", "mke2fs")?;
     tree.copy("etc/mke2fs.conf", Path::new("/etc/mke2fs.conf"))?;
     libs::add_program(&mut tree, "usr/sbin/nft", Path::new("/usr/sbin/nft"))?;
+    // The web PKI roots, for an ACME directory such as Let's Encrypt's
+    // (a test CA's root comes inline in the guest configuration).
+    tree.copy(
+        "etc/ssl/certs/ca-certificates.crt",
+        Path::new("/etc/ssl/certs/ca-certificates.crt"),
+    )?;
     let loaded = modules::add(&mut tree, &kernel)?;
     let applets = rootfs::add(&mut tree)?;
     tree.dir("etc/nestbox", 0o755)?;
