@@ -95,6 +95,12 @@ pub const IMAGE: [Package; 7] = [
     },
 ];
 
+/// Running real VMs (the VM tests, the demo, `bench launcher`).
+pub const VM: [Package; 1] = [Package {
+    name: "qemu-system-x86",
+    provides: "/usr/bin/qemu-system-x86_64",
+}];
+
 /// The benchmarks' peers and load generators.
 pub const BENCH: [Package; 3] = [
     Package {
@@ -142,5 +148,6 @@ pub fn ensure(packages: &[Package]) -> Result<()> {
 pub fn install() -> Result<()> {
     ensure(&BUILD)?;
     ensure(&RUN)?;
-    ensure(&IMAGE)
+    ensure(&IMAGE)?;
+    ensure(&VM)
 }

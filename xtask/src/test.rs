@@ -2,8 +2,9 @@
 //!
 //! Installs missing system packages, checks formatting and clippy
 //! (`-D warnings`), builds every binary (the integration tests run
-//! `nestbox-guest`), then runs every test of the workspace — unit tests and
-//! the privileged netns/cgroup/BPF tests — serially, as root.
+//! `nestbox-guest` and `nestbox-launcher`) and the guest image, then runs
+//! every test of the workspace — unit tests, the privileged
+//! netns/cgroup/BPF tests and the real-VM (QEMU) tests — serially, as root.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -37,6 +38,9 @@ pub fn run(args: &Args) -> Result<()> {
         ]))?;
     }
     util::run(util::cargo().args(["build", "--workspace", "--bins"]))?;
+    // The real-VM tests boot the guest image.
+    deps::ensure(&deps::VM)?;
+    crate::image::build(&crate::image::Args { out: None })?;
     let mut test = util::cargo();
     test.args(["test", "--workspace", "--"]);
     // Privileged tests share the machine's cgroup tree and BPF state.
