@@ -216,7 +216,7 @@ fn start(bin: &Path) -> Result<Vm> {
         .command(bin)
         .args(["run", "--config"])
         .arg(&config)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,nestbox_guest::run=info")
         .stderr(std::fs::File::create(dir.join("guest.log"))?)
         .spawn()
         .context("start nestbox-guest")?;
@@ -350,8 +350,48 @@ fn main() -> Result<()> {
         "| bounce → primary URL serving, p99 of {} | {:.1} ms | ≤ 100 ms |",
         args.bounces, results.bounce_p99_ms
     );
+    print_phases(&std::fs::read_to_string(vm.dir.join("guest.log")).unwrap_or_default());
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
     }
     Ok(())
+}
+
+/// The median of each bounce phase, from the guest's log.
+fn print_phases(log: &str) {
+    for (what, line, field) in [
+        ("services stopped", "the inner container is down", "services_ms"),
+        ("container killed", "the inner container is down", "container_ms"),
+        ("container built", "the inner container is up", "container_ms"),
+        ("egress set up", "the inner container is up", "egress_ms"),
+        ("services started", "the inner container is up", "services_ms"),
+    ] {
+        let mut values = phase_ms(log, line, field);
+        values.sort_by(f64::total_cmp);
+        if !values.is_empty() {
+            println!(
+                "| (bounce phase: {what}, p50) | {:.1} ms | |",
+                percentile(&values, 0.5)
+            );
+        }
+    }
+}
+
+/// The values of `field=` on the guest's log lines that contain `line`
+/// (its bounce phase timings).
+fn phase_ms(log: &str, line: &str, field: &str) -> Vec<f64> {
+    let key = format!("{field}=");
+    log.lines()
+        .filter(|l| l.contains(line))
+        .filter_map(|l| {
+            // Strip ANSI colours before looking for `field=`.
+            let mut parts = l.split('\u{1b}');
+            let mut plain = parts.next().unwrap_or_default().to_owned();
+            for part in parts {
+                plain.push_str(part.split_once('m').map_or(part, |(_, rest)| rest));
+            }
+            let value = plain.split(&key).nth(1)?.split_whitespace().next()?;
+            value.parse().ok()
+        })
+        .collect()
 }
