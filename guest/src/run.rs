@@ -177,6 +177,8 @@ struct Platform {
     egress: Egress,
     /// Whether forwarding and the masquerade rule are in place.
     egress_rules: std::sync::atomic::AtomicBool,
+    /// The root side of the current container's veth pair.
+    egress_link: std::sync::Mutex<Option<&'static str>>,
     current: Current,
     publisher: Publisher,
     services: Manager,
@@ -207,10 +209,13 @@ impl Platform {
             let first = !self
                 .egress_rules
                 .swap(true, std::sync::atomic::Ordering::SeqCst);
-            if let Err(err) = egress::set_up(&self.egress, container.pid1(), &netns, first).await {
-                self.egress_rules
-                    .store(false, std::sync::atomic::Ordering::SeqCst);
-                tracing::error!(%err, "the inner container has no way out");
+            match egress::set_up(&self.egress, container.pid1(), &netns, first).await {
+                Ok(link) => *self.egress_link.lock().expect("not poisoned") = Some(link),
+                Err(err) => {
+                    self.egress_rules
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                    tracing::error!(%err, "the inner container has no way out");
+                }
             }
         }
         self.current.set(Some(container));
@@ -235,6 +240,10 @@ impl Platform {
         self.publisher.set_netns(None);
         self.netns.send_replace(None);
         stop_container(self.current.set(None)).await;
+        let old_link = self.egress_link.lock().expect("not poisoned").take();
+        if let Some(link) = old_link {
+            tokio::spawn(egress::remove_link(link));
+        }
         tracing::info!(
             services_ms = ms(t_services),
             container_ms = ms(t0.elapsed().saturating_sub(t_services)),
@@ -400,6 +409,7 @@ pub async fn run(
         spec,
         egress: config.egress.clone(),
         egress_rules: std::sync::atomic::AtomicBool::new(false),
+        egress_link: std::sync::Mutex::new(None),
         current,
         publisher,
         services,

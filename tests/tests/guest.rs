@@ -433,8 +433,6 @@ fn inside_the_container_user_code_sees_only_its_own() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    let _ = server.kill();
-    let _ = server.wait();
     let said = |prefix: &str| -> String {
         logs.lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -471,4 +469,25 @@ fn inside_the_container_user_code_sees_only_its_own() {
         );
     }
     assert_ne!(bounding & (1 << 10), 0, "CAP_NET_BIND_SERVICE kept");
+    // Egress again after each of two bounces: every rebuilt container gets
+    // a new pair (the two root-side names in turn) and the route to it.
+    for runs in [2, 3] {
+        let out = env.api("POST", "/v1/bounce", None);
+        assert!(out.status.success(), "bounce: {}", body(&out));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let logs = body(&env.api("GET", "/v1/services/probe/logs", None));
+            if logs.matches("hello from nb-backend").count() >= runs {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no egress after a bounce: {logs}\n{}",
+                env.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
 }

@@ -1,23 +1,32 @@
 //! The inner container's way out: a veth pair made with rtnetlink (the
-//! root side keeps `root_addr`, the other end is moved into the container as
-//! `eth0` with `inner_addr` and a default route through the root side), IP
-//! forwarding, and an nftables masquerade rule so that user code reaches the
-//! network with the VM's address. Nothing comes in this way: the ingress
-//! dials inside the container's namespace instead.
+//! root side has `root_addr`/32 and a /32 route to `inner_addr`; the other
+//! end is born inside the container as `eth0` with `inner_addr` and a
+//! default route through the root side), IP forwarding, and an nftables
+//! masquerade rule so that user code reaches the network with the VM's
+//! address. Nothing comes in this way: the ingress dials inside the
+//! container's namespace instead.
+//!
+//! A bounce must not wait for the old pair to go: deleting an interface (or
+//! moving one between namespaces) waits for RCU grace periods, tens of
+//! milliseconds here. So the rebuilt container's pair takes the other of two
+//! root-side names, the old one is deleted in the background, and the route
+//! to the container is *replaced* onto the new link (the /32 address on both
+//! links meanwhile is harmless).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::process::Stdio;
 
 use futures_util::TryStreamExt;
-use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
-/// The root side's interface name.
-pub const ROOT_LINK: &str = "nb-inner0";
-/// The container side's name until it is inside (the VM has an `eth0`).
-const PEER_LINK: &str = "nb-inner1";
+/// The root side's interface names, used in turn.
+pub const ROOT_LINKS: [&str; 2] = ["nb-inner0", "nb-inner1"];
+/// Both, as an nftables interface pattern.
+const ROOT_LINK_PATTERN: &str = "nb-inner*";
 /// The nftables table that holds the masquerade rule.
 const TABLE: &str = "nestbox";
 
@@ -120,17 +129,40 @@ async fn index_of(handle: &Handle, name: &str) -> Result<Option<u32>, EgressErro
     link_index(handle, name).await.map_err(nl("find a link"))
 }
 
-/// Removes the root side (and so the pair) if it is left from before.
-async fn remove_stale(handle: &Handle) -> Result<(), EgressError> {
-    if let Some(index) = index_of(handle, ROOT_LINK).await? {
-        handle
-            .link()
-            .del(index)
-            .execute()
-            .await
-            .map_err(nl("delete the old veth"))?;
+/// Removes the root side `name` (and so its pair) if it exists.
+async fn remove(handle: &Handle, name: &str) -> Result<(), EgressError> {
+    if let Some(index) = index_of(handle, name).await? {
+        match handle.link().del(index).execute().await {
+            // Gone meanwhile, with its namespace.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {}
+            other => other.map_err(nl("delete an old veth"))?,
+        }
     }
     Ok(())
+}
+
+/// A root-side name no link has; deletes the older pair if both are taken.
+async fn free_name(handle: &Handle) -> Result<&'static str, EgressError> {
+    for name in ROOT_LINKS {
+        if index_of(handle, name).await?.is_none() {
+            return Ok(name);
+        }
+    }
+    remove(handle, ROOT_LINKS[0]).await?;
+    Ok(ROOT_LINKS[0])
+}
+
+/// Deletes the root side `name` of an old container's pair (its namespace
+/// takes the pair along when it goes, but that can be much later: open
+/// sockets in it keep it alive). Errors are logged.
+pub async fn remove_link(name: &'static str) {
+    let removed = match connect() {
+        Ok(root) => remove(&root, name).await,
+        Err(e) => Err(e),
+    };
+    if let Err(err) = removed {
+        tracing::warn!(%err, link = name, "an old container's veth stays");
+    }
 }
 
 /// The masquerade rules, replacing any earlier ones.
@@ -140,7 +172,7 @@ fn ruleset(egress: &Egress) -> String {
     format!(
         "table ip {TABLE}\ndelete table ip {TABLE}\n\
          table ip {TABLE} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    \
-         ip saddr {net}/{} oifname != \"{ROOT_LINK}\" masquerade\n  }}\n}}\n",
+         ip saddr {net}/{} oifname != \"{ROOT_LINK_PATTERN}\" masquerade\n  }}\n}}\n",
         egress.prefix_len
     )
 }
@@ -170,7 +202,8 @@ async fn nft(script: &str) -> Result<(), EgressError> {
 /// Gives the container whose network namespace is `netns` (PID 1 = `pid1`)
 /// its way out. Idempotent: what an earlier run left is replaced. The
 /// forwarding switch and the masquerade rule do not depend on the link, so
-/// a rebuilt container skips them (`with_rules` false).
+/// a rebuilt container skips them (`with_rules` false). Returns the root
+/// side's name, for [`remove_link`] when the container goes.
 ///
 /// # Errors
 /// [`EgressError`] naming the step.
@@ -179,28 +212,26 @@ pub async fn set_up(
     pid1: u32,
     netns: &Path,
     with_rules: bool,
-) -> Result<(), EgressError> {
+) -> Result<&'static str, EgressError> {
     let root = connect()?;
-    remove_stale(&root).await?;
+    let name = free_name(&root).await?;
+    // The peer is born inside the container as eth0: moving an interface
+    // between namespaces unregisters it, and that waits for RCU grace
+    // periods (~40 ms here) — most of what a bounce would spend on egress.
+    let peer = LinkUnspec::new_with_name("eth0").setns_by_pid(pid1).build();
     root.link()
-        .add(LinkVeth::new(ROOT_LINK, PEER_LINK).build())
+        .add(
+            LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+                .name(name.to_owned())
+                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+                .build(),
+        )
         .execute()
         .await
-        .map_err(nl("create the veth pair"))?;
-    let peer = index_of(&root, PEER_LINK)
-        .await?
-        .ok_or_else(|| EgressError::Io {
-            what: "find the new veth's peer",
-            source: std::io::ErrorKind::NotFound.into(),
-        })?;
-    root.link()
-        .set(LinkUnspec::new_with_index(peer).setns_by_pid(pid1).build())
-        .execute()
-        .await
-        .map_err(nl("move the peer into the container"))?;
-    let index = index_of(&root, ROOT_LINK).await?.unwrap_or_default();
+        .map_err(nl("create the veth pair, its peer in the container"))?;
+    let index = index_of(&root, name).await?.unwrap_or_default();
     root.address()
-        .add(index, IpAddr::V4(egress.root_addr), egress.prefix_len)
+        .add(index, IpAddr::V4(egress.root_addr), 32)
         .execute()
         .await
         .map_err(nl("address the root side"))?;
@@ -209,15 +240,20 @@ pub async fn set_up(
         .execute()
         .await
         .map_err(nl("bring the root side up"))?;
-
-    let inner = connect_in(netns)?;
-    let eth0 = index_of(&inner, PEER_LINK).await?.unwrap_or_default();
-    inner
-        .link()
-        .set(LinkUnspec::new_with_index(eth0).name("eth0").build())
+    root.route()
+        .add(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(egress.inner_addr, 32)
+                .output_interface(index)
+                .build(),
+        )
+        .replace()
         .execute()
         .await
-        .map_err(nl("name the container's interface eth0"))?;
+        .map_err(nl("route to the container"))?;
+
+    let inner = connect_in(netns)?;
+    let eth0 = index_of(&inner, "eth0").await?.unwrap_or_default();
     inner
         .address()
         .add(eth0, IpAddr::V4(egress.inner_addr), egress.prefix_len)
@@ -241,20 +277,22 @@ pub async fn set_up(
         .await
         .map_err(nl("the container's default route"))?;
 
-    if !with_rules {
-        return Ok(());
+    if with_rules {
+        tokio::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .await
+            .map_err(io("enable IPv4 forwarding"))?;
+        nft(&ruleset(egress)).await?;
     }
-    tokio::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-        .await
-        .map_err(io("enable IPv4 forwarding"))?;
-    nft(&ruleset(egress)).await
+    Ok(name)
 }
 
 /// Removes the masquerade rules and the root side of the pair (gone with
 /// the container's namespace anyway).
 pub async fn tear_down() {
     if let Ok(root) = connect() {
-        let _ = remove_stale(&root).await;
+        for name in ROOT_LINKS {
+            let _ = remove(&root, name).await;
+        }
     }
     let _ = nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n")).await;
 }
@@ -267,7 +305,7 @@ mod tests {
     fn masquerades_the_container_subnet_only() {
         let rules = ruleset(&Egress::default());
         assert!(
-            rules.contains("ip saddr 10.88.0.0/30 oifname != \"nb-inner0\" masquerade"),
+            rules.contains("ip saddr 10.88.0.0/30 oifname != \"nb-inner*\" masquerade"),
             "{rules}"
         );
         assert!(rules.starts_with("table ip nestbox\ndelete table ip nestbox\n"));

@@ -360,11 +360,27 @@ fn main() -> Result<()> {
 /// The median of each bounce phase, from the guest's log.
 fn print_phases(log: &str) {
     for (what, line, field) in [
-        ("services stopped", "the inner container is down", "services_ms"),
-        ("container killed", "the inner container is down", "container_ms"),
-        ("container built", "the inner container is up", "container_ms"),
+        (
+            "services stopped",
+            "the inner container is down",
+            "services_ms",
+        ),
+        (
+            "container killed",
+            "the inner container is down",
+            "container_ms",
+        ),
+        (
+            "container built",
+            "the inner container is up",
+            "container_ms",
+        ),
         ("egress set up", "the inner container is up", "egress_ms"),
-        ("services started", "the inner container is up", "services_ms"),
+        (
+            "services started",
+            "the inner container is up",
+            "services_ms",
+        ),
     ] {
         let mut values = phase_ms(log, line, field);
         values.sort_by(f64::total_cmp);
