@@ -137,21 +137,39 @@ pub async fn connect(
         })?
 }
 
-/// One dialer per namespace, made on first use and kept.
+/// The identity of the namespace a path refers to now: `/proc/PID/ns/net`
+/// names another namespace once PID is reused.
+fn namespace_id(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+#[derive(Debug)]
+struct Entry {
+    dialer: Arc<NetnsDialer>,
+    namespace: (u64, u64),
+}
+
+/// One dialer per namespace, made on first use. A dialer is kept while its
+/// path still names its namespace: making a new one drops those whose path
+/// is gone or names another namespace (a rebuilt inner container has a new
+/// namespace at a new path every time), so their threads end — and with
+/// them the last reference that would keep a dead namespace alive.
 #[derive(Debug, Default)]
 pub struct Dialers {
-    by_path: Mutex<HashMap<PathBuf, Arc<NetnsDialer>>>,
+    by_path: Mutex<HashMap<PathBuf, Entry>>,
 }
 
 impl Dialers {
-    /// The dialer for `path` if one was made already (never blocks).
+    /// The dialer for `path` if one was made already for the namespace it
+    /// names now (one `stat`; never blocks on a thread).
     #[must_use]
     pub fn cached(&self, path: &Path) -> Option<Arc<NetnsDialer>> {
-        self.by_path
-            .lock()
-            .expect("dialers lock")
-            .get(path)
-            .cloned()
+        let namespace = namespace_id(path).ok()?;
+        let map = self.by_path.lock().expect("dialers lock");
+        let entry = map.get(path)?;
+        (entry.namespace == namespace).then(|| entry.dialer.clone())
     }
 
     /// The dialer for `path`, made if needed. Making one starts a thread and
@@ -160,12 +178,38 @@ impl Dialers {
     /// # Errors
     /// [`DialError`] if the namespace cannot be entered.
     pub fn get(&self, path: &Path) -> Result<Arc<NetnsDialer>, DialError> {
+        let open_err = |source| DialError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let namespace = namespace_id(path).map_err(open_err)?;
         let mut map = self.by_path.lock().expect("dialers lock");
-        if let Some(d) = map.get(path) {
-            return Ok(d.clone());
+        if let Some(entry) = map.get(path)
+            && entry.namespace == namespace
+        {
+            return Ok(entry.dialer.clone());
         }
+        map.retain(|p, e| namespace_id(p).is_ok_and(|id| id == e.namespace));
         let dialer = Arc::new(NetnsDialer::open(path)?);
-        map.insert(path.to_owned(), dialer.clone());
+        map.insert(
+            path.to_owned(),
+            Entry {
+                dialer: dialer.clone(),
+                namespace,
+            },
+        );
         Ok(dialer)
+    }
+
+    /// How many dialers (and so socket threads) are kept.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.by_path.lock().expect("dialers lock").len()
+    }
+
+    /// Whether none is kept.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }

@@ -627,3 +627,42 @@ fn ambiguous_framing_cannot_smuggle_a_request() {
         }
     });
 }
+
+/// Threads of this process named `name`.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .count()
+}
+
+#[test]
+fn a_vanished_namespace_loses_its_dialer_thread() {
+    nestbox_tests::require_root();
+    let dialers = nestbox_ingress::dial::Dialers::default();
+    let mut old = Command::new("sleep").arg("60").spawn().unwrap();
+    let mut new = Command::new("sleep").arg("60").spawn().unwrap();
+    let old_path = PathBuf::from(format!("/proc/{}/ns/net", old.id()));
+    let new_path = PathBuf::from(format!("/proc/{}/ns/net", new.id()));
+    let before = threads_named("ingress-netns");
+    drop(dialers.get(&old_path).unwrap());
+    assert!(dialers.cached(&old_path).is_some());
+    assert_eq!(threads_named("ingress-netns"), before + 1);
+    // The old container's process goes: its path names nothing any more.
+    old.kill().unwrap();
+    old.wait().unwrap();
+    assert!(dialers.cached(&old_path).is_none());
+    drop(dialers.get(&new_path).unwrap());
+    assert_eq!(dialers.len(), 1, "the dead namespace's dialer is dropped");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while threads_named("ingress-netns") != before + 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the old socket thread did not end"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    new.kill().unwrap();
+    new.wait().unwrap();
+}
