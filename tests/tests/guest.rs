@@ -444,7 +444,8 @@ fn inside_the_container_user_code_sees_only_its_own() {
     // commands of that line.
     let pids: usize = said("pids ").trim_start_matches("pids ").parse().unwrap();
     assert!(pids <= 6, "{pids} processes visible: {logs}");
-    assert!(said("init ").contains("container-init"), "{logs}");
+    // The container's PID 1 is the reaper (container-init became it).
+    assert!(said("init ").contains("nestbox-reaper"), "{logs}");
     assert_eq!(said("hello"), "hello from nb-backend");
     assert!(
         said("  HTTP/").contains("401") || logs.contains("401 Unauthorized"),

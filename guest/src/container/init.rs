@@ -7,7 +7,8 @@
 //! the child is PID 1 of the container. PID 1 builds the root filesystem
 //! (overlay of the base and the writable layer, a minimal `/dev`, the API
 //! socket's directory at `/.nestbox`), `pivot_root`s into it, mounts a fresh
-//! `/proc`, sets the hostname, says `ready`, and then reaps orphans forever.
+//! `/proc`, sets the hostname, says `ready`, and then becomes the reaper
+//! (`reaper.c`, a few KiB): it reaps orphans for as long as the container lives.
 //! The parent prints PID 1's pid as the host sees it and exits.
 //!
 //! Messages to the guest go to stdout, one per line: `pid N`, then `ready`
@@ -229,6 +230,25 @@ fn reap_forever() -> ! {
     }
 }
 
+/// The reaper (`reaper.c`), built by `build.rs`.
+#[cfg(nestbox_reaper)]
+const REAPER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/reaper"));
+
+/// Replaces this process with the reaper, run from a memfd (the container's
+/// root does not have it): the same duty, a few KiB instead of this
+/// program's runtime. Returns only on failure.
+#[cfg(nestbox_reaper)]
+fn become_reaper() -> Result<std::convert::Infallible, String> {
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    let fd = memfd_create(c"nestbox-reaper", MFdFlags::MFD_CLOEXEC)
+        .map_err(|e| format!("memfd_create: {e}"))?;
+    std::fs::File::from(fd.try_clone().map_err(|e| format!("dup: {e}"))?)
+        .write_all(REAPER)
+        .map_err(|e| format!("write the reaper: {e}"))?;
+    let no_env: [&std::ffi::CStr; 0] = [];
+    nix::unistd::fexecve(&fd, &[c"nestbox-reaper"], &no_env).map_err(|e| format!("fexecve: {e}"))
+}
+
 fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
@@ -258,6 +278,11 @@ pub fn main(layout: &Layout, hostname: &str) -> ! {
                     say(&format!("error: {why}"));
                     std::process::exit(1);
                 }
+            }
+            #[cfg(nestbox_reaper)]
+            {
+                let Err(why) = become_reaper();
+                eprintln!("nestbox-guest: the container's PID 1 stays this program: {why}");
             }
             reap_forever()
         }

@@ -83,6 +83,18 @@ fn comm(pid: u32) -> String {
 
 /// RSS of the platform (the guest and its `nestbox-guest` descendants) and
 /// of everything else the guest started (the user's services).
+/// Whether `pid` is PID 1 of its pid namespace (the container's init,
+/// whatever program it is now): the platform's, counted as such.
+fn is_container_init(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .is_some_and(|ids| {
+                ids.split_whitespace().count() > 1 && ids.split_whitespace().last() == Some("1")
+            })
+    })
+}
+
 fn rss(guest: u32) -> (u64, u64) {
     let (mut platform, mut services) = (kib(guest, "VmRSS:"), 0);
     eprintln!(
@@ -107,11 +119,11 @@ fn rss(guest: u32) -> (u64, u64) {
                 .unwrap_or_default()
                 .lines()
                 .filter_map(|p| p.parse::<u32>().ok())
-                .filter(|p| comm(*p) == "nestbox-guest"),
+                .filter(|p| is_container_init(*p)),
         );
     }
     while let Some(pid) = todo.pop() {
-        if comm(pid) == "nestbox-guest" {
+        if comm(pid) == "nestbox-guest" || is_container_init(pid) {
             eprintln!(
                 "  container init pid {pid}: {} KiB (anon {} KiB, file {} KiB)",
                 kib(pid, "VmRSS:"),
