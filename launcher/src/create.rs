@@ -96,6 +96,8 @@ impl Launcher {
             tap: format!("{}{index}", self.config.tap_prefix),
             mac: mac_for(address),
             created: time::OffsetDateTime::now_utc()
+                .replace_nanosecond(0)
+                .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default(),
             vmm: vmm.name().to_owned(),

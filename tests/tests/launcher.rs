@@ -273,6 +273,8 @@ fn sha256_hex(data: &str) -> String {
 fn check_network() {
     let addr = run("ip", &["-o", "-4", "addr", "show", "dev", "nl12"]);
     assert!(addr.contains("10.211.1.1/32"), "{addr}");
+    let ipv6 = std::fs::read_to_string("/proc/sys/net/ipv6/conf/nl12/disable_ipv6");
+    assert_eq!(ipv6.unwrap().trim(), "1", "IPv4 only on the tap");
     let link = run("ip", &["-o", "link", "show", "nl12"]);
     assert!(link.contains(",UP") || link.contains("<UP"), "{link}");
     let route = run("ip", &["-4", "route", "show", "10.211.1.2"]);

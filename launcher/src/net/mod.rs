@@ -1,14 +1,15 @@
 //! A VM's network on the host: a persistent tap ([`tap`]), the host
 //! address on it and a /32 route to the guest ([`netlink`]), IPv4
-//! forwarding ([`forwarding`]) and the VM's nftables table ([`nft`]).
+//! forwarding and no IPv6 on the tap ([`sysctl`]) and the VM's nftables
+//! table ([`nft`]).
 //!
 //! Setting up is idempotent (run again by `start`, and by a `create` that
 //! finds its own leftovers); tearing down runs every step and returns every
 //! error, so one failure never leaves the rest in place.
 
-pub mod forwarding;
 pub mod netlink;
 pub mod nft;
+pub mod sysctl;
 pub mod tap;
 
 use std::net::Ipv4Addr;
@@ -37,11 +38,11 @@ pub enum NetError {
     /// The tap disappeared between creating and configuring it.
     #[error("the tap {0} vanished while it was being configured: is something else deleting taps?")]
     Vanished(String),
-    /// Forwarding could not be switched on.
-    #[error("cannot enable IPv4 forwarding ({path}): {source}")]
-    Forwarding {
+    /// A sysctl could not be set.
+    #[error("cannot set {path}: {source}")]
+    Sysctl {
         /// The sysctl file.
-        path: &'static str,
+        path: String,
         /// The error.
         source: std::io::Error,
     },
@@ -74,14 +75,15 @@ pub struct VmNetwork<'a> {
 }
 
 impl VmNetwork<'_> {
-    /// Makes the tap, addresses it, routes the guest, enables forwarding
-    /// and loads the VM's table. Idempotent.
+    /// Makes the tap (IPv4 only), addresses it, routes the guest, enables
+    /// forwarding and loads the VM's table. Idempotent.
     ///
     /// # Errors
     /// The first step that fails.
     pub fn set_up(&self) -> Result<(), NetError> {
         let _span = tracing::info_span!("network", tap = self.tap).entered();
         tap::create_persistent(self.tap)?;
+        sysctl::disable_ipv6(self.tap)?;
         let nl = Netlink::connect()?;
         let index = nl
             .link_index(self.tap)?
@@ -90,7 +92,7 @@ impl VmNetwork<'_> {
         nl.set_up(self.tap, index)?;
         nl.add_route(self.tap, index, self.guest, self.host)?;
         if self.egress {
-            forwarding::enable()?;
+            sysctl::enable_forwarding()?;
         }
         nft::apply(
             self.tap,

@@ -13,6 +13,7 @@
 use std::fmt::Write as _;
 use std::io::Write;
 use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use super::NetError;
@@ -63,14 +64,25 @@ pub fn delete_script(tap: &str) -> String {
     format!("table ip {table}\ndelete table ip {table}\n")
 }
 
-/// Runs `script` through `nft -f -`.
+/// Runs `script` through `nft -f -`. nft dies with the launcher
+/// (`PR_SET_PDEATHSIG`): a launcher killed mid-create must not leave an
+/// nft that loads the VM's table after the next command removed it.
 ///
 /// # Errors
 /// [`NetError::NftMissing`] when nft cannot run, [`NetError::Nft`] with its
 /// message when it refuses.
 pub fn apply(tap: &str, script: &str) -> Result<(), NetError> {
     tracing::debug!(table = %table_name(tap), "nft transaction");
-    let mut child = Command::new("nft")
+    let mut cmd = Command::new("nft");
+    // SAFETY: runs in the forked child before exec and only makes the
+    // prctl(2) system call, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())

@@ -73,14 +73,15 @@ pub struct StateDir {
 }
 
 impl StateDir {
-    /// The state directory at `root` (made absolute: the VMM runs in the
-    /// VM's directory, and processes are matched by their absolute path).
+    /// The state directory at `root`, resolved to the canonical path it
+    /// has (or will have once created): VMMs are marked with their VM
+    /// directory's path and found by it later, so every launcher run must
+    /// spell it the same way.
     #[must_use]
     pub fn new(root: &Path) -> Self {
-        let root = std::fs::canonicalize(root)
-            .or_else(|_| std::path::absolute(root))
-            .unwrap_or_else(|_| root.to_owned());
-        Self { root }
+        Self {
+            root: resolve(root),
+        }
     }
 
     /// Its path.
@@ -139,6 +140,29 @@ impl StateDir {
             .collect();
         names.sort();
         Ok(names)
+    }
+}
+
+/// `path` made absolute with its longest existing ancestor canonicalized
+/// (symlinks resolved), the rest appended as written.
+fn resolve(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let mut rest = Vec::new();
+    let mut base = absolute.as_path();
+    loop {
+        if let Ok(canonical) = std::fs::canonicalize(base) {
+            return rest
+                .iter()
+                .rev()
+                .fold(canonical, |p: PathBuf, c: &&std::ffi::OsStr| p.join(c));
+        }
+        match (base.parent(), base.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name);
+                base = parent;
+            }
+            _ => return absolute,
+        }
     }
 }
 
@@ -271,5 +295,22 @@ mod tests {
         assert!(vm.record().ends_with("vms/a/vm.json"));
         assert!(vm.path().is_absolute());
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_state_dir_is_spelled_the_same_before_and_after_it_exists() {
+        let base = std::env::temp_dir().join(format!("nb-resolve-{}", std::process::id()));
+        std::fs::create_dir_all(base.join("real")).unwrap();
+        std::os::unix::fs::symlink(base.join("real"), base.join("link")).unwrap();
+        let before = StateDir::new(&base.join("link/state/"));
+        std::fs::create_dir_all(base.join("real/state")).unwrap();
+        let after = StateDir::new(&base.join("link/state"));
+        assert_eq!(before.root(), after.root());
+        assert!(
+            after.root().ends_with("real/state"),
+            "{}",
+            after.root().display()
+        );
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }
