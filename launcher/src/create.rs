@@ -56,6 +56,15 @@ pub struct Created {
     pub accel_why: String,
 }
 
+/// A new VM's sizes.
+#[derive(Debug)]
+struct Sizes {
+    memory_mib: u32,
+    cpus: u8,
+    primary_port: u16,
+    disk_gib: u32,
+}
+
 /// The primary port when `create` does not say.
 const DEFAULT_PRIMARY_PORT: u16 = 8080;
 
@@ -77,7 +86,7 @@ impl Launcher {
     /// that failed too).
     pub fn create(&self, opts: &CreateOptions, vmm: &dyn Vmm) -> Result<Created, LauncherError> {
         let name = VmName::new(&opts.name)?;
-        let record_template = self.sizes(opts)?;
+        let sizes = self.sizes(opts)?;
         let image = Image::open(&self.config.image)?;
         let _span = tracing::info_span!("create", vm = %name).entered();
         let _lock = self.lock()?;
@@ -103,29 +112,33 @@ impl Launcher {
             vmm: vmm.name().to_owned(),
             accel: vmm.accel().accel,
             image_version: image.manifest.version.clone(),
-            ..record_template
+            memory_mib: sizes.memory_mib,
+            cpus: sizes.cpus,
+            primary_port: sizes.primary_port,
+            disk_gib: sizes.disk_gib,
+            pid: None,
+            pid_start: None,
         };
         dir.create()?;
         record.save(&dir)?;
         tracing::info!(address = %record.address, tap = %record.tap, "record written");
 
         if let Err(error) = self.build(&dir, &mut record, &image, vmm) {
-            tracing::warn!(%error, "create failed; removing what it made");
-            let cleanup = Self::tear_down(&dir, Some(&record));
-            if cleanup.is_empty() {
-                if let Err(e) = Self::remove_dir(&dir) {
-                    return Err(LauncherError::Leftovers {
-                        name: name.to_string(),
-                        error: Box::new(error),
-                        cleanup: vec![e.to_string()],
-                    });
-                }
-                return Err(error);
+            tracing::info!(%error, "create failed; removing what it made");
+            let mut cleanup = Self::tear_down(&dir, Some(&record));
+            if cleanup.is_empty()
+                && let Err(e) = Self::remove_dir(&dir)
+            {
+                cleanup.push(e.to_string());
             }
-            return Err(LauncherError::Leftovers {
-                name: name.to_string(),
-                error: Box::new(error),
-                cleanup,
+            return Err(if cleanup.is_empty() {
+                error
+            } else {
+                LauncherError::Leftovers {
+                    name: name.to_string(),
+                    error: Box::new(error),
+                    cleanup,
+                }
             });
         }
         let domain = &self.config.domain;
@@ -138,8 +151,8 @@ impl Launcher {
         })
     }
 
-    /// The sizes of a new VM (the rest of the record is filled in later).
-    fn sizes(&self, opts: &CreateOptions) -> Result<VmRecord, LauncherError> {
+    /// The sizes of a new VM: the options, else the configuration.
+    fn sizes(&self, opts: &CreateOptions) -> Result<Sizes, LauncherError> {
         let option = |flag, why| LauncherError::Option { flag, why };
         let memory_mib = opts.memory_mib.unwrap_or(self.config.memory_mib);
         if memory_mib < 64 {
@@ -157,25 +170,11 @@ impl Launcher {
         if primary_port == 0 {
             return Err(option("--primary-port", "must be a port from 1 to 65535"));
         }
-        Ok(VmRecord {
-            name: String::new(),
-            phase: Phase::Creating,
-            index: 0,
-            address: std::net::Ipv4Addr::UNSPECIFIED,
-            host_address: std::net::Ipv4Addr::UNSPECIFIED,
-            prefix_len: 0,
-            tap: String::new(),
-            mac: String::new(),
+        Ok(Sizes {
             memory_mib,
             cpus,
             primary_port,
             disk_gib,
-            vmm: String::new(),
-            accel: crate::vmm::accel::Accel::None,
-            image_version: String::new(),
-            created: String::new(),
-            pid: None,
-            pid_start: None,
         })
     }
 
