@@ -25,6 +25,9 @@ enum Bench {
     Ingress,
     /// The guest: platform RSS idle and after 10,000 requests; bounce time.
     Guest,
+    /// The host side per VM: create/destroy cost (stub VMM), boot → API
+    /// ready under QEMU, host processes per running VM besides the VMM.
+    Launcher,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -37,6 +40,10 @@ pub fn run(args: &Args) -> Result<()> {
             "ingress"
         }
         Bench::Guest => "guest",
+        Bench::Launcher => {
+            deps::ensure(&deps::VM)?;
+            "launcher"
+        }
     };
     util::run(util::cargo().args([
         "build",
@@ -48,6 +55,8 @@ pub fn run(args: &Args) -> Result<()> {
         "nestbox-ingress",
         "-p",
         "nestbox-guest",
+        "-p",
+        "nestbox-launcher",
         "--bins",
     ]))?;
     let root = util::root();
@@ -61,6 +70,10 @@ pub fn run(args: &Args) -> Result<()> {
         bench
             .arg("--guest")
             .arg(root.join("target/guest/nestbox-guest"));
+    }
+    if matches!(args.what, Bench::Launcher) {
+        let image = crate::image::build(&crate::image::Args { out: None })?;
+        bench.arg("--image").arg(image);
     }
     util::run(bench.args(&args.extra))
 }
