@@ -195,6 +195,24 @@ struct Platform {
 /// 1 MiB would cost 2 MiB there.
 const PORT_EVENT_RING_BYTES: u32 = 128 * 1024;
 
+/// What a stopped container leaves to free once its successor serves.
+struct Remains {
+    /// Its network namespace, held open so the kernel does not tear it
+    /// down yet.
+    netns: Option<std::fs::File>,
+    /// The root side of its veth pair.
+    link: Option<&'static str>,
+}
+
+impl Remains {
+    async fn free(self) {
+        drop(self.netns);
+        if let Some(link) = self.link {
+            egress::remove_link(link).await;
+        }
+    }
+}
+
 /// Milliseconds, for log fields.
 fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -242,28 +260,41 @@ impl Platform {
         Ok(())
     }
 
-    async fn down(&self) {
+    /// Stops the services and the container. Returns what is left of it
+    /// to free later: its network namespace (held open) and the root side of
+    /// its veth pair.
+    async fn down(&self) -> Remains {
         let t0 = std::time::Instant::now();
         self.services.down().await;
         let t_services = t0.elapsed();
         self.publisher.set_netns(None);
-        self.netns.send_replace(None);
+        let netns = self
+            .netns
+            .send_replace(None)
+            .and_then(|path| std::fs::File::open(path).ok());
         stop_container(self.current.set(None)).await;
-        let old_link = self.egress_link.lock().expect("not poisoned").take();
-        if let Some(link) = old_link {
-            tokio::spawn(egress::remove_link(link));
-        }
+        let link = self.egress_link.lock().expect("not poisoned").take();
         tracing::info!(
             services_ms = ms(t_services),
             container_ms = ms(t0.elapsed().saturating_sub(t_services)),
             "the inner container is down"
         );
+        Remains { netns, link }
     }
 
     async fn bounce(&self) -> Result<(), String> {
         self.state.send_replace(ContainerState::Bouncing);
-        self.down().await;
-        self.up().await.map_err(|e| e.to_string())
+        let remains = self.down().await;
+        let up = self.up().await.map_err(|e| e.to_string());
+        // Destroying a network namespace and deleting a veth hold the
+        // kernel's rtnl lock through RCU grace periods (tens of ms here):
+        // done during the rebuild they would stall it. So they wait until
+        // the new container has been serving for a moment.
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            remains.free().await;
+        });
+        up
     }
 }
 
@@ -441,7 +472,7 @@ pub async fn run(
         }
     }
     tracing::info!("stopping: services, then the inner container");
-    platform.down().await;
+    platform.down().await.free().await;
     if config.egress.enabled {
         egress::tear_down().await;
     }
