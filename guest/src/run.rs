@@ -288,12 +288,10 @@ impl Platform {
         let up = self.up().await.map_err(|e| e.to_string());
         // Destroying a network namespace and deleting a veth hold the
         // kernel's rtnl lock through RCU grace periods (tens of ms here):
-        // done during the rebuild they would stall it. So they wait until
-        // the new container has been serving for a moment.
-        tokio::spawn(async move {
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            remains.free().await;
-        });
+        // done during the rebuild they would stall its netlink requests. Once
+        // the services are started nothing on the way to serving needs rtnl
+        // (their sockets, the port event, the route), so that is when.
+        tokio::spawn(remains.free());
         up
     }
 }

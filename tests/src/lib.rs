@@ -154,3 +154,17 @@ pub fn quantile_index(len: usize, q: f64) -> usize {
     let i = ((len as f64 - 1.0) * q).round() as usize;
     i
 }
+
+/// A field of `/proc/PID/status` in KiB (`VmRSS:`, `VmHWM:`, `RssAnon:` …);
+/// 0 when the process or the field is gone.
+#[must_use]
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -8,7 +8,7 @@
 //!
 //! A bounce must not wait for the old pair to go: deleting an interface (or
 //! moving one between namespaces) waits for RCU grace periods, tens of
-//! milliseconds here. So the rebuilt container's pair takes the other of two
+//! milliseconds here. So the rebuilt container's pair takes another of a few
 //! root-side names, the old one is deleted in the background, and the route
 //! to the container is *replaced* onto the new link (the /32 address on both
 //! links meanwhile is harmless).
@@ -23,8 +23,9 @@ use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBu
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
-/// The root side's interface names, used in turn.
-pub const ROOT_LINKS: [&str; 2] = ["nb-inner0", "nb-inner1"];
+/// The root side's interface names, used in turn (a few, so that quick
+/// bounces in a row do not find them all still being deleted).
+pub const ROOT_LINKS: [&str; 4] = ["nb-inner0", "nb-inner1", "nb-inner2", "nb-inner3"];
 /// Both, as an nftables interface pattern.
 const ROOT_LINK_PATTERN: &str = "nb-inner*";
 /// The nftables table that holds the masquerade rule.

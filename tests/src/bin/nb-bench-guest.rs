@@ -50,14 +50,7 @@ struct Results {
 }
 
 fn kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
+    nestbox_tests::status_kib(pid, field)
 }
 
 fn children(pid: u32) -> Vec<u32> {

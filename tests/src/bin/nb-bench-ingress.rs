@@ -196,14 +196,8 @@ fn cpu_ms(pid: u32) -> f64 {
 /// Peak RSS of a process and its children, in MiB.
 fn peak_rss_mib(pid: u32) -> f64 {
     let hwm = |p: &str| -> u64 {
-        std::fs::read_to_string(format!("/proc/{p}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            })
-            .unwrap_or(0)
+        p.parse()
+            .map_or(0, |pid| nestbox_tests::status_kib(pid, "VmHWM:"))
     };
     let total: u64 = family(pid).iter().map(|p| hwm(p)).sum();
     #[expect(clippy::cast_precision_loss, reason = "KiB counts far below 2^52")]

@@ -74,14 +74,7 @@ fn pids() -> std::collections::BTreeSet<u32> {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
+    nestbox_tests::status_kib(pid, "VmRSS:")
 }
 
 fn comm(pid: u32) -> String {
