@@ -102,6 +102,9 @@ fn main() -> Result<()> {
         .map(|s| Instant::now() + Duration::from_secs(s));
     let over = || stop.load(Ordering::SeqCst) || deadline.is_some_and(|d| Instant::now() > d);
 
+    // launcher.toml lives in the state directory: give it an absolute path.
+    let image = std::fs::canonicalize(&args.image)
+        .with_context(|| format!("no guest image at {}", args.image.display()))?;
     let work = PathBuf::from(WORK);
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(work.join("state"))?;
@@ -109,7 +112,7 @@ fn main() -> Result<()> {
     let pebble = Pebble::start_for_vms(&work.join("pebble"), HOST_IP, 8053)?;
     std::fs::write(
         work.join("state/launcher.toml"),
-        launcher_config(&args.image, &pebble)?,
+        launcher_config(&image, &pebble)?,
     )?;
     let mut demo = Demo {
         work: work.clone(),
@@ -119,8 +122,8 @@ fn main() -> Result<()> {
     };
     println!("booting VM {} (QEMU) …", demo.name);
     let started = Instant::now();
-    demo.created = true;
     print!("{}", demo.launcher(&["create", &demo.name.clone()])?);
+    demo.created = true;
     let ip = demo.address()?;
     let vm = format!("{}.{DOMAIN}", demo.name);
     for host in [
