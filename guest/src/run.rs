@@ -186,6 +186,55 @@ struct Platform {
     services: Manager,
     netns: watch::Sender<Option<PathBuf>>,
     state: watch::Sender<ContainerState>,
+    graveyard: Graveyard,
+}
+
+/// Old containers' namespaces and veths, freed when bounces pause.
+///
+/// Destroying a network namespace and deleting a veth hold the kernel's
+/// rtnl lock through RCU grace periods and burn tens of milliseconds of CPU
+/// here: done right after a bounce they slow the new container on its way
+/// to serving (and the next bounce). So they wait until no bounce has come
+/// for [`Graveyard::QUIET`], then go together (the kernel tears dropped
+/// namespaces down in one batch); at most [`Graveyard::MAX`] wait.
+#[derive(Clone, Default)]
+struct Graveyard {
+    buried: Arc<std::sync::Mutex<Vec<Remains>>>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Graveyard {
+    const QUIET: std::time::Duration = std::time::Duration::from_secs(2);
+    const MAX: usize = 8;
+
+    fn bury(&self, remains: Remains) {
+        use std::sync::atomic::Ordering;
+        let overflow = {
+            let mut buried = self.buried.lock().expect("not poisoned");
+            buried.push(remains);
+            (buried.len() > Self::MAX).then(|| buried.remove(0))
+        };
+        if let Some(oldest) = overflow {
+            tokio::spawn(oldest.free());
+        }
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Self::QUIET).await;
+            if this.generation.load(Ordering::SeqCst) == generation {
+                this.free_all().await;
+            }
+        });
+    }
+
+    async fn free_all(&self) {
+        let all = std::mem::take(&mut *self.buried.lock().expect("not poisoned"));
+        // Namespaces first, all at once, then the links one by one.
+        let links: Vec<_> = all.into_iter().filter_map(|r| r.link).collect();
+        for link in links {
+            egress::remove_link(link).await;
+        }
+    }
 }
 
 /// The port watcher's kernel ring buffer in a VM: 128 KiB, about 1,500
@@ -286,12 +335,7 @@ impl Platform {
         self.state.send_replace(ContainerState::Bouncing);
         let remains = self.down().await;
         let up = self.up().await.map_err(|e| e.to_string());
-        // Destroying a network namespace and deleting a veth hold the
-        // kernel's rtnl lock through RCU grace periods (tens of ms here):
-        // done during the rebuild they would stall its netlink requests. Once
-        // the services are started nothing on the way to serving needs rtnl
-        // (their sockets, the port event, the route), so that is when.
-        tokio::spawn(remains.free());
+        self.graveyard.bury(remains);
         up
     }
 }
@@ -448,6 +492,7 @@ pub async fn run(
         egress: config.egress.clone(),
         egress_rules: std::sync::atomic::AtomicBool::new(false),
         egress_link: std::sync::Mutex::new(None),
+        graveyard: Graveyard::default(),
         current,
         publisher,
         services,
@@ -471,6 +516,7 @@ pub async fn run(
     }
     tracing::info!("stopping: services, then the inner container");
     platform.down().await.free().await;
+    platform.graveyard.free_all().await;
     if config.egress.enabled {
         egress::tear_down().await;
     }

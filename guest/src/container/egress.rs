@@ -23,9 +23,22 @@ use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBu
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
-/// The root side's interface names, used in turn (a few, so that quick
-/// bounces in a row do not find them all still being deleted).
-pub const ROOT_LINKS: [&str; 4] = ["nb-inner0", "nb-inner1", "nb-inner2", "nb-inner3"];
+/// The root side's interface names, used in turn (enough for the old pairs
+/// that wait to be deleted, see the guest's graveyard, and the current one).
+pub const ROOT_LINKS: [&str; 12] = [
+    "nb-inner0",
+    "nb-inner1",
+    "nb-inner2",
+    "nb-inner3",
+    "nb-inner4",
+    "nb-inner5",
+    "nb-inner6",
+    "nb-inner7",
+    "nb-inner8",
+    "nb-inner9",
+    "nb-inner10",
+    "nb-inner11",
+];
 /// Both, as an nftables interface pattern.
 const ROOT_LINK_PATTERN: &str = "nb-inner*";
 /// The nftables table that holds the masquerade rule.
