@@ -221,7 +221,11 @@ fn start(bin: &Path) -> Result<Vm> {
         .command(bin)
         .args(["run", "--config"])
         .arg(&config)
-        .env("RUST_LOG", "warn,nestbox_guest::run=info")
+        // NB_GUEST_LOG overrides, to look into a bounce's timeline.
+        .env(
+            "RUST_LOG",
+            std::env::var("NB_GUEST_LOG").unwrap_or_else(|_| "warn,nestbox_guest::run=info".into()),
+        )
         .stderr(std::fs::File::create(dir.join("guest.log"))?)
         .spawn()
         .context("start nestbox-guest")?;
@@ -355,7 +359,12 @@ fn main() -> Result<()> {
         "| bounce → primary URL serving, p99 of {} | {:.1} ms | ≤ 100 ms |",
         args.bounces, results.bounce_p99_ms
     );
-    print_phases(&std::fs::read_to_string(vm.dir.join("guest.log")).unwrap_or_default());
+    let log = std::fs::read_to_string(vm.dir.join("guest.log")).unwrap_or_default();
+    print_phases(&log);
+    if let Some(path) = &args.json {
+        // The guest's log next to the results.
+        let _ = std::fs::write(path.with_extension("log"), &log);
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
     }
