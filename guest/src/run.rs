@@ -334,9 +334,20 @@ impl Platform {
     async fn bounce(&self) -> Result<(), String> {
         self.state.send_replace(ContainerState::Bouncing);
         let remains = self.down().await;
-        let up = self.up().await.map_err(|e| e.to_string());
+        let mut up = self.up().await;
+        // A container that does not come back is retried a few times (each
+        // failure is logged with its cause) before the bounce reports it.
+        for attempt in 1..=3u32 {
+            let Err(err) = &up else { break };
+            tracing::error!(%err, attempt, "the inner container did not come back; retrying");
+            tokio::time::sleep(std::time::Duration::from_millis(200) * attempt).await;
+            up = self.up().await;
+        }
         self.graveyard.bury(remains);
-        up
+        up.map_err(|e| {
+            tracing::error!(err = %e, "the inner container did not come back");
+            e.to_string()
+        })
     }
 }
 

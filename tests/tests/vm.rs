@@ -333,7 +333,12 @@ fn a_vm_serves_its_user_service_and_keeps_it_across_bounce_and_restart() {
 
     // Bounce: the container restarts, the URL comes back.
     let out = host.api("vm1", "POST", "/v1/bounce", None);
-    assert!(out.status.success(), "bounce: {}", body(&out));
+    assert!(
+        out.status.success() && body(&out).contains("running"),
+        "bounce: {}\nconsole:\n{}",
+        body(&out),
+        host.console("vm1")
+    );
     host.wait_body("vm1", "vm1.test", "/", INDEX);
 
     // Stop and start: the definitions and the data disk survive.
