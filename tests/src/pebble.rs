@@ -180,6 +180,30 @@ impl Pebble {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// A `launcher.toml` whose VMs get their certificates from this Pebble:
+    /// `image`, `domain`, the address `pool` and `tap_prefix`, and a
+    /// `[guest]` table with the ingress on 80/443 and this ACME directory
+    /// (its listener's CA inline, for the config disk).
+    ///
+    /// # Errors
+    /// If the listener CA cannot be read.
+    pub fn launcher_toml(
+        &self,
+        image: &Path,
+        domain: &str,
+        pool: &str,
+        tap_prefix: &str,
+    ) -> Result<String> {
+        let ca = std::fs::read_to_string(self.listener_ca())?;
+        Ok(format!(
+            "image = {image:?}\ndomain = {domain:?}\npool = {pool:?}\ntap_prefix = {tap_prefix:?}\n\
+             [guest.ingress]\nhttps = \"0.0.0.0:443\"\nhttp = \"0.0.0.0:80\"\n\
+             [guest.ingress.acme]\ndirectory = {directory:?}\nca_root_pem = {ca:?}\nstate_dir = \"/data/acme\"\n",
+            image = image.display().to_string(),
+            directory = self.directory(),
+        ))
+    }
+
     /// Makes the DNS answer `host` with `ip` (A record).
     ///
     /// # Errors

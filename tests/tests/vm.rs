@@ -51,14 +51,14 @@ impl Host {
         std::fs::create_dir_all(&dir).unwrap();
         let host_ip = format!("10.124.{k}.1");
         let pebble = Pebble::start_for_vms(&dir.join("pebble"), &host_ip, 8053).unwrap();
-        let ca = std::fs::read_to_string(pebble.listener_ca()).unwrap();
-        let config = format!(
-            "image = {image:?}\ndomain = \"test\"\npool = \"10.124.{k}.0/24\"\ntap_prefix = \"nv{k}\"\n\
-             [guest.ingress]\nhttps = \"0.0.0.0:443\"\nhttp = \"0.0.0.0:80\"\n\
-             [guest.ingress.acme]\ndirectory = {directory:?}\nca_root_pem = {ca:?}\nstate_dir = \"/data/acme\"\n",
-            image = image_dir().display().to_string(),
-            directory = pebble.directory(),
-        );
+        let config = pebble
+            .launcher_toml(
+                &image_dir(),
+                "test",
+                &format!("10.124.{k}.0/24"),
+                &format!("nv{k}"),
+            )
+            .unwrap();
         std::fs::write(dir.join("launcher.toml"), config).unwrap();
         let root = pebble.issuing_root().unwrap();
         Self {

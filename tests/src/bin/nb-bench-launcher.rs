@@ -188,18 +188,11 @@ fn main() -> Result<()> {
 
     eprintln!("boots: {} under QEMU …", args.boots);
     let pebble = Pebble::start_for_vms(&work.join("pebble"), HOST_IP, 8053)?;
-    let ca = std::fs::read_to_string(pebble.listener_ca())?;
     let dir = work.join("vms");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(
         dir.join("launcher.toml"),
-        format!(
-            "image = {image:?}\ndomain = \"test\"\npool = {POOL:?}\ntap_prefix = \"nbb\"\n\
-             [guest.ingress]\nhttps = \"0.0.0.0:443\"\nhttp = \"0.0.0.0:80\"\n\
-             [guest.ingress.acme]\ndirectory = {directory:?}\nca_root_pem = {ca:?}\nstate_dir = \"/data/acme\"\n",
-            image = args.image.display().to_string(),
-            directory = pebble.directory(),
-        ),
+        pebble.launcher_toml(&args.image, "test", POOL, "nbb")?,
     )?;
     let root = pebble.issuing_root()?;
     let boots = Boots {

@@ -9,7 +9,7 @@
 //! destroys the VM and stops everything the demo started.
 
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -112,7 +112,7 @@ fn main() -> Result<()> {
     let pebble = Pebble::start_for_vms(&work.join("pebble"), HOST_IP, 8053)?;
     std::fs::write(
         work.join("state/launcher.toml"),
-        launcher_config(&image, &pebble)?,
+        pebble.launcher_toml(&image, DOMAIN, POOL, "nbdemo")?,
     )?;
     let mut demo = Demo {
         work: work.clone(),
@@ -188,17 +188,6 @@ fn main() -> Result<()> {
     drop(pebble);
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
-}
-
-fn launcher_config(image: &Path, pebble: &Pebble) -> Result<String> {
-    let ca = std::fs::read_to_string(pebble.listener_ca())?;
-    Ok(format!(
-        "image = {image:?}\ndomain = {DOMAIN:?}\npool = {POOL:?}\ntap_prefix = \"nbdemo\"\n\
-         [guest.ingress]\nhttps = \"0.0.0.0:443\"\nhttp = \"0.0.0.0:80\"\n\
-         [guest.ingress.acme]\ndirectory = {directory:?}\nca_root_pem = {ca:?}\nstate_dir = \"/data/acme\"\n",
-        image = image.display().to_string(),
-        directory = pebble.directory(),
-    ))
 }
 
 /// curl against the VM's API, through its HTTPS ingress.
