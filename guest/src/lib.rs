@@ -31,4 +31,5 @@ pub mod portwatch;
 pub mod publish;
 pub mod run;
 pub mod services;
+pub mod spawn;
 pub mod supervisor;

@@ -74,7 +74,7 @@ impl Current {
 struct InContainer(Current);
 
 impl Launcher for InContainer {
-    fn spawn(&self, spec: &ServiceSpec) -> std::io::Result<tokio::process::Child> {
+    fn spawn(&self, spec: &ServiceSpec) -> std::io::Result<crate::spawn::Process> {
         let container = self.0.get().ok_or_else(|| {
             std::io::Error::other("the inner container is not running (it is being rebuilt)")
         })?;
@@ -142,7 +142,13 @@ async fn watch_ports(
         if let Some(path) = current {
             let w = match watcher.as_mut() {
                 Some(w) => {
+                    let t0 = std::time::Instant::now();
                     w.retarget(Some(&path)).await?;
+                    tracing::debug!(
+                        ms = t0.elapsed().as_secs_f64() * 1e3,
+                        ports = w.ports().len(),
+                        "port watcher retargeted"
+                    );
                     w
                 }
                 None => watcher.insert(
@@ -215,26 +221,57 @@ impl Graveyard {
             (buried.len() > Self::MAX).then(|| buried.remove(0))
         };
         if let Some(oldest) = overflow {
-            tokio::spawn(oldest.free());
+            free_off_runtime(vec![oldest]);
         }
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let this = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Self::QUIET).await;
             if this.generation.load(Ordering::SeqCst) == generation {
-                this.free_all().await;
+                free_off_runtime(this.take());
             }
         });
     }
 
-    async fn free_all(&self) {
-        let all = std::mem::take(&mut *self.buried.lock().expect("not poisoned"));
-        // Namespaces first, all at once, then the links one by one.
-        let links: Vec<_> = all.into_iter().filter_map(|r| r.link).collect();
-        for link in links {
-            egress::remove_link(link).await;
-        }
+    fn take(&self) -> Vec<Remains> {
+        std::mem::take(&mut *self.buried.lock().expect("not poisoned"))
     }
+}
+
+/// Frees `remains` on a thread of their own: deleting a veth runs inside
+/// the netlink `sendmsg` and holds it for the kernel's RCU grace periods
+/// (tens of milliseconds), which on the guest's single runtime thread would
+/// stall ingress and the port watcher with it.
+fn free_off_runtime(remains: Vec<Remains>) -> Option<std::thread::JoinHandle<()>> {
+    let freed = std::thread::Builder::new()
+        .name("nestbox-graveyard".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build();
+            let runtime = match runtime {
+                Ok(rt) => rt,
+                Err(err) => {
+                    tracing::warn!(%err, "old containers' veths stay until their namespaces go");
+                    return;
+                }
+            };
+            // Namespaces first, all at once (the kernel tears them down in
+            // one batch), then the links one by one.
+            let (namespaces, links): (Vec<_>, Vec<_>) =
+                remains.into_iter().map(|r| (r.netns, r.link)).unzip();
+            drop(namespaces);
+            runtime.block_on(async {
+                for link in links.into_iter().flatten() {
+                    egress::remove_link(link).await;
+                }
+            });
+        });
+    freed
+        .inspect_err(|err| {
+            tracing::warn!(%err, "old containers' veths stay until their namespaces go");
+        })
+        .ok()
 }
 
 /// The port watcher's kernel ring buffer in a VM: 128 KiB, about 1,500
@@ -251,15 +288,6 @@ struct Remains {
     netns: Option<std::fs::File>,
     /// The root side of its veth pair.
     link: Option<&'static str>,
-}
-
-impl Remains {
-    async fn free(self) {
-        drop(self.netns);
-        if let Some(link) = self.link {
-            egress::remove_link(link).await;
-        }
-    }
 }
 
 /// Milliseconds, for log fields.
@@ -526,8 +554,11 @@ pub async fn run(
         }
     }
     tracing::info!("stopping: services, then the inner container");
-    platform.down().await.free().await;
-    platform.graveyard.free_all().await;
+    let mut remains = platform.graveyard.take();
+    remains.push(platform.down().await);
+    if let Some(freeing) = free_off_runtime(remains) {
+        let _ = tokio::task::spawn_blocking(move || freeing.join()).await;
+    }
     if config.egress.enabled {
         egress::tear_down().await;
     }

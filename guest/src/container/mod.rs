@@ -6,21 +6,20 @@
 //! `/dev` and the API socket's directory at `/.nestbox` (see [`init`]).
 //!
 //! How it is built: the guest re-executes itself as `nestbox-guest
-//! container-init` with a `pre_exec` hook that first joins the inner cgroup,
-//! then unshares the namespaces; that program forks PID 1 of the new pid
-//! namespace, which builds the root and reaps orphans. Re-executing (rather
-//! than forking the guest) gives a single-threaded process in which any code
-//! may run after `fork`; the `pre_exec` hook itself only makes two system
-//! calls.
+//! container-init`, started by `clone3` straight into its cgroup
+//! (see [`crate::spawn`]) and unsharing the namespaces before exec; that
+//! program forks PID 1 of the new pid namespace, which builds the root and
+//! reaps orphans. Re-executing (rather than forking the guest) gives a
+//! single-threaded process in which any code may run after `fork`.
 //!
 //! How programs are started inside: a dedicated OS thread per container
 //! unshares its filesystem attributes and `setns`es into PID 1's cgroup,
 //! IPC, UTS, network, pid and mount namespaces; every child it forks starts
-//! in all of them, with the container's root as `/`, and joins the inner
-//! cgroup (through a descriptor opened before entering) before it execs, so
-//! that its first socket already belongs to the cgroup the port watcher
-//! watches. The children are the guest's own, so tokio reaps them and the
-//! service manager sees their exit.
+//! in all of them, with the container's root as `/`, and is born in the
+//! container's cgroup (`CLONE_INTO_CGROUP`, through a descriptor opened before
+//! entering), so that its first socket already belongs to the cgroup the
+//! port watcher watches. The children are the guest's own: the service
+//! manager waits for them through their pidfds.
 //!
 //! Why no user namespace: the container is the boundary between user code
 //! and a platform that runs as root in the VM; mapping the container's root
@@ -29,23 +28,30 @@
 //! guest kernel, and services expect to run as root in their sandbox. The
 //! VM is the tenant boundary; see `docs/design.md`.
 //!
-//! Stopping: `cgroup.kill` on the inner cgroup kills every process in it at
-//! once (PID 1 included); the mount namespace and its overlay go with the
-//! last of them. The writable layer stays on the data disk.
+//! Cgroups: each build of the container gets a fresh cgroup below the inner
+//! one (see [`fresh_leaf`] for why); the port watcher watches the inner
+//! cgroup's whole subtree.
+//!
+//! Stopping: `cgroup.kill` on the build's cgroup kills every process in it
+//! at once (PID 1 included); the mount namespace and its overlay go with
+//! the last of them; then the cgroup is removed. The writable layer stays on
+//! the data disk.
 
 pub mod egress;
 pub mod init;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nix::sched::CloneFlags;
 use serde::Deserialize;
+
+use crate::spawn::{Process, Spawn, Stdio};
 
 /// Errors building, entering or stopping the container.
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +124,11 @@ type Job = Box<dyn FnOnce() + Send>;
 #[derive(Debug)]
 pub struct Container {
     spec: ContainerSpec,
-    init: Child,
+    init: Process,
+    /// This build's cgroup, below the inner cgroup (see [`fresh_leaf`]).
+    leaf: PathBuf,
+    /// Its directory, which children are cloned into.
+    cgroup_dir: File,
     pid1: u32,
     jobs: Option<mpsc::Sender<Job>>,
 }
@@ -135,12 +145,16 @@ fn read_line(out: &mut impl BufRead) -> Result<String, ContainerError> {
     Ok(line.trim_end().to_owned())
 }
 
-fn cgroup_file(cgroup: &Path, name: &str) -> Result<File, ContainerError> {
-    let path = cgroup.join(name);
+/// The cgroup directory, opened for `CLONE_INTO_CGROUP`.
+fn cgroup_dir(cgroup: &Path) -> Result<File, ContainerError> {
     std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .map_err(|source| ContainerError::Cgroup { path, source })
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(cgroup)
+        .map_err(|source| ContainerError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })
 }
 
 /// Brings `lo` up in the network namespace at `netns`.
@@ -196,9 +210,9 @@ impl Container {
             program: "/proc/self/exe".into(),
             source,
         })?;
-        let procs = cgroup_file(&spec.cgroup, "cgroup.procs")?;
-        let procs_fd = procs.as_raw_fd();
-        let mut cmd = Command::new(&program);
+        let leaf = fresh_leaf(&spec.cgroup)?;
+        let dir = cgroup_dir(&leaf)?;
+        let mut cmd = Spawn::new(&program);
         cmd.arg("container-init")
             .arg("--hostname")
             .arg(&spec.hostname)
@@ -206,37 +220,26 @@ impl Container {
             .arg(&spec.base_rootfs)
             .arg("--state-dir")
             .arg(&spec.state_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if let Some(api) = &spec.api_dir {
-            cmd.arg("--api-dir").arg(api);
-        }
-        // SAFETY: the hook runs in the forked child before exec and makes
-        // only async-signal-safe system calls (write, unshare).
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let flags = libc::CLONE_NEWNS
+            .envs(std::env::vars_os())
+            .stdout(Stdio::Piped)
+            .unshare(
+                libc::CLONE_NEWNS
                     | libc::CLONE_NEWUTS
                     | libc::CLONE_NEWIPC
                     | libc::CLONE_NEWNET
                     | libc::CLONE_NEWCGROUP
-                    | libc::CLONE_NEWPID;
-                if libc::unshare(flags) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+                    | libc::CLONE_NEWPID,
+            );
+        if let Some(api) = &spec.api_dir {
+            cmd.arg("--api-dir").arg(api);
         }
-        let mut init = cmd.spawn().map_err(|source| ContainerError::Spawn {
-            program: program.clone(),
-            source,
-        })?;
-        drop(procs);
-        let mut out = BufReader::new(init.stdout.take().expect("piped"));
+        let mut init = cmd
+            .spawn(Some(dir.as_fd()))
+            .map_err(|source| ContainerError::Spawn {
+                program: program.clone(),
+                source,
+            })?;
+        let mut out = BufReader::new(File::from(init.stdout.take().expect("piped")));
         let started = (|| {
             let first = read_line(&mut out)?;
             let pid1: u32 = first
@@ -252,18 +255,20 @@ impl Container {
             Ok(pid1)
         })();
         // The init's parent process exits once PID 1 is forked.
-        let _ = init.wait();
+        let status = init.wait_blocking();
         let pid1 = match started {
             Ok(pid) => pid,
-            Err(err) => {
-                let _ = init.kill();
-                let _ = init.wait();
-                return Err(err);
+            Err(ContainerError::Init(why)) => {
+                let how = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+                return Err(ContainerError::Init(format!("{why} ({how})")));
             }
+            Err(err) => return Err(err),
         };
         let mut container = Self {
             spec,
             init,
+            cgroup_dir: dir,
+            leaf,
             pid1,
             jobs: None,
         };
@@ -314,40 +319,22 @@ impl Container {
         self.pid1
     }
 
-    /// The inner cgroup.
+    /// The cgroup of this build of the container, below the inner cgroup.
     #[must_use]
     pub fn cgroup(&self) -> &Path {
-        &self.spec.cgroup
+        &self.leaf
     }
 
     /// Starts `cmd` inside the container: its namespaces, its root, its
-    /// cgroup (joined before exec). The child is this process's own.
+    /// cgroup (born in it). The child is this process's own.
     ///
     /// # Errors
     /// The spawn error, or why the container cannot take it.
-    pub fn spawn(
-        &self,
-        mut cmd: tokio::process::Command,
-    ) -> std::io::Result<tokio::process::Child> {
-        let procs = cgroup_file(&self.spec.cgroup, "cgroup.procs")
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let runtime = tokio::runtime::Handle::current();
+    pub fn spawn(&self, cmd: Spawn) -> std::io::Result<Process> {
+        let dir = self.cgroup_dir.try_clone()?;
         let (tx, rx) = mpsc::channel();
         let job: Job = Box::new(move || {
-            let fd = procs.as_raw_fd();
-            // SAFETY: runs in the forked child before exec; write is
-            // async-signal-safe and fd stays open until the job ends.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            let _entered = runtime.enter();
-            let _ = tx.send(cmd.spawn());
-            drop(procs);
+            let _ = tx.send(cmd.spawn(Some(dir.as_fd())));
         });
         self.jobs
             .as_ref()
@@ -370,26 +357,95 @@ impl Container {
     fn kill_all(&mut self) -> Result<(), ContainerError> {
         // The entering thread holds the mount namespace: let it end.
         self.jobs = None;
-        let kill = self.spec.cgroup.join("cgroup.kill");
-        std::fs::write(&kill, "1").map_err(|source| ContainerError::Cgroup {
-            path: kill.clone(),
-            source,
-        })?;
-        let _ = self.init.wait();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let procs =
-                std::fs::read_to_string(self.spec.cgroup.join("cgroup.procs")).unwrap_or_default();
-            if procs.trim().is_empty() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(ContainerError::Lingering {
-                    cgroup: self.spec.cgroup.clone(),
-                    secs: 10,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        let emptied = empty_and_remove(&self.leaf);
+        let _ = self.init.wait_blocking();
+        emptied
+    }
+}
+
+/// Kills everything in the cgroup `dir` (and below), waits until it is
+/// empty, then removes it and its descendants. Blocking.
+fn empty_and_remove(dir: &Path) -> Result<(), ContainerError> {
+    let cgroup_err = |path: PathBuf| move |source| ContainerError::Cgroup { path, source };
+    let kill = dir.join("cgroup.kill");
+    std::fs::write(&kill, "1").map_err(cgroup_err(kill))?;
+    let events = dir.join("cgroup.events");
+    let file = File::open(&events).map_err(cgroup_err(events.clone()))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut text = [0u8; 256];
+        let n = nix::sys::uio::pread(&file, &mut text, 0)
+            .map_err(|e| cgroup_err(events.clone())(e.into()))?;
+        if text[..n]
+            .split(|b| *b == b'\n')
+            .any(|l| l == b"populated 0")
+        {
+            break;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ContainerError::Lingering {
+                cgroup: dir.to_owned(),
+                secs: 10,
+            });
+        }
+        // cgroup.events signals a change as POLLPRI.
+        let mut fds = [nix::poll::PollFd::new(
+            file.as_fd(),
+            nix::poll::PollFlags::POLLPRI,
+        )];
+        let wait = nix::poll::PollTimeout::try_from(left.min(Duration::from_millis(100)))
+            .unwrap_or(nix::poll::PollTimeout::MAX);
+        let _ = nix::poll::poll(&mut fds, wait);
+    }
+    remove_tree(dir).map_err(cgroup_err(dir.to_owned()))
+}
+
+/// Removes an empty cgroup and its descendants, deepest first.
+fn remove_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_tree(&entry.path())?;
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// A fresh cgroup below `inner` for one build of the container, after
+/// emptying and removing any left by an earlier one (a guest that
+/// crashed).
+///
+/// Why a fresh one each time rather than `inner` itself: after a
+/// `cgroup.kill`, Linux 6.14 and later (seen on 6.18) SIGKILL every child
+/// that `clone3` starts into that cgroup, because the fork compares the
+/// cgroup's kill count with the parent's own cgroup's. A cgroup never
+/// killed has nothing to compare wrongly. It also keeps a process of one
+/// build from ever counting as part of the next. The port watcher watches
+/// `inner` and everything below it.
+fn fresh_leaf(inner: &Path) -> Result<PathBuf, ContainerError> {
+    static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let dir_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ContainerError::Dir { path, source }
+    };
+    for entry in std::fs::read_dir(inner).map_err(dir_err(inner))? {
+        let entry = entry.map_err(dir_err(inner))?;
+        if entry.file_type().map_err(dir_err(inner))?.is_dir() {
+            tracing::warn!(cgroup = %entry.path().display(), "removing a cgroup left by an earlier container");
+            empty_and_remove(&entry.path())?;
+        }
+    }
+    loop {
+        let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let leaf = inner.join(format!("c{n}"));
+        match std::fs::create_dir(&leaf) {
+            Ok(()) => return Ok(leaf),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(dir_err(&leaf)(e)),
         }
     }
 }

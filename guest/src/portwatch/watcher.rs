@@ -138,6 +138,7 @@ impl Watcher {
                 }
             }
             guard.clear_ready();
+            tracing::debug!(events = raws.len(), "port events read");
             let owners = self.owners_of(&raws).await;
             for raw in &raws {
                 let owner = owners.get(&raw.socket_cookie).cloned();

@@ -421,6 +421,27 @@ fn signal_group(pid: u32, signal: nix::sys::signal::Signal) {
     }
 }
 
+/// Captures one output stream of a service into its logs; a pipe that
+/// cannot be registered is logged as such.
+fn capture(
+    logs: &Logs,
+    name: &str,
+    stream: Stream,
+    pipe: std::io::Result<Option<tokio::net::unix::pipe::Receiver>>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    match pipe {
+        Ok(pipe) => pipe.map(|p| logs.capture(name, stream, p)),
+        Err(err) => {
+            logs.record(
+                name,
+                Stream::System,
+                format!("cannot capture {stream:?}: {err}"),
+            );
+            None
+        }
+    }
+}
+
 /// Resolves once `stop` turns true; holds no borrow across the wait.
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
@@ -446,16 +467,10 @@ async fn supervise(
                 live.lock().expect("service lock").last_exit = Some(format!("not started: {err}"));
             }
             Ok(mut child) => {
-                let pid = child.id().unwrap_or_default();
+                let pid = child.id();
                 logs.record(&name, Stream::System, format!("started, pid {pid}"));
-                let out = child
-                    .stdout
-                    .take()
-                    .map(|o| logs.capture(&name, Stream::Stdout, o));
-                let err = child
-                    .stderr
-                    .take()
-                    .map(|e| logs.capture(&name, Stream::Stderr, e));
+                let out = capture(logs, &name, Stream::Stdout, child.take_stdout());
+                let err = capture(logs, &name, Stream::Stderr, child.take_stderr());
                 set(&live, State::Running, Some(pid));
                 let status = tokio::select! {
                     status = child.wait() => status,

@@ -11,6 +11,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use crate::spawn::{Process, Spawn, Stdio};
+
 pub use manager::Manager;
 pub use spec::{ServiceSpec, start_order};
 
@@ -22,28 +24,22 @@ pub trait Launcher: Send + Sync + 'static {
     ///
     /// # Errors
     /// Why it could not start.
-    fn spawn(&self, spec: &ServiceSpec) -> std::io::Result<tokio::process::Child>;
+    fn spawn(&self, spec: &ServiceSpec) -> std::io::Result<Process>;
 }
 
 /// The command for `spec`: its program, arguments, environment (only its
 /// own, with a default `PATH`), working directory, piped output, its own
 /// process group.
 #[must_use]
-pub fn command(spec: &ServiceSpec) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(&spec.cmd);
+pub fn command(spec: &ServiceSpec) -> Spawn {
+    let mut cmd = Spawn::new(&spec.cmd);
     cmd.args(&spec.args)
-        .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
+        .env("PATH", crate::spawn::DEFAULT_PATH)
         .envs(&spec.env)
         .current_dir(spec.dir.as_deref().unwrap_or("/"))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(false);
+        .stdout(Stdio::Piped)
+        .stderr(Stdio::Piped)
+        .process_group();
     cmd
 }
 
@@ -53,8 +49,8 @@ pub fn command(spec: &ServiceSpec) -> tokio::process::Command {
 pub struct HostLauncher;
 
 impl Launcher for HostLauncher {
-    fn spawn(&self, spec: &ServiceSpec) -> std::io::Result<tokio::process::Child> {
-        command(spec).spawn()
+    fn spawn(&self, spec: &ServiceSpec) -> std::io::Result<Process> {
+        command(spec).spawn(None)
     }
 }
 
