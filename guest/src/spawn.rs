@@ -428,9 +428,9 @@ impl Spawn {
         if pid < 0 {
             let err = io::Error::last_os_error();
             return Err(match err.raw_os_error() {
-                Some(libc::ENOSYS) => {
-                    io::Error::other("clone3 is not available (Linux ≥ 5.7 is needed)")
-                }
+                Some(libc::ENOSYS) => io::Error::other(
+                    "clone3 is not available: Linux ≥ 5.7 is needed, without a seccomp filter that refuses clone3 (as container runtimes apply unless privileged)",
+                ),
                 _ if cgroup.is_some() => io::Error::other(format!("clone3 into the cgroup: {err}")),
                 _ => err,
             });
