@@ -539,3 +539,54 @@ fn enter_namespaces(pid1: u32) -> Result<(), ContainerError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    /// Root (CI): cgroups below this process's own.
+    #[test]
+    fn a_build_gets_a_fresh_cgroup_and_strays_of_an_earlier_one_are_killed() {
+        let own = crate::cgroup::own_cgroup().expect("cgroup v2 is mounted");
+        let inner = own.join(format!("nb-leaf-test-{}", std::process::id()));
+        std::fs::create_dir(&inner).expect("making a cgroup needs root");
+        // A cgroup left by a crashed guest, with a process in it.
+        let stale = inner.join("c-stale");
+        std::fs::create_dir(&stale).unwrap();
+        let dir = cgroup_dir(&stale).unwrap();
+        let mut stray = Spawn::new("sleep")
+            .arg("600")
+            .spawn(Some(dir.as_fd()))
+            .unwrap();
+        drop(dir);
+
+        let leaf = fresh_leaf(&inner).unwrap();
+        let status = stray.wait_blocking().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        assert!(!stale.exists());
+        assert!(leaf.starts_with(&inner) && leaf.is_dir());
+
+        // A build's cgroup can be killed and a new one used at once: the
+        // child started into the new one lives (Linux ≥ 6.14 would kill it
+        // if the killed cgroup were reused).
+        empty_and_remove(&leaf).unwrap();
+        assert!(!leaf.exists());
+        let next = fresh_leaf(&inner).unwrap();
+        assert_ne!(next, leaf);
+        let dir = cgroup_dir(&next).unwrap();
+        let status = Spawn::new("true")
+            .spawn(Some(dir.as_fd()))
+            .unwrap()
+            .wait_blocking()
+            .unwrap();
+        assert!(status.success(), "{status}");
+        drop(dir);
+        empty_and_remove(&next).unwrap();
+        std::fs::remove_dir(&inner).unwrap();
+    }
+}
