@@ -238,40 +238,40 @@ impl Graveyard {
     }
 }
 
-/// Frees `remains` on a thread of their own: deleting a veth runs inside
-/// the netlink `sendmsg` and holds it for the kernel's RCU grace periods
-/// (tens of milliseconds), which on the guest's single runtime thread would
-/// stall ingress and the port watcher with it.
+/// Frees `remains`. Their namespaces go at once, all together (closing the
+/// descriptors is cheap; the kernel tears the namespaces down in one batch
+/// on its own worker). Their veths are deleted on a thread of their own:
+/// deleting a veth runs inside the netlink `sendmsg` and holds it for the
+/// kernel's RCU grace periods (tens of milliseconds), which on the guest's
+/// single runtime thread would stall ingress and the port watcher with it.
+/// Returns that thread, if one was needed.
 fn free_off_runtime(remains: Vec<Remains>) -> Option<std::thread::JoinHandle<()>> {
+    let (namespaces, links): (Vec<_>, Vec<_>) =
+        remains.into_iter().map(|r| (r.netns, r.link)).unzip();
+    drop(namespaces);
+    let links: Vec<_> = links.into_iter().flatten().collect();
+    if links.is_empty() {
+        return None;
+    }
+    let stay = |err: &dyn std::fmt::Display| {
+        tracing::warn!(%err, "old containers' veths stay until their namespaces go");
+    };
     let freed = std::thread::Builder::new()
         .name("nestbox-graveyard".into())
         .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
+            match tokio::runtime::Builder::new_current_thread()
                 .enable_io()
-                .build();
-            let runtime = match runtime {
-                Ok(rt) => rt,
-                Err(err) => {
-                    tracing::warn!(%err, "old containers' veths stay until their namespaces go");
-                    return;
-                }
-            };
-            // Namespaces first, all at once (the kernel tears them down in
-            // one batch), then the links one by one.
-            let (namespaces, links): (Vec<_>, Vec<_>) =
-                remains.into_iter().map(|r| (r.netns, r.link)).unzip();
-            drop(namespaces);
-            runtime.block_on(async {
-                for link in links.into_iter().flatten() {
-                    egress::remove_link(link).await;
-                }
-            });
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(async {
+                    for link in links {
+                        egress::remove_link(link).await;
+                    }
+                }),
+                Err(err) => stay(&err),
+            }
         });
-    freed
-        .inspect_err(|err| {
-            tracing::warn!(%err, "old containers' veths stay until their namespaces go");
-        })
-        .ok()
+    freed.inspect_err(|err| stay(err)).ok()
 }
 
 /// The port watcher's kernel ring buffer in a VM: 128 KiB, about 1,500

@@ -15,7 +15,7 @@
 //! Linux ≥ 5.7.
 
 use std::ffi::{CString, OsStr, OsString};
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
@@ -74,7 +74,6 @@ pub struct Spawn {
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     dir: Option<OsString>,
-    stdin: Stdio,
     stdout: Stdio,
     stderr: Stdio,
     process_group: bool,
@@ -104,44 +103,26 @@ fn cstring(s: &OsStr) -> io::Result<CString> {
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: fds is a valid array of two ints.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 returned two new descriptors that nothing else owns.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
 }
 
 fn dev_null(write: bool) -> io::Result<OwnedFd> {
-    let flags = libc::O_CLOEXEC
-        | if write {
-            libc::O_WRONLY
-        } else {
-            libc::O_RDONLY
-        };
-    // SAFETY: a NUL-terminated path literal.
-    let fd = unsafe { libc::open(c"/dev/null".as_ptr(), flags) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: open returned a new descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let file = std::fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .open("/dev/null")?;
+    Ok(file.into())
 }
 
-/// The descriptors one standard stream needs: the child's end and, when
-/// piped, ours.
-fn stream(how: Stdio, child_writes: bool) -> io::Result<(Option<OwnedFd>, Option<OwnedFd>)> {
+/// The descriptors an output stream needs: the child's end and, when piped,
+/// ours.
+fn output(how: Stdio) -> io::Result<(Option<OwnedFd>, Option<OwnedFd>)> {
     match how {
         Stdio::Inherit => Ok((None, None)),
-        Stdio::Null => Ok((Some(dev_null(child_writes)?), None)),
+        Stdio::Null => Ok((Some(dev_null(true)?), None)),
         Stdio::Piped => {
             let (read, write) = pipe()?;
-            Ok(if child_writes {
-                (Some(write), Some(read))
-            } else {
-                (Some(read), Some(write))
-            })
+            Ok((Some(write), Some(read)))
         }
     }
 }
@@ -253,7 +234,6 @@ impl Spawn {
             args: Vec::new(),
             env: Vec::new(),
             dir: None,
-            stdin: Stdio::Null,
             stdout: Stdio::Inherit,
             stderr: Stdio::Inherit,
             process_group: false,
@@ -369,9 +349,9 @@ impl Spawn {
                 cstring(&kv)
             })
             .collect::<io::Result<Vec<_>>>()?;
-        let (child_in, _) = stream(self.stdin, false)?;
-        let (child_out, our_out) = stream(self.stdout, true)?;
-        let (child_err, our_err) = stream(self.stderr, true)?;
+        let child_in = Some(dev_null(false)?);
+        let (child_out, our_out) = output(self.stdout)?;
+        let (child_err, our_err) = output(self.stderr)?;
         let pointers = |v: &[CString]| {
             v.iter()
                 .map(|a| a.as_ptr())
@@ -447,10 +427,13 @@ impl Spawn {
             stdout,
             stderr,
         };
-        let mut report = [0u8; 8];
-        if read_full(&report_read, &mut report)? == 0 {
+        let mut report = Vec::new();
+        std::fs::File::from(report_read).read_to_end(&mut report)?;
+        let Ok(report) = <[u8; 8]>::try_from(report.as_slice()) else {
+            // Nothing came (the child writes its 8 bytes at once, or
+            // nothing): the exec happened.
             return Ok(process);
-        }
+        };
         let _ = process.wait_blocking();
         Err(self.failure(report))
     }
@@ -473,32 +456,6 @@ impl Spawn {
             io::Error::new(err.kind(), format!("{step} in the child: {err}"))
         }
     }
-}
-
-/// Reads until `buf` is full or end of file; returns how much was read.
-fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        // SAFETY: writes at most the rest of buf.
-        let n = unsafe {
-            libc::read(
-                fd.as_raw_fd(),
-                buf[done..].as_mut_ptr().cast(),
-                buf.len() - done,
-            )
-        };
-        match n {
-            0 => break,
-            n if n > 0 => done += usize::try_from(n).unwrap_or_default(),
-            _ => {
-                let err = io::Error::last_os_error();
-                if err.kind() != io::ErrorKind::Interrupted {
-                    return Err(err);
-                }
-            }
-        }
-    }
-    Ok(done)
 }
 
 impl Process {

@@ -145,16 +145,25 @@ fn read_line(out: &mut impl BufRead) -> Result<String, ContainerError> {
     Ok(line.trim_end().to_owned())
 }
 
+/// A [`ContainerError::Cgroup`] about `path`.
+fn cgroup_error(path: &Path) -> impl FnOnce(std::io::Error) -> ContainerError + use<> {
+    let path = path.to_owned();
+    move |source| ContainerError::Cgroup { path, source }
+}
+
+/// A [`ContainerError::Dir`] about `path`.
+fn dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> ContainerError + use<> {
+    let path = path.to_owned();
+    move |source| ContainerError::Dir { path, source }
+}
+
 /// The cgroup directory, opened for `CLONE_INTO_CGROUP`.
 fn cgroup_dir(cgroup: &Path) -> Result<File, ContainerError> {
     std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .custom_flags(libc::O_DIRECTORY)
         .open(cgroup)
-        .map_err(|source| ContainerError::Cgroup {
-            path: cgroup.to_owned(),
-            source,
-        })
+        .map_err(cgroup_error(cgroup))
 }
 
 /// Brings `lo` up in the network namespace at `netns`.
@@ -201,10 +210,7 @@ impl Container {
     /// [`ContainerError`] saying which step failed.
     pub fn start(spec: ContainerSpec) -> Result<Self, ContainerError> {
         for dir in [&spec.state_dir, &spec.cgroup] {
-            std::fs::create_dir_all(dir).map_err(|source| ContainerError::Dir {
-                path: dir.clone(),
-                source,
-            })?;
+            std::fs::create_dir_all(dir).map_err(dir_error(dir))?;
         }
         let program = std::env::current_exe().map_err(|source| ContainerError::Spawn {
             program: "/proc/self/exe".into(),
@@ -366,16 +372,15 @@ impl Container {
 /// Kills everything in the cgroup `dir` (and below), waits until it is
 /// empty, then removes it and its descendants. Blocking.
 fn empty_and_remove(dir: &Path) -> Result<(), ContainerError> {
-    let cgroup_err = |path: PathBuf| move |source| ContainerError::Cgroup { path, source };
     let kill = dir.join("cgroup.kill");
-    std::fs::write(&kill, "1").map_err(cgroup_err(kill))?;
+    std::fs::write(&kill, "1").map_err(cgroup_error(&kill))?;
     let events = dir.join("cgroup.events");
-    let file = File::open(&events).map_err(cgroup_err(events.clone()))?;
+    let file = File::open(&events).map_err(cgroup_error(&events))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let mut text = [0u8; 256];
         let n = nix::sys::uio::pread(&file, &mut text, 0)
-            .map_err(|e| cgroup_err(events.clone())(e.into()))?;
+            .map_err(|e| cgroup_error(&events)(e.into()))?;
         if text[..n]
             .split(|b| *b == b'\n')
             .any(|l| l == b"populated 0")
@@ -398,7 +403,7 @@ fn empty_and_remove(dir: &Path) -> Result<(), ContainerError> {
             .unwrap_or(nix::poll::PollTimeout::MAX);
         let _ = nix::poll::poll(&mut fds, wait);
     }
-    remove_tree(dir).map_err(cgroup_err(dir.to_owned()))
+    remove_tree(dir).map_err(cgroup_error(dir))
 }
 
 /// Removes an empty cgroup and its descendants, deepest first.
@@ -428,13 +433,9 @@ fn remove_tree(dir: &Path) -> std::io::Result<()> {
 /// `inner` and everything below it.
 fn fresh_leaf(inner: &Path) -> Result<PathBuf, ContainerError> {
     static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let dir_err = |path: &Path| {
-        let path = path.to_owned();
-        move |source| ContainerError::Dir { path, source }
-    };
-    for entry in std::fs::read_dir(inner).map_err(dir_err(inner))? {
-        let entry = entry.map_err(dir_err(inner))?;
-        if entry.file_type().map_err(dir_err(inner))?.is_dir() {
+    for entry in std::fs::read_dir(inner).map_err(dir_error(inner))? {
+        let entry = entry.map_err(dir_error(inner))?;
+        if entry.file_type().map_err(dir_error(inner))?.is_dir() {
             tracing::warn!(cgroup = %entry.path().display(), "removing a cgroup left by an earlier container");
             empty_and_remove(&entry.path())?;
         }
@@ -445,7 +446,7 @@ fn fresh_leaf(inner: &Path) -> Result<PathBuf, ContainerError> {
         match std::fs::create_dir(&leaf) {
             Ok(()) => return Ok(leaf),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(dir_err(&leaf)(e)),
+            Err(e) => return Err(dir_error(&leaf)(e)),
         }
     }
 }
