@@ -5,8 +5,15 @@
 //! name = "vm1"                 # the VM's name: https://vm1.test/
 //! domain = "test"
 //! primary_port = 8080          # served at https://<name>.<domain>/
-//! data_dir = "/data"           # services, logs, certificates, the writable layer
+//! data_dir = "/data"           # the platform's disk: services, logs, certificates
+//! user_dir = "/user"           # the user's disk: the container's writable layer
 //! base_rootfs = "/rootfs"      # the inner container's read-only base
+//!
+//! [limits]                     # what the container may use (see resources.rs)
+//! pids_max = 1024
+//!
+//! [container]                  # how it is confined
+//! shm_mib = 64
 //!
 //! [api]
 //! token_sha256 = "…64 hex digits…"   # sha256 of the bearer token
@@ -68,9 +75,15 @@ pub struct GuestConfig {
     /// The port whose listener is the VM's primary URL.
     #[serde(default = "default_primary_port")]
     pub primary_port: u16,
-    /// The data directory (the VM's data disk): service definitions, logs,
-    /// the container's writable layer. Created if missing.
+    /// The data directory (the platform's disk): service definitions, logs,
+    /// certificates. Created if missing. Nothing in the container can
+    /// write to it.
     pub data_dir: PathBuf,
+    /// Where the container's writable layer lives (`upper`, `work`): the
+    /// user's disk, so that a full one stops the user and never the
+    /// platform. Default: `<data_dir>/container`, on the platform's disk
+    /// (outside a VM, or a VM made before it had a user disk).
+    pub user_dir: Option<PathBuf>,
     /// The inner container's read-only base root filesystem.
     pub base_rootfs: PathBuf,
     /// The VM's own API.
@@ -80,6 +93,15 @@ pub struct GuestConfig {
     /// As PID 1: the data disk's block device, mounted on `data_dir`
     /// (formatted ext4 on first boot).
     pub data_device: Option<PathBuf>,
+    /// As PID 1: the user's disk, mounted on `user_dir` (formatted ext4 on
+    /// first boot). Needs `user_dir`.
+    pub user_device: Option<PathBuf>,
+    /// The inner container's resource limits, and the platform's reserve.
+    #[serde(default)]
+    pub limits: crate::resources::Limits,
+    /// How the inner container's processes are confined.
+    #[serde(default)]
+    pub container: crate::container::Settings,
     /// The inner container's way out (veth + NAT); on by default.
     #[serde(default)]
     pub egress: crate::container::egress::Egress,
@@ -187,12 +209,25 @@ impl GuestConfig {
             return Err(invalid("primary_port", "must be a port from 1 to 65535"));
         }
         for (field, dir) in [
-            ("data_dir", &self.data_dir),
-            ("base_rootfs", &self.base_rootfs),
+            ("data_dir", Some(&self.data_dir)),
+            ("base_rootfs", Some(&self.base_rootfs)),
+            ("user_dir", self.user_dir.as_ref()),
         ] {
-            if !dir.is_absolute() {
+            if dir.is_some_and(|d| !d.is_absolute()) {
                 return Err(invalid(field, "must be an absolute path"));
             }
+        }
+        if self.user_device.is_some() && self.user_dir.is_none() {
+            return Err(invalid(
+                "user_device",
+                "needs `user_dir`, where the user's disk is mounted",
+            ));
+        }
+        if let Err((field, why)) = self.limits.check() {
+            return Err(invalid(field, why));
+        }
+        if self.container.shm_mib == 0 {
+            return Err(invalid("container.shm_mib", "must be at least 1"));
         }
         let hash = &self.api.token_sha256;
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -219,6 +254,14 @@ impl GuestConfig {
     #[must_use]
     pub fn api_host(&self) -> String {
         format!("api.{}.{}", self.name, self.domain)
+    }
+
+    /// Where the container's writable layer lives.
+    #[must_use]
+    pub fn user_dir(&self) -> PathBuf {
+        self.user_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("container"))
     }
 }
 
@@ -249,6 +292,9 @@ mod tests {
         assert_eq!(c.api_host(), "api.vm1.test");
         assert_eq!(c.api.listen, default_api_listen());
         assert_eq!(c.ingress.https.port(), 443);
+        assert_eq!(c.user_dir(), Path::new("/data/container"));
+        assert_eq!(c.limits, crate::resources::Limits::default());
+        assert!(c.container.seccomp && !c.container.no_new_privs);
     }
 
     #[test]
@@ -259,6 +305,10 @@ mod tests {
             (minimal("primary_port = 0"), "`primary_port`"),
             (minimal("").replace("\"/data\"", "\"data\""), "`data_dir`"),
             (minimal("").replace(HASH, "abc"), "`api.token_sha256`"),
+            (minimal("user_dir = \"user\""), "`user_dir`"),
+            (minimal("user_device = \"/dev/vdc\""), "`user_device`"),
+            (minimal("[limits]\npids_max = 1"), "`limits.pids_max`"),
+            (minimal("[container]\nshm_mib = 0"), "`container.shm_mib`"),
         ];
         for (text, field) in cases {
             let err = parse(&text).unwrap_err().to_string();

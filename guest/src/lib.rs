@@ -7,6 +7,8 @@
 //!   disk);
 //! - [`config`]: the guest's configuration document, checked at start;
 //! - [`cgroup`]: finding the cgroup v2 mount and walking a cgroup subtree;
+//! - [`resources`]: the platform's and the container's sibling cgroups,
+//!   with the container's limits and the platform's reserve;
 //! - [`netns`]: doing work inside another network namespace, on a thread of
 //!   its own (never on a tokio worker);
 //! - [`publish`]: port events become ingress routes (and the API's port
@@ -29,6 +31,7 @@ pub mod logs;
 pub mod netns;
 pub mod portwatch;
 pub mod publish;
+pub mod resources;
 pub mod run;
 pub mod services;
 pub mod spawn;

@@ -39,6 +39,8 @@ enum Command {
         state_dir: PathBuf,
         #[arg(long)]
         api_dir: Option<PathBuf>,
+        #[arg(long)]
+        shm_bytes: u64,
     },
     /// Print one line per TCP port that processes of a cgroup start or stop
     /// listening on, as it happens (ports already listening come first).
@@ -118,11 +120,16 @@ fn main() -> ExitCode {
         base,
         state_dir,
         api_dir,
+        shm_bytes,
     } = &cli.command
     {
         // Before any thread exists: it forks and runs code in the child.
-        let layout =
-            nestbox_guest::container::init::layout_from(base, state_dir, api_dir.as_deref());
+        let layout = nestbox_guest::container::init::layout_from(
+            base,
+            state_dir,
+            api_dir.as_deref(),
+            *shm_bytes,
+        );
         nestbox_guest::container::init::main(&layout, hostname);
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()

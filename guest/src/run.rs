@@ -17,6 +17,7 @@ use crate::container::{Container, ContainerSpec};
 use crate::logs::{LogLimits, Logs};
 use crate::portwatch::{WatchError, Watcher};
 use crate::publish::Publisher;
+use crate::resources::CgroupLayout;
 use crate::services::{Launcher, Manager, ServiceSpec};
 use crate::supervisor::supervise;
 
@@ -54,6 +55,9 @@ pub enum RunError {
     /// The cgroup setup failed.
     #[error(transparent)]
     Cgroup(#[from] crate::cgroup::CgroupError),
+    /// The container's seccomp filter does not compile.
+    #[error(transparent)]
+    Seccomp(#[from] crate::container::seccomp::SeccompError),
 }
 
 /// The running inner container, replaced on bounce.
@@ -90,9 +94,15 @@ fn data_dir(path: &Path) -> Result<PathBuf, RunError> {
     Ok(path.to_owned())
 }
 
-/// The inner container's cgroup: `inner` below the guest's own cgroup.
-fn inner_cgroup() -> Result<PathBuf, RunError> {
-    Ok(crate::cgroup::own_cgroup()?.join("inner"))
+/// The platform's and the container's cgroups, below the guest's own,
+/// with the container's limits.
+async fn cgroups(limits: &crate::resources::Limits) -> Result<CgroupLayout, RunError> {
+    let root = crate::cgroup::own_cgroup()?;
+    let limits = limits.clone();
+    tokio::task::spawn_blocking(move || crate::resources::set_up(&root, &limits))
+        .await
+        .map_err(|e| RunError::Container(e.to_string()))?
+        .map_err(RunError::from)
 }
 
 async fn start_container(spec: ContainerSpec) -> Result<Arc<Container>, RunError> {
@@ -193,6 +203,9 @@ struct Platform {
     netns: watch::Sender<Option<PathBuf>>,
     state: watch::Sender<ContainerState>,
     graveyard: Graveyard,
+    /// Why the user's disk is not mounted (the container then does not
+    /// start: its layer must never land on the platform's disk).
+    user_disk_error: Option<String>,
 }
 
 /// Old containers' namespaces and veths, freed when bounces pause.
@@ -297,6 +310,12 @@ fn ms(d: std::time::Duration) -> f64 {
 
 impl Platform {
     async fn up(&self) -> Result<(), RunError> {
+        if let Some(why) = &self.user_disk_error {
+            let err = RunError::Container(format!("the user's disk is not mounted: {why}"));
+            self.state
+                .send_replace(ContainerState::Failed(err.to_string()));
+            return Err(err);
+        }
         self.state.send_replace(ContainerState::Starting);
         let t0 = std::time::Instant::now();
         let container = match start_container(self.spec.clone()).await {
@@ -443,23 +462,75 @@ fn serve_api(config: &GuestConfig, api: &Api, api_dir: &Path) -> Result<(), RunE
     Ok(())
 }
 
-/// As PID 1: the data disk and the network (failures are logged; the API
-/// still comes up to say what is wrong).
-async fn init_vm(config: &GuestConfig) {
+/// As PID 1: the platform's and the user's disks and the network
+/// (failures are logged; the API still comes up to say what is wrong).
+/// Returns why the user's disk is not mounted, if it is not.
+async fn init_vm(config: &GuestConfig) -> Option<String> {
+    let mount = |device: PathBuf, dir: PathBuf, args: &'static [&'static str]| {
+        tokio::task::spawn_blocking(move || crate::init::mount_disk(&device, &dir, args))
+    };
     if let Some(device) = config.data_device.clone() {
-        let dir = config.data_dir.clone();
-        match tokio::task::spawn_blocking(move || crate::init::mount_data_disk(&device, &dir)).await
-        {
+        match mount(device, config.data_dir.clone(), &["-F"]).await {
             Ok(Ok(())) => {}
             Ok(Err(why)) => tracing::error!(%why, "the data disk is not mounted"),
             Err(e) => tracing::error!(%e, "mounting the data disk failed"),
         }
+    }
+    let mut user_disk_error = None;
+    if let Some(device) = config.user_device.clone() {
+        // No blocks reserved for the VM's root: nobody but the container
+        // writes here.
+        let mounted = mount(
+            device,
+            config.user_dir(),
+            &["-F", "-m", "0", "-L", "nestbox-user"],
+        )
+        .await;
+        let failed = match mounted {
+            Ok(Ok(())) => None,
+            Ok(Err(why)) => Some(why),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = &failed {
+            tracing::error!(%why, "the user's disk is not mounted; the inner container stays down");
+        }
+        user_disk_error = failed;
     }
     if let Some(net) = &config.network
         && let Err(err) = crate::init::configure_network(net).await
     {
         tracing::error!(%err, "the network is not configured");
     }
+    user_disk_error
+}
+
+/// As the VM's platform: the kernel's OOM killer never picks the platform
+/// (the container has its own limit and its own OOM kills). The processes
+/// started in the container reset this for themselves.
+fn shield_from_oom() {
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
+        tracing::warn!(%e, "the platform is not shielded from the OOM killer");
+    }
+}
+
+/// What comes before anything serves: the open-file limit, the cgroups
+/// (first, so that every process the platform starts, mkfs and nft
+/// included, counts in its own), and as PID 1 the OOM shield, the disks
+/// and the network. Returns the cgroups and why the user's disk is not
+/// mounted, if it is not.
+async fn prepare(
+    config: &GuestConfig,
+    as_init: bool,
+) -> Result<(CgroupLayout, Option<String>), RunError> {
+    crate::resources::raise_nofile();
+    let layout = cgroups(&config.limits).await?;
+    let user_disk_error = if as_init {
+        shield_from_oom();
+        init_vm(config).await
+    } else {
+        None
+    };
+    Ok((layout, user_disk_error))
 }
 
 /// Runs the guest until `shutdown` turns true.
@@ -471,9 +542,8 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     as_init: bool,
 ) -> Result<(), RunError> {
-    if as_init {
-        init_vm(&config).await;
-    }
+    let (layout, user_disk_error) = prepare(&config, as_init).await?;
+    let isolation = crate::container::Isolation::new(&config.container)?;
     let data = data_dir(&config.data_dir)?;
     let names = config.names();
     let handles = Handles::detached(RouteTable::new());
@@ -503,14 +573,16 @@ pub async fn run(
     if let Some((_, port)) = services.primary() {
         publisher.set_primary(port);
     }
-    let cgroup = inner_cgroup()?;
+    let cgroup = layout.inner.clone();
     let api_dir = data_dir(&data.join("api"))?;
     let spec = ContainerSpec {
         hostname: config.name.clone(),
         base_rootfs: config.base_rootfs.clone(),
-        state_dir: data.join("container"),
+        state_dir: config.user_dir(),
         cgroup: cgroup.clone(),
         api_dir: Some(api_dir.clone()),
+        shm_bytes: config.container.shm_mib << 20,
+        isolation,
     };
     let (netns_tx, netns_rx) = watch::channel(None);
     start_portwatch(config.faults, cgroup.clone(), netns_rx, publisher.clone())?;
@@ -523,6 +595,8 @@ pub async fn run(
         logs,
         control: control_tx,
         container: state_rx,
+        limits: layout.applied.clone(),
+        user_dir: config.user_dir(),
     });
     serve_api(&config, &api, &api_dir)?;
 
@@ -537,6 +611,7 @@ pub async fn run(
         services,
         netns: netns_tx,
         state: state_tx,
+        user_disk_error,
     };
     if let Err(err) = platform.up().await {
         tracing::error!(%err, "the inner container could not start; the API stays up (bounce to retry)");

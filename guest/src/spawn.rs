@@ -11,8 +11,17 @@
 //!
 //! The child side runs between `clone3` and `execve` in a copy of a
 //! multi-threaded process, so it makes only async-signal-safe system calls
-//! on memory prepared before the clone: no allocation, no locks. Needs
-//! Linux ≥ 5.7.
+//! on memory prepared before the clone: no allocation, no locks, and raw
+//! system calls where libc would coordinate with threads the copy does not
+//! have (`setresuid` and friends). Needs Linux ≥ 5.7.
+//!
+//! A process started in the inner container is also *confined* by its
+//! child side ([`Confinement`]): it enters the container's user namespace,
+//! takes its ids there, drops every capability it may not keep from the
+//! bounding set, installs the seccomp filters, sets its permitted,
+//! effective and inheritable sets and clears the ambient one — all before
+//! `execve`, so that not one instruction of the user's program runs with
+//! more.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io::{self, Read};
@@ -20,6 +29,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
+use std::sync::Arc;
 
 use tokio::io::unix::AsyncFd;
 
@@ -56,6 +66,111 @@ struct KernelSigaction {
     mask: u64,
 }
 
+/// `_LINUX_CAPABILITY_VERSION_3` of `linux/capability.h`: 64-bit sets in
+/// two 32-bit halves.
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// `struct __user_cap_header_struct`.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `struct __user_cap_data_struct`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// How a process started in the inner container is confined, between
+/// `clone3` and `execve` (see the module's documentation).
+#[derive(Clone, Debug)]
+pub struct Confinement {
+    /// The container's user namespace.
+    pub userns: Arc<OwnedFd>,
+    /// The user id it runs as, in that namespace.
+    pub uid: u32,
+    /// The group id, in that namespace (no supplementary groups).
+    pub gid: u32,
+    /// Its capability sets.
+    pub caps: Arc<crate::container::caps::CapSets>,
+    /// Seccomp filters, installed in order (none: no filter).
+    pub seccomp: Arc<Vec<seccompiler::BpfProgram>>,
+    /// Whether to set `no_new_privs` (setuid programs such as `sudo` then
+    /// gain nothing).
+    pub no_new_privs: bool,
+}
+
+/// A [`Confinement`] laid out for the child.
+struct PreparedConfinement {
+    userns: RawFd,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    drop_bounding: Vec<libc::c_ulong>,
+    header: CapHeader,
+    data: [CapData; 2],
+    /// Point into `_keep.seccomp`.
+    filters: Vec<libc::sock_fprog>,
+    no_new_privs: bool,
+    /// Keeps the descriptor and the filters alive until after the clone.
+    _keep: Confinement,
+}
+
+impl PreparedConfinement {
+    fn new(c: &Confinement) -> io::Result<Self> {
+        let filters = c
+            .seccomp
+            .iter()
+            .map(|prog| {
+                Ok(libc::sock_fprog {
+                    len: u16::try_from(prog.len()).map_err(|_| {
+                        io::Error::new(io::ErrorKind::InvalidInput, "a seccomp filter is too long")
+                    })?,
+                    filter: prog.as_ptr().cast_mut().cast(),
+                })
+            })
+            .collect::<io::Result<_>>()?;
+        let (low, high) = split_mask(c.caps.mask);
+        Ok(Self {
+            userns: c.userns.as_raw_fd(),
+            uid: c.uid,
+            gid: c.gid,
+            drop_bounding: c
+                .caps
+                .drop_bounding
+                .iter()
+                .map(|&cap| libc::c_ulong::from(cap))
+                .collect(),
+            header: CapHeader {
+                version: LINUX_CAPABILITY_VERSION_3,
+                pid: 0,
+            },
+            data: [low, high],
+            filters,
+            no_new_privs: c.no_new_privs,
+            _keep: c.clone(),
+        })
+    }
+}
+
+/// A 64-bit capability mask as the two halves `capset` takes, with the
+/// same bits permitted, effective and inheritable.
+fn split_mask(mask: u64) -> (CapData, CapData) {
+    let half = |bits: u64| {
+        let bits = u32::try_from(bits & u64::from(u32::MAX)).expect("masked to 32 bits");
+        CapData {
+            effective: bits,
+            permitted: bits,
+            inheritable: bits,
+        }
+    };
+    (half(mask), half(mask >> 32))
+}
+
 /// Where a standard stream of the child goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stdio {
@@ -78,6 +193,7 @@ pub struct Spawn {
     stderr: Stdio,
     process_group: bool,
     unshare: libc::c_int,
+    confine: Option<Confinement>,
 }
 
 /// A started program.
@@ -144,6 +260,7 @@ struct Prepared {
     ours: [Option<OwnedFd>; 2],
     process_group: bool,
     unshare: libc::c_int,
+    confine: Option<PreparedConfinement>,
     report: RawFd,
 }
 
@@ -191,6 +308,11 @@ fn child(p: &Prepared) -> ! {
                 fail(2);
             }
         }
+        if let Some(c) = &p.confine
+            && let Err(step) = confine(c)
+        {
+            fail(step);
+        }
         if let Some(dir) = &p.dir
             && libc::chdir(dir.as_ptr()) != 0
         {
@@ -215,13 +337,95 @@ fn child(p: &Prepared) -> ! {
     }
 }
 
-const STEPS: [&str; 6] = [
+/// The child's confinement (see [`Confinement`]). On failure, the step
+/// that failed (errno says why).
+///
+/// # Safety
+/// Only in the child of a clone, before exec: it changes the process's
+/// namespaces and credentials.
+unsafe fn confine(c: &PreparedConfinement) -> Result<(), i32> {
+    // SAFETY: raw system calls on memory prepared before the clone.
+    unsafe {
+        // The platform shields itself from the OOM killer; the user's
+        // processes must not inherit that (raising the score is always
+        // allowed).
+        let adj = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if adj >= 0 {
+            libc::write(adj, b"0".as_ptr().cast(), 1);
+            libc::close(adj);
+        }
+        // Raw system calls from here on: libc's wrappers for the id calls
+        // would signal the parent's threads, which this copy does not have.
+        if libc::syscall(libc::SYS_setns, c.userns, libc::CLONE_NEWUSER) != 0 {
+            return Err(6);
+        }
+        for &cap in &c.drop_bounding {
+            if libc::syscall(libc::SYS_prctl, libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
+                && *libc::__errno_location() != libc::EINVAL
+            {
+                return Err(7);
+            }
+        }
+        if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+            || libc::syscall(libc::SYS_setresgid, c.gid, c.gid, c.gid) != 0
+            || libc::syscall(libc::SYS_setresuid, c.uid, c.uid, c.uid) != 0
+        {
+            return Err(8);
+        }
+        // Before the capabilities go: without no_new_privs a filter needs
+        // CAP_SYS_ADMIN (in the user namespace, which setns gave).
+        for filter in &c.filters {
+            if libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0,
+                std::ptr::from_ref(filter),
+            ) != 0
+            {
+                return Err(9);
+            }
+        }
+        if libc::syscall(
+            libc::SYS_capset,
+            std::ptr::from_ref(&c.header),
+            c.data.as_ptr(),
+        ) != 0
+            || libc::syscall(
+                libc::SYS_prctl,
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ) != 0
+        {
+            return Err(10);
+        }
+        if c.no_new_privs
+            && libc::syscall(libc::SYS_prctl, libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+        {
+            return Err(11);
+        }
+    }
+    Ok(())
+}
+
+const STEPS: [&str; 12] = [
     "",
     "setpgid",
     "redirecting its output",
     "chdir",
     "unshare",
     "exec",
+    "entering the container's user namespace",
+    "dropping capabilities from the bounding set",
+    "setting its user and groups",
+    "installing the seccomp filter",
+    "setting its capabilities",
+    "setting no_new_privs",
 ];
 
 impl Spawn {
@@ -238,6 +442,7 @@ impl Spawn {
             stderr: Stdio::Inherit,
             process_group: false,
             unshare: 0,
+            confine: None,
         }
     }
 
@@ -306,6 +511,13 @@ impl Spawn {
         self
     }
 
+    /// Confines the child as a process of the inner container (user
+    /// namespace, capabilities, seccomp) before it execs.
+    pub fn confine(&mut self, how: Confinement) -> &mut Self {
+        self.confine = Some(how);
+        self
+    }
+
     fn candidates(&self) -> io::Result<Vec<CString>> {
         if self.program.as_bytes().contains(&b'/') {
             return Ok(vec![cstring(&self.program)?]);
@@ -369,6 +581,11 @@ impl Spawn {
             ours: [our_out, our_err],
             process_group: self.process_group,
             unshare: self.unshare,
+            confine: self
+                .confine
+                .as_ref()
+                .map(PreparedConfinement::new)
+                .transpose()?,
             report,
         })
     }

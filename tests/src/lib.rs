@@ -135,6 +135,9 @@ pub fn busybox_rootfs(dir: &std::path::Path) {
     )
     .unwrap();
     std::fs::write(dir.join("www/second.html"), "second service\n").unwrap();
+    // Root in the container is uid 100000 of the VM (its user namespace):
+    // the base belongs to it, as the guest image's does.
+    nestbox_guest::container::idmap::shift_tree(dir).unwrap();
 }
 
 /// The index of the `q` quantile (0.0–1.0, nearest rank) in a sorted

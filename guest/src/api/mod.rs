@@ -95,6 +95,11 @@ pub struct Parts {
     pub control: mpsc::Sender<Control>,
     /// The container's state.
     pub container: watch::Receiver<ContainerState>,
+    /// The container's resource limits in force.
+    pub limits: crate::resources::Applied,
+    /// Where the container's writable layer lives (its disk's usage is
+    /// reported).
+    pub user_dir: std::path::PathBuf,
 }
 
 /// The API; cheap to clone.
@@ -185,7 +190,7 @@ impl Api {
         let name = name.map(str::to_owned);
         let name = || name.clone().expect("the route has a {name} segment");
         match ROUTES[index].1 {
-            "/v1/status" => Ok(status::get(p, self.inner.started)),
+            "/v1/status" => Ok(status::get(p, self.inner.started).await),
             "/v1/ports" => Ok(ports::list(p)),
             "/v1/ports/events" => Ok(ports::events(p)),
             "/v1/services" if req.method() == Method::GET => Ok(services::list(p)),

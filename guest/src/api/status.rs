@@ -1,4 +1,5 @@
-//! `GET /v1/status`: version, uptime, the container's state.
+//! `GET /v1/status`: version, uptime, the container's state, the limits it
+//! runs under and how full the user's disk is.
 
 use std::time::Instant;
 
@@ -7,6 +8,7 @@ use serde::Serialize;
 
 use super::body::{self, Body};
 use super::{API_VERSION, ContainerState, GUEST_VERSION, Parts};
+use crate::resources::Applied;
 
 #[derive(Serialize)]
 struct Status {
@@ -20,6 +22,36 @@ struct Status {
     container: ContainerState,
     services: usize,
     ports: usize,
+    /// The container's resource limits (and those not in force, why).
+    limits: Applied,
+    /// The filesystem of the container's writable layer.
+    user_disk: Option<DiskUsage>,
+}
+
+/// Space on a filesystem, in bytes.
+#[derive(Serialize)]
+pub struct DiskUsage {
+    /// Where it is mounted (the container's writable layer).
+    path: String,
+    /// Its size.
+    total_bytes: u64,
+    /// Used.
+    used_bytes: u64,
+    /// What the container may still write.
+    available_bytes: u64,
+}
+
+/// The usage of the filesystem holding `path` (`statvfs`, blocking).
+fn disk_usage(path: &std::path::Path) -> Option<DiskUsage> {
+    let fs = nix::sys::statvfs::statvfs(path).ok()?;
+    let block = fs.fragment_size();
+    let total = fs.blocks() * block;
+    Some(DiskUsage {
+        path: path.display().to_string(),
+        total_bytes: total,
+        used_bytes: total.saturating_sub(fs.blocks_free() * block),
+        available_bytes: fs.blocks_available() * block,
+    })
 }
 
 /// Where the guest image records its version.
@@ -39,8 +71,13 @@ fn image_version() -> Option<&'static str> {
         .as_deref()
 }
 
-pub(super) fn get(p: &Parts, started: Instant) -> Response<Body> {
+pub(super) async fn get(p: &Parts, started: Instant) -> Response<Body> {
     let names = p.publisher.names();
+    let user_dir = p.user_dir.clone();
+    let user_disk = tokio::task::spawn_blocking(move || disk_usage(&user_dir))
+        .await
+        .ok()
+        .flatten();
     body::json(
         StatusCode::OK,
         &Status {
@@ -53,6 +90,8 @@ pub(super) fn get(p: &Parts, started: Instant) -> Response<Body> {
             container: p.container.borrow().clone(),
             services: p.services.list().len(),
             ports: p.publisher.ports().len(),
+            limits: p.limits.clone(),
+            user_disk,
         },
     )
 }

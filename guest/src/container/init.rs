@@ -7,9 +7,17 @@
 //! the child is PID 1 of the container. PID 1 builds the root filesystem
 //! (overlay of the base and the writable layer, a minimal `/dev`, the API
 //! socket's directory at `/.nestbox`), `pivot_root`s into it, mounts a fresh
-//! `/proc`, sets the hostname, says `ready`, and then becomes the reaper
-//! (`reaper.c`, a few KiB): it reaps orphans for as long as the container lives.
-//! The parent prints PID 1's pid as the host sees it and exits.
+//! `/proc` with the kernel's knobs read-only and its secrets masked
+//! ([`proc_plan`]), sets the hostname, enters a new user namespace (whose
+//! ids the guest then maps, see [`super::idmap`]), says `ready`, and then
+//! becomes the reaper (`reaper.c`, a few KiB): it reaps orphans for as long
+//! as the container lives. The parent prints PID 1's pid as the host sees
+//! it and exits.
+//!
+//! Everything here is mounted by the VM's root before the user namespace
+//! exists, in namespaces the VM's root owns: nothing in the container can
+//! unmount or remount it (that needs `CAP_SYS_ADMIN` over the mount
+//! namespace's owner).
 //!
 //! Messages to the guest go to stdout, one per line: `pid N`, then `ready`
 //! or `error: …`.
@@ -48,6 +56,11 @@ pub enum Step {
         /// What it points to.
         to: &'static str,
     },
+    /// Bind `path` on itself read-only (skipped if it does not exist).
+    ReadOnly(PathBuf),
+    /// Hide `path`: `/dev/null` over a file, an empty read-only tmpfs over
+    /// a directory (skipped if it does not exist).
+    Mask(PathBuf),
 }
 
 /// Where the pieces are.
@@ -63,7 +76,29 @@ pub struct Layout {
     pub merged: PathBuf,
     /// Directory bind-mounted at `/.nestbox` (the API socket), if any.
     pub api_dir: Option<PathBuf>,
+    /// The size of `/dev/shm`, in bytes.
+    pub shm_bytes: u64,
 }
+
+/// `/proc` files and directories that change the kernel rather than
+/// describe the container: read-only (the OCI runtime spec's defaults).
+const PROC_READ_ONLY: [&str; 5] = ["sys", "sysrq-trigger", "irq", "bus", "fs"];
+
+/// `/proc` entries that show the kernel's memory, keys or timing of other
+/// tenants' work: masked (the OCI runtime spec's default masked paths,
+/// with Docker's additions).
+const PROC_MASKED: [&str; 10] = [
+    "acpi",
+    "asound",
+    "interrupts",
+    "kcore",
+    "keys",
+    "latency_stats",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+    "scsi",
+];
 
 /// Device nodes bind-mounted from the VM's `/dev`.
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
@@ -121,13 +156,29 @@ pub fn plan(layout: &Layout) -> Vec<Step> {
             link: m.join("dev/ptmx"),
             to: "pts/ptmx",
         },
+        Step::Symlink {
+            link: m.join("dev/fd"),
+            to: "/proc/self/fd",
+        },
+        Step::Symlink {
+            link: m.join("dev/stdin"),
+            to: "/proc/self/fd/0",
+        },
+        Step::Symlink {
+            link: m.join("dev/stdout"),
+            to: "/proc/self/fd/1",
+        },
+        Step::Symlink {
+            link: m.join("dev/stderr"),
+            to: "/proc/self/fd/2",
+        },
         Step::Dir(m.join("dev/shm")),
         Step::Mount {
             source: "shm".into(),
             target: m.join("dev/shm"),
             fstype: Some("tmpfs"),
             flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            data: Some("mode=1777".into()),
+            data: Some(format!("mode=1777,size={}", layout.shm_bytes)),
         },
         Step::Dir(m.join("proc")),
         Step::Dir(m.join("tmp")),
@@ -144,6 +195,39 @@ pub fn plan(layout: &Layout) -> Vec<Step> {
         });
     }
     steps
+}
+
+/// The steps that lock `/proc` down once it is mounted (pure).
+#[must_use]
+pub fn proc_plan(proc: &Path) -> Vec<Step> {
+    PROC_READ_ONLY
+        .iter()
+        .map(|p| Step::ReadOnly(proc.join(p)))
+        .chain(PROC_MASKED.iter().map(|p| Step::Mask(proc.join(p))))
+        .collect()
+}
+
+/// Binds `path` on itself and makes the bind read-only.
+fn bind_read_only(path: &Path, source: &Path) -> nix::Result<()> {
+    mount(
+        Some(source),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )?;
+    mount(
+        None::<&str>,
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
 }
 
 fn apply(step: &Step) -> Result<(), String> {
@@ -182,6 +266,24 @@ fn apply(step: &Step) -> Result<(), String> {
                 }
             })
             .map_err(|e| fail(&format!("symlink {}", link.display()), &e)),
+        Step::ReadOnly(path) => match std::fs::symlink_metadata(path) {
+            Err(_) => Ok(()),
+            Ok(_) => bind_read_only(path, path)
+                .map_err(|e| fail(&format!("make {} read-only", path.display()), &e)),
+        },
+        Step::Mask(path) => match std::fs::symlink_metadata(path) {
+            Err(_) => Ok(()),
+            Ok(meta) if meta.is_dir() => mount(
+                Some("tmpfs"),
+                path,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("mode=555"),
+            )
+            .map_err(|e| fail(&format!("mask {}", path.display()), &e)),
+            Ok(_) => bind_read_only(path, Path::new("/dev/null"))
+                .map_err(|e| fail(&format!("mask {}", path.display()), &e)),
+        },
     }
 }
 
@@ -213,7 +315,14 @@ fn build_root(layout: &Layout, hostname: &str) -> Result<(), String> {
         None::<&str>,
     )
     .map_err(|e| format!("mount /proc: {e}"))?;
+    for step in proc_plan(Path::new("/proc")) {
+        apply(&step)?;
+    }
     nix::unistd::sethostname(hostname).map_err(|e| format!("sethostname {hostname}: {e}"))?;
+    // Last: from here on this process has no privilege over anything the
+    // VM's root made, and the namespaces above stay owned by the VM's root.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| format!("unshare the user namespace: {e}"))?;
     Ok(())
 }
 
@@ -291,13 +400,19 @@ pub fn main(layout: &Layout, hostname: &str) -> ! {
 
 /// Parses the arguments the guest passes (see [`super::Container::start`]).
 #[must_use]
-pub fn layout_from(lower: &Path, state_dir: &Path, api_dir: Option<&Path>) -> Layout {
+pub fn layout_from(
+    lower: &Path,
+    state_dir: &Path,
+    api_dir: Option<&Path>,
+    shm_bytes: u64,
+) -> Layout {
     Layout {
         lower: lower.to_owned(),
         upper: state_dir.join("upper"),
         work: state_dir.join("work"),
         merged: state_dir.join("rootfs"),
         api_dir: api_dir.map(Path::to_owned),
+        shm_bytes,
     }
 }
 
@@ -306,11 +421,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn proc_keeps_the_kernel_knobs_read_only_and_its_secrets_masked() {
+        let plan = proc_plan(Path::new("/proc"));
+        for ro in [
+            "/proc/sys",
+            "/proc/sysrq-trigger",
+            "/proc/irq",
+            "/proc/bus",
+            "/proc/fs",
+        ] {
+            assert!(plan.contains(&Step::ReadOnly(ro.into())), "{ro}");
+        }
+        for masked in [
+            "/proc/kcore",
+            "/proc/keys",
+            "/proc/timer_list",
+            "/proc/sched_debug",
+        ] {
+            assert!(plan.contains(&Step::Mask(masked.into())), "{masked}");
+        }
+    }
+
+    #[test]
     fn plan_mounts_the_overlay_first_and_keeps_everything_inside_merged() {
         let layout = layout_from(
             Path::new("/base"),
             Path::new("/data/c"),
             Some(Path::new("/data/api")),
+            1 << 20,
         );
         let steps = plan(&layout);
         let first_mount = steps.iter().find_map(|s| match s {
@@ -332,7 +470,10 @@ mod tests {
         );
         for s in &steps {
             let target = match s {
-                Step::Mount { target, .. } | Step::File(target) => target,
+                Step::Mount { target, .. }
+                | Step::File(target)
+                | Step::ReadOnly(target)
+                | Step::Mask(target) => target,
                 Step::Symlink { link, .. } => link,
                 Step::Dir(_) => continue,
             };
@@ -345,8 +486,11 @@ mod tests {
             flags: MsFlags::MS_BIND,
             data: None,
         }));
+        assert!(steps.iter().any(|s| matches!(s,
+            Step::Mount { target, data: Some(d), .. }
+                if target.ends_with("dev/shm") && d.ends_with("size=1048576"))));
         // No API directory, no /.nestbox.
-        let layout = layout_from(Path::new("/base"), Path::new("/data/c"), None);
+        let layout = layout_from(Path::new("/base"), Path::new("/data/c"), None, 1 << 20);
         assert!(
             !plan(&layout)
                 .iter()

@@ -1,9 +1,14 @@
 //! The inner container: where the user's code runs, beside the platform.
 //!
-//! Namespaces: its own pid, mount, network, UTS, IPC and cgroup namespaces.
+//! Namespaces: its own user, pid, mount, network, UTS, IPC and cgroup
+//! namespaces. The user namespace maps the container's ids 0–65535 to an
+//! unprivileged range of the VM ([`idmap`]); the other namespaces are
+//! owned by the VM's root, so root in the container holds no capability
+//! over them (no mounts, no routes, no sysctls).
 //! Root filesystem: an overlay of the read-only base and a writable layer on
-//! the data disk, entered with `pivot_root`, with a fresh `/proc`, a minimal
-//! `/dev` and the API socket's directory at `/.nestbox` (see [`init`]).
+//! the user's disk, entered with `pivot_root`, with a fresh `/proc` (its
+//! knobs read-only, its secrets masked), a minimal `/dev`, a sized
+//! `/dev/shm` and the API socket's directory at `/.nestbox` (see [`init`]).
 //!
 //! How it is built: the guest re-executes itself as `nestbox-guest
 //! container-init`, started by `clone3` straight into its cgroup
@@ -19,14 +24,11 @@
 //! container's cgroup (`CLONE_INTO_CGROUP`, through a descriptor opened before
 //! entering), so that its first socket already belongs to the cgroup the
 //! port watcher watches. The children are the guest's own: the service
-//! manager waits for them through their pidfds.
-//!
-//! Why no user namespace: the container is the boundary between user code
-//! and a platform that runs as root in the VM; mapping the container's root
-//! to an unprivileged id would be stronger, but overlayfs on the data disk
-//! then needs idmapped or userxattr mounts whose support varies with the
-//! guest kernel, and services expect to run as root in their sandbox. The
-//! VM is the tenant boundary; see `docs/design.md`.
+//! manager waits for them through their pidfds. Each child confines itself
+//! before it execs (see [`crate::spawn::Confinement`]): it enters the
+//! container's user namespace (a thread of the multi-threaded guest cannot),
+//! takes explicit capability sets ([`caps`]) and installs the seccomp
+//! filters ([`seccomp`]).
 //!
 //! Cgroups: each build of the container gets a fresh cgroup below the inner
 //! one (see [`fresh_leaf`] for why); the port watcher watches the inner
@@ -37,21 +39,23 @@
 //! the last of them; then the cgroup is removed. The writable layer stays on
 //! the data disk.
 
+pub mod caps;
 pub mod egress;
+pub mod idmap;
 pub mod init;
+pub mod seccomp;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use nix::sched::CloneFlags;
-use serde::Deserialize;
 
-use crate::spawn::{Process, Spawn, Stdio};
+use crate::spawn::{Confinement, Process, Spawn, Stdio};
 
 /// Errors building, entering or stopping the container.
 #[derive(Debug, thiserror::Error)]
@@ -99,11 +103,21 @@ pub enum ContainerError {
         /// The error.
         source: std::io::Error,
     },
+    /// The base or the writable layer cannot be used in the user namespace.
+    #[error(transparent)]
+    Idmap(#[from] idmap::IdmapError),
+    /// The user namespace's ids could not be mapped.
+    #[error("cannot map the ids of the container's user namespace ({path}): {source}")]
+    Userns {
+        /// The map file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
 }
 
 /// What to build.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug)]
 pub struct ContainerSpec {
     /// The container's hostname (the VM's name).
     pub hostname: String,
@@ -116,6 +130,75 @@ pub struct ContainerSpec {
     pub cgroup: PathBuf,
     /// A directory to bind-mount at `/.nestbox` (the API socket's).
     pub api_dir: Option<PathBuf>,
+    /// The size of the container's `/dev/shm`, in bytes.
+    pub shm_bytes: u64,
+    /// How its processes are confined.
+    pub isolation: Isolation,
+}
+
+/// `[container]` of the guest configuration.
+#[derive(Clone, Debug, serde::Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// The size of the container's `/dev/shm` in MiB (a tmpfs; its pages
+    /// count against the container's memory).
+    pub shm_mib: u64,
+    /// Sets `no_new_privs` on every process of the container: setuid
+    /// programs (`sudo`, `su`) then gain nothing. Off by default because
+    /// it breaks `sudo` in the container; the user namespace already keeps
+    /// root in the container unprivileged in the VM.
+    pub no_new_privs: bool,
+    /// The default seccomp filter. Off only to measure what it costs: it
+    /// opens the kernel's whole system call surface to the container.
+    pub seccomp: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            shm_mib: 64,
+            no_new_privs: false,
+            seccomp: true,
+        }
+    }
+}
+
+/// How the container's processes are confined beyond its namespaces: the
+/// same for every process, built once.
+#[derive(Clone, Debug)]
+pub struct Isolation {
+    /// Their capability sets.
+    pub caps: Arc<caps::CapSets>,
+    /// The seccomp filters (empty: none, which only a benchmark of the
+    /// filter's cost asks for).
+    pub seccomp: Arc<Vec<seccompiler::BpfProgram>>,
+    /// Whether `no_new_privs` is set (then setuid programs such as `sudo`
+    /// gain nothing in the container).
+    pub no_new_privs: bool,
+}
+
+impl Isolation {
+    /// The kept capabilities and, as `settings` say, the default filter
+    /// and `no_new_privs`.
+    ///
+    /// # Errors
+    /// If the filter does not compile (a bug).
+    pub fn new(settings: &Settings) -> Result<Self, seccomp::SeccompError> {
+        if !settings.seccomp {
+            tracing::warn!(
+                "the inner container runs WITHOUT its seccomp filter ([container] seccomp = false)"
+            );
+        }
+        Ok(Self {
+            caps: Arc::new(caps::CapSets::container()),
+            seccomp: Arc::new(if settings.seccomp {
+                seccomp::default_filters()?
+            } else {
+                Vec::new()
+            }),
+            no_new_privs: settings.no_new_privs,
+        })
+    }
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -130,6 +213,8 @@ pub struct Container {
     /// Its directory, which children are cloned into.
     cgroup_dir: File,
     pid1: u32,
+    /// The user namespace its processes enter.
+    userns: Arc<OwnedFd>,
     jobs: Option<mpsc::Sender<Job>>,
 }
 
@@ -166,13 +251,24 @@ fn cgroup_dir(cgroup: &Path) -> Result<File, ContainerError> {
         .map_err(cgroup_error(cgroup))
 }
 
-/// Brings `lo` up in the network namespace at `netns`.
+/// The container network namespace's own settings: root in the container
+/// holds no capability in a namespace the VM's root owns, so ports below
+/// 1024 are opened to every user of this namespace (as Docker does) and so
+/// are ICMP echo sockets (`ping` without raw sockets). Both are knobs of
+/// this network namespace only.
+const NETNS_SYSCTLS: [(&str, &str); 2] = [
+    ("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0"),
+    ("/proc/sys/net/ipv4/ping_group_range", "0 2147483647"),
+];
+
+/// Brings `lo` up in the network namespace at `netns` and sets its
+/// [`NETNS_SYSCTLS`].
 fn loopback_up(netns: &Path) -> Result<(), ContainerError> {
     let enter = |e: std::io::Error| ContainerError::Enter {
         namespace: "network",
         source: e,
     };
-    crate::netns::run_in(Some(netns), || {
+    crate::netns::run_in(Some(netns), || -> std::io::Result<()> {
         let fd = nix::sys::socket::socket(
             nix::sys::socket::AddressFamily::Inet,
             nix::sys::socket::SockType::Datagram,
@@ -186,7 +282,7 @@ fn loopback_up(netns: &Path) -> Result<(), ContainerError> {
         }
         // SAFETY: fd is a socket we own; req is a valid ifreq for "lo".
         if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &raw mut req) } < 0 {
-            return Err(nix::errno::Errno::last());
+            return Err(std::io::Error::last_os_error());
         }
         // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
         unsafe {
@@ -194,12 +290,16 @@ fn loopback_up(netns: &Path) -> Result<(), ContainerError> {
         }
         // SAFETY: as above.
         if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCSIFFLAGS, &raw const req) } < 0 {
-            return Err(nix::errno::Errno::last());
+            return Err(std::io::Error::last_os_error());
+        }
+        for (knob, value) in NETNS_SYSCTLS {
+            std::fs::write(knob, value)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{knob}: {e}")))?;
         }
         Ok(())
     })
     .map_err(|e| enter(std::io::Error::other(e.to_string())))?
-    .map_err(|e| enter(e.into()))
+    .map_err(enter)
 }
 
 impl Container {
@@ -212,6 +312,8 @@ impl Container {
         for dir in [&spec.state_dir, &spec.cgroup] {
             std::fs::create_dir_all(dir).map_err(dir_error(dir))?;
         }
+        idmap::check_base(&spec.base_rootfs)?;
+        idmap::prepare_layer(&spec.state_dir.join("upper"), &spec.state_dir)?;
         let program = std::env::current_exe().map_err(|source| ContainerError::Spawn {
             program: "/proc/self/exe".into(),
             source,
@@ -226,6 +328,8 @@ impl Container {
             .arg(&spec.base_rootfs)
             .arg("--state-dir")
             .arg(&spec.state_dir)
+            .arg("--shm-bytes")
+            .arg(spec.shm_bytes.to_string())
             .envs(std::env::vars_os())
             .stdout(Stdio::Piped)
             .unshare(
@@ -270,12 +374,14 @@ impl Container {
             }
             Err(err) => return Err(err),
         };
+        let userns = map_ids(pid1)?;
         let mut container = Self {
             spec,
             init,
             cgroup_dir: dir,
             leaf,
             pid1,
+            userns: Arc::new(userns),
             jobs: None,
         };
         loopback_up(&container.netns_path())?;
@@ -292,7 +398,7 @@ impl Container {
         std::thread::Builder::new()
             .name("nestbox-container".into())
             .spawn(move || {
-                let entered = enter_namespaces(pid1).and_then(|()| confine());
+                let entered = enter_namespaces(pid1);
                 let ok = entered.is_ok();
                 let _ = ready_tx.send(entered);
                 if ok {
@@ -331,12 +437,29 @@ impl Container {
         &self.leaf
     }
 
+    /// How a process started in this container is confined, as root of
+    /// the container.
+    #[must_use]
+    pub fn confinement(&self) -> Confinement {
+        let isolation = &self.spec.isolation;
+        Confinement {
+            userns: self.userns.clone(),
+            uid: 0,
+            gid: 0,
+            caps: isolation.caps.clone(),
+            seccomp: isolation.seccomp.clone(),
+            no_new_privs: isolation.no_new_privs,
+        }
+    }
+
     /// Starts `cmd` inside the container: its namespaces, its root, its
-    /// cgroup (born in it). The child is this process's own.
+    /// cgroup (born in it), confined as [`Self::confinement`] says. The
+    /// child is this process's own.
     ///
     /// # Errors
     /// The spawn error, or why the container cannot take it.
-    pub fn spawn(&self, cmd: Spawn) -> std::io::Result<Process> {
+    pub fn spawn(&self, mut cmd: Spawn) -> std::io::Result<Process> {
+        cmd.confine(self.confinement());
         let dir = self.cgroup_dir.try_clone()?;
         let (tx, rx) = mpsc::channel();
         let job: Job = Box::new(move || {
@@ -461,48 +584,18 @@ impl Drop for Container {
     }
 }
 
-/// Capabilities a program in the container may hold: Docker's defaults
-/// without `CAP_MKNOD`. There is no user namespace, so root in the
-/// container would otherwise hold the VM's `CAP_SYS_ADMIN` (mount the data
-/// disk), `CAP_BPF` (load programs) and `CAP_NET_ADMIN`.
-pub const KEPT_CAPABILITIES: [u32; 13] = [0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 29, 31];
-
-/// Cuts this thread's bounding set down to [`KEPT_CAPABILITIES`] and clears
-/// its ambient set; the processes it forks inherit both, so nothing else
-/// comes back when they exec.
-fn confine() -> Result<(), ContainerError> {
-    let fail = |e: std::io::Error| ContainerError::Enter {
-        namespace: "capabilities",
-        source: e,
-    };
-    for cap in 0..64u32 {
-        if KEPT_CAPABILITIES.contains(&cap) {
-            continue;
-        }
-        // SAFETY: prctl with integer arguments only.
-        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) } != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EINVAL) {
-                // Past the kernel's last capability.
-                break;
-            }
-            return Err(fail(err));
-        }
+/// Maps the ids of the user namespace PID 1 (`pid1`) entered, and opens
+/// it for the processes that will join it.
+fn map_ids(pid1: u32) -> Result<OwnedFd, ContainerError> {
+    for map in ["uid_map", "gid_map"] {
+        let path = PathBuf::from(format!("/proc/{pid1}/{map}"));
+        std::fs::write(&path, idmap::map_line())
+            .map_err(|source| ContainerError::Userns { path, source })?;
     }
-    // SAFETY: prctl with integer arguments only.
-    let cleared = unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    };
-    if cleared != 0 {
-        return Err(fail(std::io::Error::last_os_error()));
-    }
-    Ok(())
+    let path = PathBuf::from(format!("/proc/{pid1}/ns/user"));
+    File::open(&path)
+        .map(OwnedFd::from)
+        .map_err(|source| ContainerError::Userns { path, source })
 }
 
 /// Joins PID 1's namespaces on this thread (after unsharing the

@@ -3,8 +3,8 @@
 //!
 //! Written here rather than with a crate: the format is a fixed 110-byte
 //! ASCII header per entry, and the image needs control over every field
-//! (mtime 0, uid/gid 0, sequential inode numbers) so that the same inputs
-//! give the same bytes.
+//! (mtime 0, the owner each entry is given, sequential inode numbers) so
+//! that the same inputs give the same bytes.
 
 use std::io::{self, Write};
 
@@ -44,6 +44,8 @@ pub struct Entry<'a> {
     pub path: &'a str,
     /// Permission bits (`0o7777` at most); the type bits come from `kind`.
     pub perm: u32,
+    /// Its owner, user and group alike.
+    pub owner: u32,
     /// What it is.
     pub kind: Kind<'a>,
 }
@@ -71,8 +73,8 @@ impl Entry<'_> {
 }
 
 /// Writes `entries`, in the order given, and the trailer. Entries get inode
-/// numbers 1, 2, … in that order; every timestamp and owner is 0. Returns
-/// the number of bytes written.
+/// numbers 1, 2, … in that order; every timestamp is 0. Returns the number
+/// of bytes written.
 ///
 /// # Errors
 /// An entry too large for the format's 32-bit size field, or the writer's
@@ -94,22 +96,25 @@ pub fn write<'a, W: Write>(
             &mut out,
             ino,
             entry.mode(),
+            entry.owner,
             nlink,
             entry.path,
             entry.data(),
             (rmaj, rmin),
         )?;
     }
-    header(&mut out, 0, 0, 1, TRAILER, &[], (0, 0))?;
+    header(&mut out, 0, 0, 0, 1, TRAILER, &[], (0, 0))?;
     out.inner.flush()?;
     Ok(out.n)
 }
 
 /// One header, the NUL-terminated name and the data, each padded to 4 bytes.
+#[allow(clippy::too_many_arguments, reason = "one per header field")]
 fn header<W: Write>(
     out: &mut Counting<W>,
     ino: u32,
     mode: u32,
+    owner: u32,
     nlink: u32,
     name: &str,
     data: &[u8],
@@ -126,7 +131,7 @@ fn header<W: Write>(
     // ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor
     // rdevminor namesize check
     let fields = [
-        ino, mode, 0, 0, nlink, 0, filesize, 0, 0, rdev_major, rdev_minor, namesize, 0,
+        ino, mode, owner, owner, nlink, 0, filesize, 0, 0, rdev_major, rdev_minor, namesize, 0,
     ];
     out.write_all(MAGIC)?;
     for f in fields {
@@ -174,6 +179,7 @@ mod tests {
     struct Parsed {
         ino: u32,
         mode: u32,
+        owner: (u32, u32),
         nlink: u32,
         rdev: (u32, u32),
         name: String,
@@ -196,7 +202,7 @@ mod tests {
             };
             let (ino, mode, uid, gid, nlink, mtime) =
                 (field(0), field(1), field(2), field(3), field(4), field(5));
-            assert_eq!((uid, gid, mtime, field(12)), (0, 0, 0, 0));
+            assert_eq!((mtime, field(12)), (0, 0));
             let size = field(6) as usize;
             let namesize = field(11) as usize;
             let name = &buf[110..110 + namesize];
@@ -215,6 +221,7 @@ mod tests {
             out.push(Parsed {
                 ino,
                 mode,
+                owner: (uid, gid),
                 nlink,
                 rdev: (field(9), field(10)),
                 name,
@@ -228,31 +235,37 @@ mod tests {
             Entry {
                 path: "dev",
                 perm: 0o755,
+                owner: 0,
                 kind: Kind::Dir,
             },
             Entry {
                 path: "dev/console",
                 perm: 0o600,
+                owner: 0,
                 kind: Kind::CharDev { major: 5, minor: 1 },
             },
             Entry {
                 path: "etc",
                 perm: 0o755,
+                owner: 0,
                 kind: Kind::Dir,
             },
             Entry {
                 path: "etc/a",
                 perm: 0o644,
+                owner: 100_000,
                 kind: Kind::File(b"hello\n"),
             },
             Entry {
                 path: "etc/b",
                 perm: 0o777,
+                owner: 0,
                 kind: Kind::Symlink("a"),
             },
             Entry {
                 path: "init",
                 perm: 0o755,
+                owner: 0,
                 kind: Kind::File(b""),
             },
         ]
@@ -277,6 +290,11 @@ mod tests {
             .map(|(ino, mode, nlink, rdev, name, data)| Parsed {
                 ino,
                 mode,
+                owner: if name == "etc/a" {
+                    (100_000, 100_000)
+                } else {
+                    (0, 0)
+                },
                 nlink,
                 rdev,
                 name: name.to_owned(),
@@ -308,10 +326,10 @@ mod tests {
     #[test]
     fn gnu_cpio_lists_it() {
         let cpio = std::path::Path::new("/usr/bin/cpio");
-        if !cpio.exists() {
-            eprintln!("skipped: no /usr/bin/cpio");
-            return;
-        }
+        assert!(
+            cpio.exists(),
+            "no /usr/bin/cpio: apt-get install cpio (cargo xtask image installs it)"
+        );
         let mut buf = Vec::new();
         write(&mut buf, sample()).unwrap();
         let mut child = std::process::Command::new(cpio)

@@ -13,6 +13,11 @@ use crate::util;
 /// Where the base rootfs lives in the image (the launcher's `base_rootfs`).
 pub const BASE: &str = "usr/share/nestbox/rootfs";
 
+/// The VM id that is root of the inner container: the guest maps container
+/// ids 0–65535 to 100000–165535 (`guest/src/container/idmap.rs`,
+/// `HOST_BASE`), so the base belongs to it.
+const CONTAINER_ROOT: u32 = 100_000;
+
 /// Debian's busybox-static.
 const BUSYBOX: &str = "/bin/busybox";
 
@@ -49,5 +54,6 @@ pub fn add(tree: &mut Tree) -> Result<usize> {
         0o644,
         b"hello from nestbox\n".to_vec(),
     )?;
+    tree.own(BASE, CONTAINER_ROOT)?;
     Ok(applets.len())
 }

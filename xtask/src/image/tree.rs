@@ -42,6 +42,8 @@ pub enum Node {
 #[derive(Debug, Default)]
 pub struct Tree {
     nodes: BTreeMap<String, Node>,
+    /// Subtrees with an owner other than root: (path, id).
+    owners: Vec<(String, u32)>,
 }
 
 impl Tree {
@@ -108,6 +110,27 @@ impl Tree {
         }
     }
 
+    /// Gives `path` and everything under it to user and group `id` (the
+    /// inner container's base rootfs belongs to the container's root).
+    pub fn own(&mut self, path: &str, id: u32) -> Result<()> {
+        self.owners.push((normalize(path)?, id));
+        Ok(())
+    }
+
+    /// The owner of `path`: the deepest subtree given to someone, else 0.
+    fn owner(&self, path: &str) -> u32 {
+        self.owners
+            .iter()
+            .filter(|(p, _)| {
+                path == p
+                    || path
+                        .strip_prefix(p.as_str())
+                        .is_some_and(|r| r.starts_with('/'))
+            })
+            .max_by_key(|(p, _)| p.len())
+            .map_or(0, |(_, id)| *id)
+    }
+
     /// The node at `path`, if any.
     #[cfg(test)]
     pub fn get(&self, path: &str) -> Option<&Node> {
@@ -135,6 +158,7 @@ impl Tree {
             hash.update((entry.path.len() as u64).to_le_bytes());
             hash.update(entry.path.as_bytes());
             hash.update(entry.mode().to_le_bytes());
+            hash.update(entry.owner.to_le_bytes());
             hash.update(rdev[0].to_le_bytes());
             hash.update(rdev[1].to_le_bytes());
             hash.update((entry.data().len() as u64).to_le_bytes());
@@ -162,7 +186,12 @@ impl Tree {
                     },
                 ),
             };
-            cpio::Entry { path, perm, kind }
+            cpio::Entry {
+                path,
+                perm,
+                owner: self.owner(path),
+                kind,
+            }
         })
     }
 }
@@ -211,6 +240,22 @@ mod tests {
         t.file("lib/libc.so.6", 0o755, b"elf".to_vec()).unwrap();
         assert!(t.file("lib/libc.so.6", 0o755, b"other".to_vec()).is_err());
         assert!(t.file("lib/libc.so.6/x", 0o644, Vec::new()).is_err());
+    }
+
+    #[test]
+    fn an_owned_subtree_and_only_it_gets_the_owner() {
+        let mut t = Tree::default();
+        t.file("usr/share/rootfs/bin/sh", 0o755, b"x".to_vec())
+            .unwrap();
+        t.file("usr/share/rootfs2", 0o644, Vec::new()).unwrap();
+        let before = t.digest("none");
+        t.own("usr/share/rootfs", 100_000).unwrap();
+        let owners: Vec<(&str, u32)> = t.entries().map(|e| (e.path, e.owner)).collect();
+        assert!(owners.contains(&("usr/share/rootfs", 100_000)));
+        assert!(owners.contains(&("usr/share/rootfs/bin/sh", 100_000)));
+        assert!(owners.contains(&("usr/share/rootfs2", 0)));
+        assert!(owners.contains(&("usr/share", 0)));
+        assert_ne!(t.digest("none"), before, "the owner is part of the version");
     }
 
     #[test]
