@@ -10,10 +10,15 @@
 //! tap_prefix = "nb"                    # taps nb2, nb3, …
 //! memory_mib = 512
 //! cpus = 1
-//! disk_gib = 1
+//! disk_gib = 1                         # the user's disk (the container's files)
+//! platform_disk_gib = 1                # the platform's disk (services, logs, certificates)
 //! qemu = "qemu-system-x86_64"
 //! accel = "auto"                       # or "kvm", "tcg"
 //! egress = true                        # NAT for the guests' own traffic
+//! mitigations = true                   # false: the guest kernel boots with mitigations=off
+//!
+//! [firewall]
+//! allow = ["10.99.0.0/24"]             # private prefixes VMs may reach all the same
 //!
 //! [guest]                              # merged into every guest's configuration
 //! [guest.ingress.acme]
@@ -25,6 +30,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::net::prefix::Ipv4Prefix;
 use crate::pool::Pool;
 use crate::vmm::accel::AccelSetting;
 
@@ -84,9 +90,13 @@ pub struct LauncherConfig {
     pub memory_mib: u32,
     /// A VM's virtual CPUs, unless `create --cpus` says otherwise.
     pub cpus: u8,
-    /// The size of a VM's data disk in GiB (a sparse file), unless
-    /// `create --disk-size` says otherwise.
+    /// The size of a VM's user disk in GiB (a sparse file holding the
+    /// inner container's writable layer), unless `create --disk-size` says
+    /// otherwise.
     pub disk_gib: u32,
+    /// The size of a VM's platform disk in GiB (a sparse file: service
+    /// definitions, logs, certificates; the user cannot write to it).
+    pub platform_disk_gib: u32,
     /// The QEMU binary (a name looked up in `PATH`, or a path).
     pub qemu: PathBuf,
     /// Acceleration: `auto` uses KVM only when this host can really run the
@@ -96,12 +106,29 @@ pub struct LauncherConfig {
     /// Whether guests reach beyond the host: IPv4 forwarding plus a
     /// masquerade rule for each VM's address.
     pub egress: bool,
+    /// Whether the guest kernel keeps its CPU vulnerability mitigations
+    /// (Spectre, Meltdown, …). `false` boots it with `mitigations=off`:
+    /// a little faster, and a weaker boundary between the user's code and
+    /// the platform inside each VM.
+    pub mitigations: bool,
+    /// The firewall on each VM's tap (default deny; see `net::nft`).
+    pub firewall: Firewall,
     /// A TOML table merged into every guest's configuration as it is (for
     /// example `[guest.ingress]` and `[guest.ingress.acme]`). The keys the
     /// launcher sets itself (`name`, `domain`, `primary_port`, `data_dir`,
     /// `base_rootfs`, `data_device`, `api.token_sha256`, `network`) may not
     /// appear here.
     pub guest: toml::Table,
+}
+
+/// `[firewall]`: what VMs may reach besides the internet.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Firewall {
+    /// IPv4 prefixes VMs may reach although they are private, link-local or
+    /// otherwise refused (an ACME server or a package mirror on the LAN).
+    /// Other VMs stay unreachable whatever this says.
+    pub allow: Vec<Ipv4Prefix>,
 }
 
 impl Default for LauncherConfig {
@@ -114,9 +141,12 @@ impl Default for LauncherConfig {
             memory_mib: 512,
             cpus: 1,
             disk_gib: 1,
+            platform_disk_gib: 1,
             qemu: PathBuf::from("qemu-system-x86_64"),
             accel: AccelSetting::Auto,
             egress: true,
+            mitigations: true,
+            firewall: Firewall::default(),
             guest: toml::Table::new(),
         }
     }
@@ -200,6 +230,9 @@ impl LauncherConfig {
         if self.disk_gib == 0 {
             return Err(invalid("disk_gib", "must be at least 1".into()));
         }
+        if self.platform_disk_gib == 0 {
+            return Err(invalid("platform_disk_gib", "must be at least 1".into()));
+        }
         crate::guest_config::check_template(&self.guest).map_err(|key| {
             invalid(
                 &format!("guest.{key}"),
@@ -228,6 +261,9 @@ mod tests {
         assert_eq!(c.qemu, Path::new("qemu-system-x86_64"));
         assert_eq!(c.accel, AccelSetting::Auto);
         assert!(c.egress);
+        assert!(c.mitigations);
+        assert_eq!(c.platform_disk_gib, 1);
+        assert!(c.firewall.allow.is_empty());
         assert!(c.guest.is_empty());
     }
 
@@ -247,10 +283,14 @@ mod tests {
     fn every_field_can_be_set() {
         let c = parse(
             "image = \"/img\"\ndomain = \"test\"\npool = \"10.211.0.0/24\"\ntap_prefix = \"nbt\"\n\
-             memory_mib = 256\ncpus = 2\ndisk_gib = 3\nqemu = \"/bin/q\"\naccel = \"tcg\"\negress = false\n\
+             memory_mib = 256\ncpus = 2\ndisk_gib = 3\nplatform_disk_gib = 2\nqemu = \"/bin/q\"\naccel = \"tcg\"\negress = false\n\
+             mitigations = false\n[firewall]\nallow = [\"10.99.0.0/24\", \"192.0.2.7/32\"]\n\
              [guest.ingress.acme]\ndirectory = \"https://ca.test/dir\"\n",
         )
         .unwrap();
+        assert!(!c.mitigations);
+        assert_eq!(c.platform_disk_gib, 2);
+        assert_eq!(c.firewall.allow.len(), 2);
         assert_eq!(c.pool.host_address().to_string(), "10.211.0.1");
         assert_eq!(c.accel, AccelSetting::Tcg);
         assert!(!c.egress);
@@ -272,6 +312,13 @@ mod tests {
             ("memory_mib = 10", "`memory_mib`"),
             ("cpus = 0", "`cpus`"),
             ("disk_gib = 0", "`disk_gib`"),
+            ("platform_disk_gib = 0", "`platform_disk_gib`"),
+            (
+                "[firewall]\nallow = [\"10.99.0.1/24\"]",
+                "did you mean 10.99.0.0/24",
+            ),
+            ("[firewall]\nallow = [\"fd00::/8\"]", "IPv6"),
+            ("[firewall]\ndeny = []", "deny"),
             ("accel = \"fast\"", "accel"),
             ("[guest]\nname = \"x\"", "`guest.name`"),
             (

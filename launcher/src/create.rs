@@ -26,7 +26,7 @@ pub struct CreateOptions {
     pub cpus: Option<u8>,
     /// The port served at `https://NAME.DOMAIN/` (8080 if unset).
     pub primary_port: Option<u16>,
-    /// The data disk's size in GiB.
+    /// The user disk's size in GiB.
     pub disk_gib: Option<u32>,
 }
 
@@ -116,6 +116,7 @@ impl Launcher {
             cpus: sizes.cpus,
             primary_port: sizes.primary_port,
             disk_gib: sizes.disk_gib,
+            user_disk: true,
             pid: None,
             pid_start: None,
         };
@@ -241,7 +242,7 @@ impl Launcher {
         token::write(&dir.token(), &token)?;
         self.network(record).set_up()?;
         self.write_disks(dir, record, &token::sha256_hex(&token))?;
-        Self::launch(dir, record, image, vmm)
+        self.launch(dir, record, image, vmm)
     }
 }
 

@@ -82,6 +82,9 @@ impl Launcher {
                     .iter()
                     .map(ToString::to_string),
             );
+            if let Err(e) = crate::vmm::cgroup::remove_for(&r.tap) {
+                errors.push(e.to_string());
+            }
         }
         match std::fs::read_dir(dir.path()) {
             Ok(entries) => {
@@ -90,7 +93,13 @@ impl Launcher {
                     if path == dir.record() {
                         continue;
                     }
-                    if let Err(e) = std::fs::remove_file(&path)
+                    // The jail's (empty) mount point is the one directory.
+                    let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        std::fs::remove_dir(&path)
+                    } else {
+                        std::fs::remove_file(&path)
+                    };
+                    if let Err(e) = removed
                         && e.kind() != std::io::ErrorKind::NotFound
                     {
                         errors.push(format!("remove {}: {e}", path.display()));

@@ -21,19 +21,27 @@ pub const BASE_ROOTFS: &str = "/usr/share/nestbox/rootfs";
 pub const DATA_DEVICE: &str = "virtio:nestbox-data";
 /// The data disk's virtio-blk serial.
 pub const DATA_SERIAL: &str = "nestbox-data";
+/// Where the guest mounts the user disk (the container's writable layer).
+pub const USER_DIR: &str = "/user";
+/// The user disk, found by its virtio serial.
+pub const USER_DEVICE: &str = "virtio:nestbox-user";
+/// The user disk's virtio-blk serial.
+pub const USER_SERIAL: &str = "nestbox-user";
 /// The config disk's virtio-blk serial.
 pub const CONFIG_SERIAL: &str = "nestbox-config";
 /// The guest's network interface.
 pub const INTERFACE: &str = "eth0";
 
 /// Top-level keys the launcher owns.
-const OWNED: [&str; 7] = [
+const OWNED: [&str; 9] = [
     "name",
     "domain",
     "primary_port",
     "data_dir",
     "base_rootfs",
     "data_device",
+    "user_dir",
+    "user_device",
     "network",
 ];
 
@@ -54,6 +62,8 @@ pub struct GuestSettings<'a> {
     pub prefix_len: u8,
     /// The host's address on the tap.
     pub gateway: Ipv4Addr,
+    /// Whether the VM has a user disk (see [`crate::state::record::VmRecord::user_disk`]).
+    pub user_disk: bool,
 }
 
 /// Checks the `[guest]` template: it must not set what the launcher sets.
@@ -88,6 +98,10 @@ pub fn render(settings: &GuestSettings<'_>, template: &Table) -> String {
     set("data_dir", DATA_DIR.into());
     set("base_rootfs", BASE_ROOTFS.into());
     set("data_device", DATA_DEVICE.into());
+    if settings.user_disk {
+        set("user_dir", USER_DIR.into());
+        set("user_device", USER_DEVICE.into());
+    }
     let mut network = Table::new();
     network.insert("interface".into(), INTERFACE.into());
     network.insert("address".into(), settings.address.to_string().into());
@@ -134,6 +148,7 @@ mod tests {
             address: Ipv4Addr::new(10, 123, 0, 2),
             prefix_len: 16,
             gateway: Ipv4Addr::new(10, 123, 0, 1),
+            user_disk: true,
         }
     }
 
@@ -154,6 +169,8 @@ mod tests {
         assert_eq!(doc["data_dir"].as_str(), Some("/data"));
         assert_eq!(doc["base_rootfs"].as_str(), Some(BASE_ROOTFS));
         assert_eq!(doc["data_device"].as_str(), Some("virtio:nestbox-data"));
+        assert_eq!(doc["user_dir"].as_str(), Some("/user"));
+        assert_eq!(doc["user_device"].as_str(), Some("virtio:nestbox-user"));
         assert_eq!(doc["api"]["token_sha256"].as_str(), Some(HASH));
         assert_eq!(doc["api"]["listen"].as_str(), Some("127.0.0.1:7071"));
         let net = &doc["network"];
@@ -172,7 +189,13 @@ mod tests {
     fn an_empty_template_still_gives_a_complete_document() {
         let doc: Table = toml::from_str(&render(&settings(), &Table::new())).unwrap();
         assert_eq!(doc["api"]["token_sha256"].as_str(), Some(HASH));
-        assert_eq!(doc.len(), 8, "{doc:?}");
+        assert_eq!(doc.len(), 10, "{doc:?}");
+        let old = GuestSettings {
+            user_disk: false,
+            ..settings()
+        };
+        let doc: Table = toml::from_str(&render(&old, &Table::new())).unwrap();
+        assert!(!doc.contains_key("user_device") && !doc.contains_key("user_dir"));
     }
 
     #[test]

@@ -63,6 +63,34 @@ use state::lock::StateLock;
 use state::record::VmRecord;
 use state::{StateDir, VmDir};
 
+/// Makes the sparse disk image `path` of `gib` GiB, or grows an existing
+/// smaller one (never shrinks: that would cut a filesystem).
+/// `[create, size]` say what failed.
+fn sparse_disk(
+    path: &Path,
+    gib: u32,
+    [create, size_it]: [&'static str; 2],
+) -> Result<(), LauncherError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(LauncherError::file(create, path))?;
+    let size = u64::from(gib) << 30;
+    let len = file
+        .metadata()
+        .map_err(LauncherError::file("read the size of", path))?
+        .len();
+    if len < size {
+        file.set_len(size)
+            .map_err(LauncherError::file(size_it, path))?;
+    }
+    Ok(())
+}
+
 /// The launcher: a state directory and its configuration.
 #[derive(Clone, Debug)]
 pub struct Launcher {
@@ -151,34 +179,27 @@ impl Launcher {
             guest: record.address,
             host: record.host_address,
             egress: self.config.egress,
+            pool: self.config.pool.to_string(),
+            allow: &self.config.firewall.allow,
         }
     }
 
-    /// Makes the data disk (sparse; an existing one is kept) and writes
-    /// the config disk for `record`.
+    /// Makes the data disk and the user disk (sparse; existing ones are
+    /// kept, and grown if the size grew) and writes the config disk for
+    /// `record`.
     fn write_disks(
         &self,
         dir: &VmDir,
         record: &VmRecord,
         token_sha256: &str,
     ) -> Result<(), LauncherError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let data = dir.data_disk();
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&data)
-            .map_err(LauncherError::file("create the data disk", &data))?;
-        let size = u64::from(record.disk_gib) << 30;
-        let len = file
-            .metadata()
-            .map_err(LauncherError::file("read the size of", &data))?
-            .len();
-        if len < size {
-            file.set_len(size)
-                .map_err(LauncherError::file("size the data disk", &data))?;
+        const DATA: [&str; 2] = ["create the data disk", "size the data disk"];
+        const USER: [&str; 2] = ["create the user disk", "size the user disk"];
+        if record.user_disk {
+            sparse_disk(&dir.data_disk(), self.config.platform_disk_gib, DATA)?;
+            sparse_disk(&dir.user_disk(), record.disk_gib, USER)?;
+        } else {
+            sparse_disk(&dir.data_disk(), record.disk_gib, DATA)?;
         }
         let text = guest_config::render(
             &guest_config::GuestSettings {
@@ -189,6 +210,7 @@ impl Launcher {
                 address: record.address,
                 prefix_len: record.prefix_len,
                 gateway: record.host_address,
+                user_disk: record.user_disk,
             },
             &self.config.guest,
         );

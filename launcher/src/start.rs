@@ -39,7 +39,7 @@ impl Launcher {
             .and_then(|()| {
                 let token = token::read(&dir.token())?;
                 self.write_disks(&dir, &record, &token::sha256_hex(&token))?;
-                Self::launch(&dir, &mut record, &image, vmm)
+                self.launch(&dir, &mut record, &image, vmm)
             });
         if let Err(error) = result {
             record.set_process(None);

@@ -92,6 +92,9 @@ impl Launcher {
             if record.process() == Some(process) {
                 record.set_process(None);
                 record.save(&dir)?;
+                if let Err(e) = crate::vmm::cgroup::remove_for(&record.tap) {
+                    tracing::warn!(%e, "the VMM's cgroup stays until the next start or destroy");
+                }
             }
         }
         Ok(outcome)

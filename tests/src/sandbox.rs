@@ -84,6 +84,15 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Routes everything the namespace sends that is not on one of its links
+    /// through `gateway` (the host's side of [`Sandbox::link_to_host`]).
+    ///
+    /// # Errors
+    /// If `ip` fails.
+    pub fn default_route(&self, gateway: &str) -> Result<()> {
+        run(Command::new("ip").args(["-n", &self.name, "route", "add", "default", "via", gateway]))
+    }
+
     /// A command that runs in the namespace and the sandbox's cgroup.
     #[must_use]
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {

@@ -212,9 +212,11 @@ impl Env {
                 .last()
                 .unwrap_or_default()
                 .to_owned();
-            let _ = Command::new("nft")
-                .args(["delete", "table", "ip", &name])
-                .status();
+            for family in ["ip", "inet"] {
+                let _ = Command::new("nft")
+                    .args(["delete", "table", family, &name])
+                    .status();
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -282,7 +284,9 @@ fn check_network() {
         route.contains("dev nl12") && route.contains("src 10.211.1.1"),
         "{route}"
     );
-    let table = run("nft", &["list", "table", "ip", "nestbox-nl12"]);
+    // The table is there (what its rules do is tested with real packets
+    // from real VMs, in tests/host_boundary.rs).
+    let table = run("nft", &["list", "table", "inet", "nestbox-nl12"]);
     for rule in [
         "iifname \"nl12\" ip saddr != 10.211.1.2 drop",
         "iifname \"nl12\" oifname \"nl1*\" drop",
@@ -298,15 +302,19 @@ fn check_network() {
     );
 }
 
-/// A private token, a sparse data disk, the config disk.
+/// A private token, a sparse data disk of the platform's size, a sparse
+/// user disk of the size asked for, the config disk.
 fn check_files(env: &Env, vm: &Path) {
     let token = env.ok(&["token", "vm1"]).trim().to_owned();
     assert_eq!(token.len(), 64);
     let meta = std::fs::metadata(vm.join("token")).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     let data = std::fs::metadata(vm.join("data.img")).unwrap();
-    assert_eq!(data.len(), 2 << 30);
+    assert_eq!(data.len(), 1 << 30);
     assert!(data.blocks() * 512 < 1 << 20, "the data disk is sparse");
+    let user = std::fs::metadata(vm.join("user.img")).unwrap();
+    assert_eq!(user.len(), 2 << 30);
+    assert!(user.blocks() * 512 < 1 << 20, "the user disk is sparse");
     let config = std::fs::read(vm.join("config.img")).unwrap();
     assert_eq!(config.len() % 512, 0);
     let config = text(&config[..config.iter().position(|&b| b == 0).unwrap()]);
@@ -315,6 +323,8 @@ fn check_files(env: &Env, vm: &Path) {
         "domain = \"test\"".to_owned(),
         "primary_port = 3000".to_owned(),
         "data_device = \"virtio:nestbox-data\"".to_owned(),
+        "user_device = \"virtio:nestbox-user\"".to_owned(),
+        "user_dir = \"/user\"".to_owned(),
         format!("token_sha256 = \"{}\"", sha256_hex(&token)),
         "address = \"10.211.1.2\"".to_owned(),
         "prefix_len = 24".to_owned(),
@@ -329,22 +339,35 @@ fn check_files(env: &Env, vm: &Path) {
     );
 }
 
-/// What the VMM was started with, and its console.
+/// What the VMM was started with, who it runs as, and its console.
 fn check_vmm(env: &Env, vm: &Path) {
     let vmm_log = std::fs::read_to_string(vm.join("vmm.log")).unwrap();
     for want in [
         "-machine microvm,acpi=on,rtc=on",
         "-m 256 -smp 1",
-        "-netdev tap,id=net0,ifname=nl12,script=no,downscript=no",
+        "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-netdev tap,id=net0,fd=3",
         "virtio-net-device,netdev=net0,mac=02:6e:62:d3:01:02",
         "serial=nestbox-data",
+        "serial=nestbox-user",
         "read-only=on",
         "serial=nestbox-config",
         "nestbox.config=virtio:nestbox-config",
+        // 10.211.1.2 as a number: the VM's own user, nobody else's.
+        // Its root holds the system's programs, its devices, and the paths
+        // of the image and of this fake binary: no /proc, /home, /root,
+        // /var, /run or /sys.
+        "runs as uid 181600514 gid 181600514; / holds bin dev etc lib lib64 sbin tmp usr work",
     ] {
         assert!(vmm_log.contains(want), "{want:?} not in {vmm_log}");
     }
+    assert!(!vmm_log.contains("mitigations=off"), "{vmm_log}");
     assert!(env.ok(&["logs", "vm1"]).contains("fake qemu: booted"));
+    // Its cgroup caps its memory (256 MiB of guest + 256 of overhead, no
+    // translation cache for a VMM that is not QEMU) and its CPU (one).
+    let pid = env.pid("vm1");
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(cgroups.contains("nestbox/nl12"), "{cgroups}");
 }
 
 #[test]

@@ -4,9 +4,10 @@
 //!
 //! Layout per test K: a launcher state directory of its own with the pool
 //! `10.124.K.0/24` (the host is `10.124.K.1` on every tap) and tap prefix
-//! `nvK`; Pebble listens on every host address and its DNS answers each
-//! VM's names with the VM's address. The client is curl on the host,
-//! verifying against Pebble's issuing root.
+//! `nvK`; Pebble runs in a network namespace of its own at `10.125.K.2`
+//! (allow-listed in the firewall: VMs reach nothing on the host itself) and
+//! its DNS answers each VM's names with the VM's address. The client is
+//! curl on the host, verifying against Pebble's issuing root.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -49,8 +50,7 @@ impl Host {
         let dir = std::env::temp_dir().join(format!("nestbox-vm-{}-{k}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let host_ip = format!("10.124.{k}.1");
-        let pebble = Pebble::start_for_vms(&dir.join("pebble"), &host_ip, 8053).unwrap();
+        let pebble = Pebble::start_for_vms(&dir.join("pebble"), &format!("10.125.{k}")).unwrap();
         let config = pebble
             .launcher_toml(
                 &image_dir(),
@@ -272,12 +272,22 @@ impl Host {
             left.push(format!("nft {t}"));
         }
         let vm_dir = self.dir.join("vms").join(name);
-        let needle = vm_dir.to_string_lossy().into_owned();
+        // The launcher marks the VMM's environment with its VM directory
+        // (QEMU's command line names none of the VM's files: it gets them
+        // as descriptors).
+        let marker = format!("NESTBOX_VM_DIR={}", vm_dir.display());
         for p in std::fs::read_dir("/proc").unwrap().flatten() {
-            let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let environ = std::fs::read(p.path().join("environ")).unwrap_or_default();
+            if String::from_utf8_lossy(&environ)
+                .split('\0')
+                .any(|v| v == marker)
+            {
                 left.push(format!("process {}", p.file_name().to_string_lossy()));
             }
+        }
+        let cgroups = nestbox_launcher::vmm::cgroup::host().unwrap().dirs(tap);
+        for cgroup in cgroups.iter().filter(|c| c.exists()) {
+            left.push(format!("cgroup {}", cgroup.display()));
         }
         if vm_dir.exists() {
             left.push(format!("files {}", vm_dir.display()));

@@ -9,6 +9,7 @@
 
 pub mod netlink;
 pub mod nft;
+pub mod prefix;
 pub mod sysctl;
 pub mod tap;
 
@@ -72,6 +73,10 @@ pub struct VmNetwork<'a> {
     pub host: Ipv4Addr,
     /// Whether the guest's traffic is forwarded and masqueraded.
     pub egress: bool,
+    /// The pool every VM's address comes from.
+    pub pool: String,
+    /// Private or link-local prefixes the guest may reach all the same.
+    pub allow: &'a [prefix::Ipv4Prefix],
 }
 
 impl VmNetwork<'_> {
@@ -96,7 +101,14 @@ impl VmNetwork<'_> {
         }
         nft::apply(
             self.tap,
-            &nft::ruleset(self.tap, self.tap_prefix, self.guest, self.egress),
+            &nft::ruleset(&nft::Rules {
+                tap: self.tap,
+                tap_prefix: self.tap_prefix,
+                guest: self.guest,
+                pool: &self.pool,
+                egress: self.egress,
+                allow: self.allow,
+            }),
         )
     }
 }

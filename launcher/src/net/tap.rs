@@ -1,7 +1,9 @@
 //! Persistent tap devices through `/dev/net/tun`: `TUNSETIFF` with
 //! `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` makes (or attaches to) the device,
 //! `TUNSETPERSIST 1` keeps it when the file descriptor closes, so the tap
-//! outlives this short-lived process and the VMM attaches to it by name.
+//! outlives this short-lived process. The launcher attaches to it again
+//! ([`open`]) and hands that descriptor to the VMM, which then needs no
+//! privilege to use the tap.
 //! Deleting goes through netlink ([`super::netlink::Netlink::del_link`]).
 //!
 //! Two ioctls on one file descriptor, in this small module rather than a
@@ -49,12 +51,9 @@ fn hint(err: &std::io::Error) -> &'static str {
     }
 }
 
-/// Makes the persistent tap `name` (at most 15 bytes), or reuses it if it
-/// exists: idempotent.
-///
-/// # Errors
-/// [`TapError`] with a hint.
-pub fn create_persistent(name: &str) -> Result<(), TapError> {
+/// Attaches to the tap `name` (making it, not persistent, if it does not
+/// exist) and returns the descriptor.
+fn attach(name: &str) -> Result<std::fs::File, TapError> {
     let fail = |source: std::io::Error| TapError {
         tap: name.to_owned(),
         hint: hint(&source),
@@ -85,6 +84,30 @@ pub fn create_persistent(name: &str) -> Result<(), TapError> {
     if rc < 0 {
         return Err(fail(std::io::Error::last_os_error()));
     }
+    Ok(tun)
+}
+
+/// The tap `name`, attached, for the VMM (which gets the descriptor; it is
+/// not allowed to open the device itself).
+///
+/// # Errors
+/// [`TapError`] with a hint.
+pub fn open(name: &str) -> Result<std::os::fd::OwnedFd, TapError> {
+    attach(name).map(Into::into)
+}
+
+/// Makes the persistent tap `name` (at most 15 bytes), or reuses it if it
+/// exists: idempotent.
+///
+/// # Errors
+/// [`TapError`] with a hint.
+pub fn create_persistent(name: &str) -> Result<(), TapError> {
+    let fail = |source: std::io::Error| TapError {
+        tap: name.to_owned(),
+        hint: hint(&source),
+        source,
+    };
+    let tun = attach(name)?;
     // SAFETY: same descriptor, now attached to the tap; TUNSETPERSIST takes
     // its argument by value.
     let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) };

@@ -198,6 +198,11 @@ impl VmDir {
     pub fn config_disk(&self) -> PathBuf {
         self.path.join("config.img")
     }
+    /// `user.img`.
+    #[must_use]
+    pub fn user_disk(&self) -> PathBuf {
+        self.path.join("user.img")
+    }
     /// `console.log`.
     #[must_use]
     pub fn console_log(&self) -> PathBuf {

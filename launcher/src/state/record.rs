@@ -50,8 +50,14 @@ pub struct VmRecord {
     pub cpus: u8,
     /// The port served at `https://NAME.DOMAIN/`.
     pub primary_port: u16,
-    /// The data disk's size in GiB.
+    /// The user disk's size in GiB (the data disk's, for a VM made before
+    /// VMs had a user disk).
     pub disk_gib: u32,
+    /// Whether the VM has a user disk for the container's writable layer.
+    /// VMs made before there was one keep that layer on their data disk
+    /// (nothing of it is lost by an update); re-create them to separate it.
+    #[serde(default)]
+    pub user_disk: bool,
     /// The VMM backend (`qemu`).
     pub vmm: String,
     /// The acceleration of the last start.
@@ -132,6 +138,7 @@ pub(crate) mod tests {
             cpus: 1,
             primary_port: 8080,
             disk_gib: 1,
+            user_disk: true,
             vmm: "qemu".into(),
             accel: Accel::Tcg,
             image_version: "0.1.0+abc".into(),
@@ -164,6 +171,14 @@ pub(crate) mod tests {
         let err = VmRecord::load(&dir).unwrap_err().to_string();
         assert!(err.contains("damaged"), "{err}");
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_record_from_before_user_disks_has_none() {
+        let mut json = serde_json::to_value(sample()).unwrap();
+        json.as_object_mut().unwrap().remove("user_disk");
+        let back: VmRecord = serde_json::from_value(json).unwrap();
+        assert!(!back.user_disk);
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! The guest kernel's command line (the contract with the image and PID 1,
 //! `notes/issue5-contract.md`): a fast, quiet boot on the serial console,
-//! and where PID 1 finds its configuration.
+//! and where PID 1 finds its configuration. The kernel keeps its CPU
+//! vulnerability mitigations unless `launcher.toml` says `mitigations =
+//! false`: the boundary between the user's code and the platform runs
+//! through that kernel.
 //!
 //! `tsc_early_khz` is required under QEMU's microvm machine: it has no PIT
 //! or HPET to calibrate the TSC against, and the kernel hangs without it.
@@ -11,13 +14,16 @@ use std::fmt::Write as _;
 use crate::guest_config::CONFIG_SERIAL;
 
 /// Boot flags that make the guest kernel start fast and quietly.
-const FAST: &str =
-    "console=ttyS0 quiet tsc=reliable no_timer_check mitigations=off cryptomgr.notests";
+const FAST: &str = "console=ttyS0 quiet tsc=reliable no_timer_check cryptomgr.notests";
 
-/// The command line, with `tsc_early_khz` when the rate is known.
+/// The command line, with `tsc_early_khz` when the rate is known, and
+/// `mitigations=off` only when `mitigations` is false.
 #[must_use]
-pub fn kernel_cmdline(tsc_khz: Option<u64>) -> String {
+pub fn kernel_cmdline(tsc_khz: Option<u64>, mitigations: bool) -> String {
     let mut line = FAST.to_owned();
+    if !mitigations {
+        line.push_str(" mitigations=off");
+    }
     if let Some(khz) = tsc_khz {
         let _ = write!(line, " tsc_early_khz={khz}");
     }
@@ -55,11 +61,13 @@ mod tests {
     #[test]
     fn the_line_is_the_contracts() {
         assert_eq!(
-            kernel_cmdline(Some(2_793_436)),
-            "console=ttyS0 quiet tsc=reliable no_timer_check mitigations=off cryptomgr.notests \
+            kernel_cmdline(Some(2_793_436), true),
+            "console=ttyS0 quiet tsc=reliable no_timer_check cryptomgr.notests \
              tsc_early_khz=2793436 panic=-1 nestbox.config=virtio:nestbox-config"
         );
-        assert!(!kernel_cmdline(None).contains("tsc_early_khz"));
+        assert!(!kernel_cmdline(None, true).contains("tsc_early_khz"));
+        assert!(!kernel_cmdline(None, true).contains("mitigations"));
+        assert!(kernel_cmdline(None, false).contains(" mitigations=off "));
     }
 
     #[test]

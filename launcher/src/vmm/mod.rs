@@ -1,14 +1,19 @@
 //! The VMM: the process that is the VM. A backend ([`Vmm`]) says what
 //! command runs a VM, how to tell that it is up, and how to ask it to stop;
-//! everything else — starting it detached, recording it, killing it — is
-//! the same for every backend ([`spawn`], [`crate::state::process`]).
+//! everything else — opening its devices ([`fds`]), its cgroup
+//! ([`cgroup`]) and jail ([`jail`]), starting it detached, recording it,
+//! killing it — is the same for every backend ([`spawn`],
+//! [`crate::state::process`]).
 //!
 //! Backends: [`qemu::Qemu`] (microvm), and [`stub::Stub`], any command in
 //! place of a VM, for benchmarks that time the launcher's own work. A
 //! Firecracker or cloud-hypervisor backend implements the same trait.
 
 pub mod accel;
+pub mod cgroup;
 pub mod cmdline;
+pub mod fds;
+pub mod jail;
 pub mod qemu;
 pub mod qmp;
 pub mod spawn;
@@ -83,6 +88,28 @@ pub enum VmmError {
         /// The error.
         source: nix::Error,
     },
+    /// A file or socket the VMM gets could not be opened.
+    #[error("cannot open {path} for the VMM: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The tap could not be opened for the VMM.
+    #[error(transparent)]
+    Tap(Box<crate::net::tap::TapError>),
+    /// The VMM's cgroup could not be made.
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    /// A step of the jail failed in the VMM's process before it ran.
+    #[error("cannot jail the VMM: {step}: {source}")]
+    Jail {
+        /// The step.
+        step: String,
+        /// The error.
+        source: std::io::Error,
+    },
 }
 
 /// Everything a backend needs to run one VM; the launcher decides it all.
@@ -109,12 +136,17 @@ pub struct VmSpec {
     pub mac: String,
     /// Where the serial console goes (appended to).
     pub console_log: PathBuf,
-    /// The data disk (raw, read-write).
+    /// The data disk (raw, read-write): the platform's.
     pub data_disk: PathBuf,
+    /// The user disk (raw, read-write), when the VM has one.
+    pub user_disk: Option<PathBuf>,
     /// The config disk (raw, read-only).
     pub config_disk: PathBuf,
     /// The VMM's control socket.
     pub control_socket: PathBuf,
+    /// The user (and group) id the VMM runs as: the VM's own, no other
+    /// process's.
+    pub uid: u32,
 }
 
 /// A VMM backend.
@@ -125,9 +157,22 @@ pub trait Vmm {
     /// The acceleration its VMs get, and why.
     fn accel(&self) -> &AccelChoice;
 
-    /// The command that runs the VM. The launcher adds the working
-    /// directory, the environment marker, the log and a new session.
+    /// The command that runs the VM, using the descriptors of [`fds`]. The
+    /// launcher adds the environment marker, the log, a new session, the
+    /// cgroup and the jail.
     fn command(&self, spec: &VmSpec) -> Command;
+
+    /// Whether the VMM gets the VM's devices as descriptors ([`fds`]); a
+    /// stub that runs no VM gets none.
+    fn takes_devices(&self) -> bool {
+        true
+    }
+
+    /// The translation cache (MiB) it keeps beside the guest's memory, for
+    /// its memory limit.
+    fn cache_mib(&self) -> u32 {
+        0
+    }
 
     /// Whether the VMM that `command` started is up, given the VM's
     /// control socket path (QEMU: the socket accepts connections). The

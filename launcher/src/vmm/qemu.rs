@@ -4,10 +4,16 @@
 //! boot takes seconds longer.
 //!
 //! Devices, per the contract: serial console to a file, virtio-net on the
-//! VM's tap, two virtio-blk disks told apart by serial (`nestbox-data`,
-//! read-write; `nestbox-config`, read-only), virtio-rng so the guest's
-//! CRNG is ready at once under TCG, and QMP on a Unix socket for the
-//! graceful stop (`system_powerdown` presses the ACPI power button).
+//! VM's tap, virtio-blk disks told apart by serial (`nestbox-data` and
+//! `nestbox-user`, read-write; `nestbox-config`, read-only), virtio-rng so
+//! the guest's CRNG is ready at once under TCG, and QMP for the graceful
+//! stop (`system_powerdown` presses the ACPI power button). Every one of
+//! them comes as a descriptor the launcher opened ([`super::fds`]): QEMU
+//! runs jailed as the VM's own user and may open nothing.
+//!
+//! QEMU's seccomp sandbox is on with every option that denies: obsolete
+//! system calls, raising privileges (it never had any to drop), spawning
+//! processes and changing its own scheduling or resources.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -15,13 +21,24 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::accel::{Accel, AccelChoice, AccelSetting};
+use super::fds;
 use super::qmp::Qmp;
 use super::{VmSpec, Vmm, VmmError};
-use crate::guest_config::{CONFIG_SERIAL, DATA_SERIAL};
+use crate::guest_config::{CONFIG_SERIAL, DATA_SERIAL, USER_SERIAL};
 use crate::state::process::VmmProcess;
 
 /// How long one QMP exchange may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the launcher's "is it up yet" probe waits for the greeting.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// QEMU's seccomp sandbox, everything denied that can be.
+const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// The TCG translation cache, in MiB: bounded so that QEMU's memory is
+/// (QEMU's own default is 1 GiB).
+const TB_MIB: u32 = 128;
 
 /// QEMU, with the acceleration chosen once.
 #[derive(Clone, Debug)]
@@ -30,9 +47,13 @@ pub struct Qemu {
     accel: AccelChoice,
 }
 
-/// A path inside a QEMU option value, where `,` must be doubled.
-fn opt_path(path: &Path) -> String {
-    path.to_string_lossy().replace(',', ",,")
+/// The arguments that add a descriptor set `set` holding `fds`, and the
+/// path QEMU opens it by.
+fn fdset(args: &mut Vec<String>, set: u32, fds: &[i32]) -> String {
+    for fd in fds {
+        args.extend(["-add-fd".into(), format!("fd={fd},set={set}")]);
+    }
+    format!("/dev/fdset/{set}")
 }
 
 impl Qemu {
@@ -52,12 +73,13 @@ impl Qemu {
         }
     }
 
-    /// QEMU's arguments for `spec`.
+    /// QEMU's arguments for `spec`, with the devices at the descriptor
+    /// numbers of [`fds`].
     #[must_use]
     pub fn args(&self, spec: &VmSpec) -> Vec<OsString> {
         let accel = match self.accel.accel {
-            Accel::Kvm => "kvm",
-            Accel::Tcg | Accel::None => "tcg",
+            Accel::Kvm => "kvm".to_owned(),
+            Accel::Tcg | Accel::None => format!("tcg,tb-size={TB_MIB}"),
         };
         let mut args: Vec<String> = vec![
             "-name".into(),
@@ -65,7 +87,7 @@ impl Qemu {
             "-machine".into(),
             "microvm,acpi=on,rtc=on".into(),
             "-accel".into(),
-            accel.into(),
+            accel,
         ];
         if self.accel.accel == Accel::Kvm {
             args.extend(["-cpu".into(), "host".into()]);
@@ -79,41 +101,54 @@ impl Qemu {
             "-no-user-config".into(),
             "-nographic".into(),
             "-no-reboot".into(),
+            "-sandbox".into(),
+            SANDBOX.into(),
             "-kernel".into(),
             spec.kernel.to_string_lossy().into_owned(),
             "-initrd".into(),
             spec.initramfs.to_string_lossy().into_owned(),
             "-append".into(),
             spec.cmdline.clone(),
+        ]);
+        let console = fdset(&mut args, 1, &[fds::CONSOLE]);
+        args.extend([
             "-chardev".into(),
-            format!(
-                "file,id=console,path={},append=on",
-                opt_path(&spec.console_log)
-            ),
+            format!("file,id=console,path={console},append=on"),
             "-serial".into(),
             "chardev:console".into(),
             "-netdev".into(),
-            format!("tap,id=net0,ifname={},script=no,downscript=no", spec.tap),
+            format!("tap,id=net0,fd={}", fds::TAP),
             "-device".into(),
             format!("virtio-net-device,netdev=net0,mac={}", spec.mac),
+        ]);
+        let data = fdset(&mut args, 2, &[fds::DATA, fds::DATA_RO]);
+        args.extend([
             "-drive".into(),
-            format!(
-                "id=data,file={},format=raw,if=none,discard=unmap",
-                opt_path(&spec.data_disk)
-            ),
+            format!("id=data,file={data},format=raw,if=none,discard=unmap"),
             "-device".into(),
             format!("virtio-blk-device,drive=data,serial={DATA_SERIAL}"),
+        ]);
+        if spec.user_disk.is_some() {
+            let user = fdset(&mut args, 3, &[fds::USER, fds::USER_RO]);
+            args.extend([
+                "-drive".into(),
+                format!("id=user,file={user},format=raw,if=none,discard=unmap"),
+                "-device".into(),
+                format!("virtio-blk-device,drive=user,serial={USER_SERIAL}"),
+            ]);
+        }
+        let config = fdset(&mut args, 4, &[fds::CONFIG]);
+        args.extend([
             "-drive".into(),
-            format!(
-                "id=config,file={},format=raw,if=none,read-only=on",
-                opt_path(&spec.config_disk)
-            ),
+            format!("id=config,file={config},format=raw,if=none,read-only=on"),
             "-device".into(),
             format!("virtio-blk-device,drive=config,serial={CONFIG_SERIAL}"),
             "-device".into(),
             "virtio-rng-device".into(),
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", opt_path(&spec.control_socket)),
+            "-chardev".into(),
+            format!("socket,id=control,fd={},server=on,wait=off", fds::CONTROL),
+            "-mon".into(),
+            "chardev=control,mode=control".into(),
         ]);
         args.into_iter().map(OsString::from).collect()
     }
@@ -134,8 +169,18 @@ impl Vmm for Qemu {
         cmd
     }
 
+    fn cache_mib(&self) -> u32 {
+        if self.accel.accel == Accel::Kvm {
+            0
+        } else {
+            TB_MIB
+        }
+    }
+
+    /// Up once QEMU answers on the control socket: the launcher made the
+    /// socket, so a connection alone would succeed before QEMU runs.
     fn is_up(&self, control_socket: &Path) -> bool {
-        std::os::unix::net::UnixStream::connect(control_socket).is_ok()
+        Qmp::connect(control_socket, PROBE_TIMEOUT).is_ok()
     }
 
     fn request_stop(&self, control_socket: &Path, _process: &VmmProcess) -> Result<(), VmmError> {
@@ -166,8 +211,10 @@ mod tests {
             mac: "02:6e:62:7b:00:02".into(),
             console_log: dir.join("console.log"),
             data_disk: dir.join("data.img"),
+            user_disk: Some(dir.join("user.img")),
             config_disk: dir.join("config.img"),
             control_socket: dir.join("qmp.sock"),
+            uid: 175_833_090,
             dir,
         }
     }
@@ -191,37 +238,48 @@ mod tests {
     }
 
     #[test]
-    fn the_argv_is_a_microvm_with_the_contracts_devices() {
+    fn the_argv_is_a_sandboxed_microvm_with_every_device_a_descriptor() {
         let line = argv(&tcg(), &spec());
         let expected = [
             "-machine microvm,acpi=on,rtc=on",
-            "-accel tcg",
+            "-accel tcg,tb-size=128",
             "-m 512 -smp 1",
             "-nodefaults -no-user-config -nographic -no-reboot",
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-kernel /img/vmlinux -initrd /img/initramfs.cpio",
             "-append console=ttyS0 panic=-1",
-            "-chardev file,id=console,path=/var/lib/nestbox/vms/vm1/console.log,append=on -serial chardev:console",
-            "-netdev tap,id=net0,ifname=nb2,script=no,downscript=no",
+            "-add-fd fd=4,set=1 -chardev file,id=console,path=/dev/fdset/1,append=on -serial chardev:console",
+            "-netdev tap,id=net0,fd=3",
             "-device virtio-net-device,netdev=net0,mac=02:6e:62:7b:00:02",
-            "-drive id=data,file=/var/lib/nestbox/vms/vm1/data.img,format=raw,if=none,discard=unmap",
+            "-add-fd fd=6,set=2 -add-fd fd=7,set=2 -drive id=data,file=/dev/fdset/2,format=raw,if=none,discard=unmap",
             "-device virtio-blk-device,drive=data,serial=nestbox-data",
-            "-drive id=config,file=/var/lib/nestbox/vms/vm1/config.img,format=raw,if=none,read-only=on",
+            "-add-fd fd=8,set=3 -add-fd fd=9,set=3 -drive id=user,file=/dev/fdset/3,format=raw,if=none,discard=unmap",
+            "-device virtio-blk-device,drive=user,serial=nestbox-user",
+            "-add-fd fd=10,set=4 -drive id=config,file=/dev/fdset/4,format=raw,if=none,read-only=on",
             "-device virtio-blk-device,drive=config,serial=nestbox-config",
             "-device virtio-rng-device",
-            "-qmp unix:/var/lib/nestbox/vms/vm1/qmp.sock,server=on,wait=off",
+            "-chardev socket,id=control,fd=5,server=on,wait=off -mon chardev=control,mode=control",
         ];
         for part in expected {
             assert!(line.contains(part), "missing {part:?} in {line}");
         }
         assert!(!line.contains("-cpu"), "TCG keeps the default CPU: {line}");
+        assert!(
+            !line.contains("/var/lib/nestbox"),
+            "QEMU opens no path of the VM's: {line}"
+        );
         // The command line is one argument, spaces and all.
         let args = tcg().args(&spec());
         let i = args.iter().position(|a| a == "-append").unwrap();
         assert_eq!(args[i + 1], "console=ttyS0 panic=-1");
+        // A VM from before user disks has none.
+        let mut old = spec();
+        old.user_disk = None;
+        assert!(!argv(&tcg(), &old).contains("nestbox-user"));
     }
 
     #[test]
-    fn kvm_gets_the_host_cpu() {
+    fn kvm_gets_the_host_cpu_and_no_translation_cache() {
         let kvm = Qemu::with_accel(
             Path::new("qemu-system-x86_64"),
             AccelChoice {
@@ -231,16 +289,7 @@ mod tests {
         );
         let line = argv(&kvm, &spec());
         assert!(line.contains("-accel kvm -cpu host"), "{line}");
-    }
-
-    #[test]
-    fn commas_in_paths_are_doubled() {
-        let mut spec = spec();
-        spec.data_disk = PathBuf::from("/srv/a,b/data.img");
-        let line = argv(&tcg(), &spec);
-        assert!(
-            line.contains("file=/srv/a,,b/data.img,format=raw"),
-            "{line}"
-        );
+        assert_eq!(kvm.cache_mib(), 0);
+        assert_eq!(tcg().cache_mib(), 128);
     }
 }

@@ -54,6 +54,10 @@ impl Vmm for Stub {
         cmd
     }
 
+    fn takes_devices(&self) -> bool {
+        false
+    }
+
     fn request_stop(&self, _control_socket: &Path, process: &VmmProcess) -> Result<(), VmmError> {
         process
             .signal(Signal::SIGTERM)

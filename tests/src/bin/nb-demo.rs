@@ -35,7 +35,10 @@ struct Args {
 /// The demo's embedded defaults.
 const DOMAIN: &str = "nestbox.test";
 const POOL: &str = "10.123.0.0/24";
-const HOST_IP: &str = "10.123.0.1";
+/// Where the demo's ACME test CA runs: a namespace of its own behind the
+/// host (VMs reach nothing on the host itself), allow-listed in the
+/// firewall.
+const ACME_SUBNET: &str = "10.122.0";
 const WORK: &str = "/tmp/nestbox-demo";
 
 const WEB: &str = r#"{"name": "web", "cmd": "/bin/busybox", "args": ["httpd", "-f", "-p", "8080", "-h", "/www"], "http_port": 8080}"#;
@@ -109,7 +112,7 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(work.join("state"))?;
     println!("starting Pebble (ACME test CA) and its DNS on the host …");
-    let pebble = Pebble::start_for_vms(&work.join("pebble"), HOST_IP, 8053)?;
+    let pebble = Pebble::start_for_vms(&work.join("pebble"), ACME_SUBNET)?;
     std::fs::write(
         work.join("state/launcher.toml"),
         pebble.launcher_toml(&image, DOMAIN, POOL, "nbdemo")?,
