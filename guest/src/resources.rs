@@ -109,6 +109,47 @@ pub struct Applied {
     pub missing: Vec<String>,
 }
 
+/// What the container uses now, and how often it ran into its limits
+/// (`GET /v1/status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// Its memory (`memory.current`), in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Times it was over `memory.high` and throttled (`memory.events` high).
+    pub memory_high_events: Option<u64>,
+    /// Processes its own OOM killer killed (`memory.events` `oom_kill`).
+    pub oom_kills: Option<u64>,
+    /// Its processes and threads (`pids.current`).
+    pub pids: Option<u64>,
+    /// Forks refused at `pids.max` (`pids.events` max).
+    pub pids_max_events: Option<u64>,
+}
+
+/// A number from a one-value cgroup file.
+fn read_number(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The value of `key` in a flat-keyed cgroup file (`memory.events`).
+fn read_key(path: &Path, key: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// The container's usage, from its cgroup `inner` (blocking: small files).
+#[must_use]
+pub fn usage(inner: &Path) -> Usage {
+    Usage {
+        memory_bytes: read_number(&inner.join("memory.current")),
+        memory_high_events: read_key(&inner.join("memory.events"), "high"),
+        oom_kills: read_key(&inner.join("memory.events"), "oom_kill"),
+        pids: read_number(&inner.join("pids.current")),
+        pids_max_events: read_key(&inner.join("pids.events"), "max"),
+    }
+}
+
 /// The two cgroups and what was applied.
 #[derive(Clone, Debug)]
 pub struct CgroupLayout {
@@ -295,6 +336,26 @@ mod tests {
         // A VM smaller than its reserve still gets a floor.
         assert_eq!(memory_limits(16 << 20, &Limits::default()).0, 32 << 20);
         assert_eq!(mem_available("MemTotal: 1 kB\n"), None);
+    }
+
+    #[test]
+    fn usage_reads_the_counters_and_skips_what_is_missing() {
+        let dir = std::env::temp_dir().join(format!("nb-usage-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("memory.current"), "4096\n").unwrap();
+        std::fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 12\nmax 3\noom 2\noom_kill 2\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("pids.events"), "max 7\n").unwrap();
+        let u = usage(&dir);
+        assert_eq!(u.memory_bytes, Some(4096));
+        assert_eq!(u.memory_high_events, Some(12));
+        assert_eq!(u.oom_kills, Some(2));
+        assert_eq!(u.pids, None);
+        assert_eq!(u.pids_max_events, Some(7));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

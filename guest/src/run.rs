@@ -597,6 +597,7 @@ pub async fn run(
         container: state_rx,
         limits: layout.applied.clone(),
         user_dir: config.user_dir(),
+        inner_cgroup: layout.inner.clone(),
     });
     serve_api(&config, &api, &api_dir)?;
 

@@ -7,6 +7,9 @@
 //! kills what runs in it and removes the namespace and the cgroups, also when
 //! a test panics.
 //!
+//! [`vms::Host`] runs real VMs with the launcher, for the VM tests, the
+//! escape suite and the host boundary's tests.
+//!
 //! [`Owner`] drives the `nb-listen` helper, a process that creates and closes
 //! sockets on command, so a test decides exactly when each listen happens.
 
@@ -15,6 +18,8 @@
 pub mod owner;
 pub mod pebble;
 pub mod sandbox;
+pub mod vms;
+pub mod wire;
 
 pub use owner::{Listened, Owner};
 pub use sandbox::Sandbox;

@@ -265,6 +265,18 @@ impl Pebble {
         self.dir.join("listener-ca.pem")
     }
 
+    /// The namespace Pebble runs in, when it has one of its own.
+    #[must_use]
+    pub fn netns(&self) -> Option<&Sandbox> {
+        self.netns.as_ref()
+    }
+
+    /// Pebble's address.
+    #[must_use]
+    pub fn address(&self) -> &str {
+        &self.acme_ip
+    }
+
     /// Where this process reaches the management ports.
     fn management_ip(&self) -> &str {
         if self.netns.is_some() {

@@ -100,6 +100,8 @@ pub struct Parts {
     /// Where the container's writable layer lives (its disk's usage is
     /// reported).
     pub user_dir: std::path::PathBuf,
+    /// The container's cgroup (its usage is reported).
+    pub inner_cgroup: std::path::PathBuf,
 }
 
 /// The API; cheap to clone.

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::body::{self, Body};
 use super::{API_VERSION, ContainerState, GUEST_VERSION, Parts};
-use crate::resources::Applied;
+use crate::resources::{Applied, Usage};
 
 #[derive(Serialize)]
 struct Status {
@@ -24,6 +24,8 @@ struct Status {
     ports: usize,
     /// The container's resource limits (and those not in force, why).
     limits: Applied,
+    /// What the container uses now, and how often it met its limits.
+    usage: Usage,
     /// The filesystem of the container's writable layer.
     user_disk: Option<DiskUsage>,
 }
@@ -74,10 +76,12 @@ fn image_version() -> Option<&'static str> {
 pub(super) async fn get(p: &Parts, started: Instant) -> Response<Body> {
     let names = p.publisher.names();
     let user_dir = p.user_dir.clone();
-    let user_disk = tokio::task::spawn_blocking(move || disk_usage(&user_dir))
-        .await
-        .ok()
-        .flatten();
+    let inner = p.inner_cgroup.clone();
+    let (user_disk, usage) = tokio::task::spawn_blocking(move || {
+        (disk_usage(&user_dir), crate::resources::usage(&inner))
+    })
+    .await
+    .unwrap_or_default();
     body::json(
         StatusCode::OK,
         &Status {
@@ -91,6 +95,7 @@ pub(super) async fn get(p: &Parts, started: Instant) -> Response<Body> {
             services: p.services.list().len(),
             ports: p.publisher.ports().len(),
             limits: p.limits.clone(),
+            usage,
             user_disk,
         },
     )

@@ -1,0 +1,271 @@
+/*
+ * nb-escape: the escape suite's attacker, run by a test *inside the inner
+ * container of a real VM* (never on the CI machine: a success here would
+ * change the machine it runs on). Static, libc only, so that it runs in the
+ * container's busybox root; the test serves it over HTTP from an
+ * allow-listed address and the container fetches it with wget, as a user
+ * would bring a tool in.
+ *
+ * Each attempt prints one line:
+ *   RESULT <attempt> blocked <errno name>   the kernel said no
+ *   RESULT <attempt> ESCAPED <what worked>  the boundary did not hold
+ * and the program exits 0 either way: the test reads the lines.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/bpf.h>
+#include <linux/perf_event.h>
+#include <linux/reboot.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/io.h>
+#include <sys/mount.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/swap.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <signal.h>
+#include <time.h>
+#include <unistd.h>
+
+static int blocked(const char *what, long rc)
+{
+	if (rc >= 0)
+		return 0;
+	printf("RESULT %s blocked %s\n", what, strerrorname_np(errno) ? strerrorname_np(errno) : "?");
+	return 1;
+}
+
+static void escaped(const char *what, const char *detail)
+{
+	printf("RESULT %s ESCAPED %s\n", what, detail);
+}
+
+/* One attempt: the call, and what it means if it works. */
+#define TRY(what, call, detail)                       \
+	do {                                          \
+		errno = 0;                            \
+		long rc_ = (long)(call);              \
+		if (!blocked(what, rc_))              \
+			escaped(what, detail);        \
+	} while (0)
+
+static void bpf_attempts(void)
+{
+	/* BPF_PROG_LOAD of "r0 = 0; exit" as a socket filter. */
+	struct bpf_insn insns[] = {
+		{ .code = BPF_ALU64 | BPF_MOV | BPF_K, .dst_reg = 0, .imm = 0 },
+		{ .code = BPF_JMP | BPF_EXIT },
+	};
+	union bpf_attr attr;
+	memset(&attr, 0, sizeof(attr));
+	attr.prog_type = BPF_PROG_TYPE_SOCKET_FILTER;
+	attr.insns = (unsigned long)insns;
+	attr.insn_cnt = 2;
+	attr.license = (unsigned long)"GPL";
+	TRY("bpf-prog-load", syscall(SYS_bpf, BPF_PROG_LOAD, &attr, sizeof(attr)),
+	    "loaded a BPF program");
+	memset(&attr, 0, sizeof(attr));
+	attr.map_type = BPF_MAP_TYPE_ARRAY;
+	attr.key_size = 4;
+	attr.value_size = 4;
+	attr.max_entries = 1;
+	TRY("bpf-map-create", syscall(SYS_bpf, BPF_MAP_CREATE, &attr, sizeof(attr)),
+	    "created a BPF map");
+}
+
+static void perf_attempts(void)
+{
+	struct perf_event_attr pe;
+	memset(&pe, 0, sizeof(pe));
+	pe.size = sizeof(pe);
+	pe.type = PERF_TYPE_SOFTWARE;
+	pe.config = PERF_COUNT_SW_CPU_CLOCK;
+	pe.disabled = 1;
+	TRY("perf-event-open-self", syscall(SYS_perf_event_open, &pe, 0, -1, -1, 0),
+	    "opened a perf event on itself");
+	/* All processes on CPU 0: what a profiler of the whole VM would do. */
+	TRY("perf-event-open-cpu", syscall(SYS_perf_event_open, &pe, -1, 0, -1, 0),
+	    "opened a perf event on a whole CPU");
+}
+
+/* Makes a block device node for the VM's first virtio disk (253:0, and
+ * 254:0 on kernels that number virtio-blk there) and reads its first block. */
+static void mknod_attempts(void)
+{
+	static const int majors[] = { 253, 254 };
+	for (unsigned i = 0; i < sizeof(majors) / sizeof(majors[0]); i++) {
+		char path[64];
+		snprintf(path, sizeof(path), "/tmp/nb-disk-%d", majors[i]);
+		unlink(path);
+		errno = 0;
+		if (blocked("mknod-block", mknod(path, S_IFBLK | 0600, makedev(majors[i], 0))))
+			continue;
+		int fd = open(path, O_RDONLY);
+		if (blocked("open-block-device", fd))
+			continue;
+		char block[512];
+		if (blocked("read-block-device", read(fd, block, sizeof(block))))
+			continue;
+		escaped("read-block-device", "read a VM disk's first block");
+	}
+}
+
+static void module_attempts(void)
+{
+	int fd = open("/bin/busybox", O_RDONLY);
+	TRY("finit-module", syscall(SYS_finit_module, fd, "", 0), "loaded a kernel module");
+	TRY("init-module", syscall(SYS_init_module, "x", 1, ""), "loaded a kernel module");
+	TRY("delete-module", syscall(SYS_delete_module, "virtio_net", O_NONBLOCK),
+	    "unloaded a kernel module");
+	TRY("kexec-load", syscall(SYS_kexec_load, 0, 0, NULL, 0), "loaded a kernel to kexec");
+}
+
+static void keyring_attempts(void)
+{
+	/* KEY_SPEC_PROCESS_KEYRING = -2 */
+	TRY("add-key", syscall(SYS_add_key, "user", "nb", "secret", 6, -2),
+	    "added a key to a kernel keyring");
+	/* KEYCTL_GET_KEYRING_ID = 0, KEY_SPEC_USER_KEYRING = -4 */
+	TRY("keyctl", syscall(SYS_keyctl, 0, -4, 0), "reached the kernel keyring");
+	TRY("request-key", syscall(SYS_request_key, "user", "nb", NULL, 0),
+	    "asked the kernel keyring for a key");
+}
+
+static void hardware_attempts(void)
+{
+	TRY("iopl", iopl(3), "raised its I/O privilege level");
+	TRY("ioperm", ioperm(0x3f8, 8, 1), "got access to the serial port's I/O ports");
+	/* Toggling Ctrl-Alt-Del: harmless if it works, but it needs CAP_SYS_BOOT. */
+	TRY("reboot", syscall(SYS_reboot, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2,
+			      LINUX_REBOOT_CMD_CAD_OFF, NULL),
+	    "may reboot the VM");
+	int fd = open("/tmp/nb-swap", O_CREAT | O_WRONLY, 0600);
+	if (fd >= 0)
+		close(fd);
+	TRY("swapon", swapon("/tmp/nb-swap", 0), "turned swap on");
+	struct timespec now;
+	clock_gettime(CLOCK_REALTIME, &now);
+	TRY("clock-settime", clock_settime(CLOCK_REALTIME, &now), "set the VM's clock");
+	struct timeval tv = { .tv_sec = now.tv_sec };
+	TRY("settimeofday", settimeofday(&tv, NULL), "set the VM's clock");
+}
+
+/* New namespaces to regain privileges, and joining PID 1's. */
+static void namespace_attempts(void)
+{
+	TRY("unshare-user", unshare(CLONE_NEWUSER), "made a user namespace (full capabilities in it)");
+	TRY("unshare-mount", unshare(CLONE_NEWNS), "made a mount namespace");
+	TRY("unshare-net", unshare(CLONE_NEWNET), "made a network namespace");
+	errno = 0;
+	long child = syscall(SYS_clone, CLONE_NEWUSER | SIGCHLD, 0, 0, 0, 0);
+	if (child == 0)
+		_exit(0);
+	if (!blocked("clone-newuser", child))
+		escaped("clone-newuser", "cloned into a user namespace");
+	static const char *kinds[] = { "mnt", "net", "pid", "user", "cgroup", "uts", "ipc" };
+	for (unsigned i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++) {
+		char path[64], what[64];
+		snprintf(path, sizeof(path), "/proc/1/ns/%s", kinds[i]);
+		snprintf(what, sizeof(what), "setns-pid1-%s", kinds[i]);
+		int fd = open(path, O_RDONLY);
+		if (blocked(what, fd))
+			continue;
+		TRY(what, setns(fd, 0), "joined a namespace of the container's PID 1");
+		close(fd);
+	}
+	TRY("mount-tmpfs", mount("x", "/mnt", "tmpfs", 0, NULL), "mounted a tmpfs");
+	TRY("mount-proc", mount("proc", "/mnt", "proc", 0, NULL), "mounted a fresh proc");
+	TRY("mount-sysfs", mount("sysfs", "/mnt", "sysfs", 0, NULL), "mounted sysfs");
+	TRY("mount-cgroup2", mount("cgroup2", "/mnt", "cgroup2", 0, NULL), "mounted cgroup2");
+	TRY("umount-proc-sys", umount2("/proc/sys", MNT_DETACH), "unmounted the read-only /proc/sys");
+	TRY("remount-proc-sys-rw", mount(NULL, "/proc/sys", NULL, MS_REMOUNT | MS_BIND, NULL),
+	    "made /proc/sys writable");
+}
+
+/* The VM's API on its Unix socket, without the token. */
+static void api_socket_attempt(void)
+{
+	int s = socket(AF_UNIX, SOCK_STREAM, 0);
+	struct sockaddr_un addr = { .sun_family = AF_UNIX };
+	strcpy(addr.sun_path, "/.nestbox/api.sock");
+	if (connect(s, (struct sockaddr *)&addr, sizeof(addr)) != 0) {
+		printf("RESULT api-socket-no-token unreachable %s\n", strerrorname_np(errno));
+		return;
+	}
+	const char *req = "GET /v1/status HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n";
+	if (write(s, req, strlen(req)) < 0)
+		return;
+	char reply[256] = { 0 };
+	ssize_t n = read(s, reply, sizeof(reply) - 1);
+	char *eol = n > 0 ? strstr(reply, "\r\n") : NULL;
+	if (eol)
+		*eol = 0;
+	printf("RESULT api-socket-no-token status %s\n", n > 0 ? reply : "(nothing)");
+}
+
+/*
+ * `serve PORT`: the user's web app for the resource tests, one process that
+ * never forks (busybox httpd forks per request, and a fork bomb in the same
+ * container leaves no process to fork): answers every request with a fixed
+ * page.
+ */
+static int serve(int port)
+{
+	int s = socket(AF_INET6, SOCK_STREAM, 0);
+	int one = 1;
+	setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	struct sockaddr_in6 addr = { .sin6_family = AF_INET6, .sin6_port = htons(port) };
+	if (bind(s, (struct sockaddr *)&addr, sizeof(addr)) != 0 || listen(s, 64) != 0) {
+		perror("nb-escape serve");
+		return 1;
+	}
+	printf("serving on %d\n", port);
+	static const char page[] = "HTTP/1.1 200 OK\r\nContent-Length: 19\r\nConnection: close\r\n\r\n"
+				   "hello from nestbox\n";
+	for (;;) {
+		int c = accept(s, NULL, NULL);
+		if (c < 0)
+			continue;
+		char req[2048];
+		ssize_t n = read(c, req, sizeof(req));
+		if (n > 0 && write(c, page, sizeof(page) - 1) < 0)
+			perror("nb-escape serve: write");
+		close(c);
+	}
+}
+
+int main(int argc, char **argv)
+{
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	const char *what = argc > 1 ? argv[1] : "all";
+	if (!strcmp(what, "serve"))
+		return serve(argc > 2 ? atoi(argv[2]) : 8080);
+	int all = strcmp(what, "all") == 0;
+	if (all || !strcmp(what, "bpf"))
+		bpf_attempts();
+	if (all || !strcmp(what, "perf"))
+		perf_attempts();
+	if (all || !strcmp(what, "mknod"))
+		mknod_attempts();
+	if (all || !strcmp(what, "module"))
+		module_attempts();
+	if (all || !strcmp(what, "keyring"))
+		keyring_attempts();
+	if (all || !strcmp(what, "hardware"))
+		hardware_attempts();
+	if (all || !strcmp(what, "namespaces"))
+		namespace_attempts();
+	if (all || !strcmp(what, "api"))
+		api_socket_attempt();
+	printf("RESULT done\n");
+	return 0;
+}
