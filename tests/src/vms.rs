@@ -23,6 +23,36 @@ use serde_json::Value;
 
 use crate::pebble::Pebble;
 
+/// The static helper the tests and benches run inside containers
+/// (`tests/src/escape/nb-escape.c`: the escape suite's attempts, a web app
+/// that never forks, a system call loop).
+pub const NB_ESCAPE: &str = env!("NB_ESCAPE");
+
+/// A fork bomb, a memory hog and a CPU spin at once, from one service. The
+/// hog (two 256 MiB buffers at once, more than the container may have,
+/// again and again; one buffer the size of the VM would be refused by the
+/// kernel's overcommit check before it took anything) starts first: once
+/// the bomb holds every process slot and the CPU, a new hog can neither
+/// fork nor run. It attacks once: a marker on the user's disk keeps a
+/// bounced container clean although the service stays registered.
+pub const EXHAUST: &str = r"if [ -e /attacked ]; then echo clean; exec sleep 2147483647; fi
+touch /attacked
+(while :; do :; done) &
+(while :; do dd if=/dev/zero of=/dev/null bs=256M count=4; done) &
+(while :; do dd if=/dev/zero of=/dev/null bs=256M count=4; done) &
+sleep 10
+b() { b | b & }
+b
+exec sleep 2147483647";
+
+/// The user's web app for the resource tests and benches: `nb-escape
+/// serve`, one process that never forks (busybox httpd forks per request,
+/// and a fork bomb in the same container leaves no process to fork).
+pub const WEB_NO_FORK: &str = r#"{"name": "web", "cmd": "/nb-escape", "args": ["serve", "8080"], "http_port": 8080}"#;
+
+/// What [`WEB_NO_FORK`] serves.
+pub const INDEX: &str = "hello from nestbox\n";
+
 /// How long a VM under TCG may take from `create` to a serving API
 /// (boot, modules, data disk format, ACME for the API's name).
 const READY: Duration = Duration::from_mins(3);
@@ -348,6 +378,18 @@ impl Host {
             }
         }
         format!("http://{ip}:8000/{name}")
+    }
+
+    /// Fetches [`NB_ESCAPE`] into VM `name`'s container at `/nb-escape`,
+    /// from an allow-listed address (see [`Host::serve`]).
+    pub fn install_helper(&mut self, name: &str) {
+        let url = self.serve(Path::new(NB_ESCAPE));
+        let lines = self.in_container(
+            name,
+            &format!("wget -q -O /nb-escape {url} && chmod 755 /nb-escape && echo fetched"),
+            Duration::from_mins(2),
+        );
+        assert!(lines.iter().any(|l| l == "fetched"), "{lines:#?}");
     }
 
     /// What VM `name` left on the host: taps, routes, nft tables,

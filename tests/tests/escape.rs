@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use nestbox_tests::vms::{Host, body};
+use nestbox_tests::vms::{EXHAUST, Host, INDEX, NB_ESCAPE, WEB_NO_FORK, body};
 
 /// The VM every test attacks.
 const VM: &str = "victim";
@@ -34,7 +34,7 @@ fn attack(host: &Host, script: &str) -> Vec<String> {
 /// Fetches `nb-escape` into the container and runs it with `what`; returns
 /// its `RESULT` lines, after checking that it ran to the end.
 fn nb_escape(host: &mut Host, what: &str) -> Vec<String> {
-    let url = host.serve(std::path::Path::new(env!("NB_ESCAPE")));
+    let url = host.serve(std::path::Path::new(NB_ESCAPE));
     let lines = attack(
         host,
         &format!(
@@ -332,38 +332,13 @@ fn the_api_refuses_the_container_without_the_token_over_tcp_and_the_socket() {
     assert!(out.status.success(), "{}", body(&out));
 }
 
-const INDEX: &str = "hello from nestbox\n";
-
-/// A fork bomb, a memory hog and a CPU spin at once, from one service. The
-/// hog (two 256 MiB buffers at once, more than the container may have,
-/// again and again; one buffer the size of the VM would be refused by the
-/// kernel's overcommit check before it took anything) starts first: once
-/// the bomb holds every process slot and the CPU, a new hog can neither
-/// fork nor run. It attacks once: a marker on
-/// the user's disk keeps a bounced container clean although the service
-/// stays registered.
-const EXHAUST: &str = r"if [ -e /attacked ]; then echo clean; exec sleep 2147483647; fi
-touch /attacked
-(while :; do :; done) &
-(while :; do dd if=/dev/zero of=/dev/null bs=256M count=4; done) &
-(while :; do dd if=/dev/zero of=/dev/null bs=256M count=4; done) &
-sleep 10
-b() { b | b & }
-b
-exec sleep 2147483647";
-
 #[test]
 fn a_fork_bomb_a_memory_hog_and_a_cpu_spin_leave_the_platform_serving_and_bounce_recovers() {
     let mut host = victim(20);
     // The user's app: one process that never forks (a bomb in the same
     // container leaves no process for busybox httpd to fork per request).
-    let url = host.serve(std::path::Path::new(env!("NB_ESCAPE")));
-    attack(
-        &host,
-        &format!("wget -q -O /nb-escape {url} && chmod 755 /nb-escape && echo fetched"),
-    );
-    let web = serde_json::json!({"name": "web", "cmd": "/nb-escape", "args": ["serve", "8080"], "http_port": 8080});
-    host.create_service(VM, &web.to_string());
+    host.install_helper(VM);
+    host.create_service(VM, WEB_NO_FORK);
     host.wait_body(VM, "victim.test", "/", INDEX);
     let spec = serde_json::json!({"name": "exhaust", "cmd": "/bin/sh", "args": ["-c", EXHAUST]});
     host.create_service(VM, &spec.to_string());

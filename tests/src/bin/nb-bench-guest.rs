@@ -5,7 +5,10 @@
 //! RSS summed over the platform's processes (the guest and the inner
 //! container's init; the user's httpd apart) idle with the one published
 //! port, and again after 10,000 HTTPS requests; then 20 bounces, each timed
-//! from the API call to the first 200 from `https://vm1.test/`.
+//! from the API call to the first 200 from `https://vm1.test/`; then the
+//! cost of the container's seccomp filter: a system call loop in the
+//! container (`nb-escape syscalls`), in this guest and in a second one
+//! started with `[container] seccomp = false`.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -33,6 +36,9 @@ struct Args {
     /// The `nestbox-guest` binary (default: next to this one).
     #[arg(long)]
     guest: Option<PathBuf>,
+    /// Iterations of the system call loop (each run; five runs).
+    #[arg(long, default_value_t = 2_000_000)]
+    syscalls: u64,
 }
 
 const VM_IP: &str = "10.203.1.2";
@@ -47,6 +53,10 @@ struct Results {
     bounce_ms: Vec<f64>,
     bounce_p50_ms: f64,
     bounce_p99_ms: f64,
+    /// ns per `getppid` in the container, with the filter and without.
+    getppid_ns: (f64, f64),
+    /// ns per `socket` + `close`, with the filter and without.
+    socket_close_ns: (f64, f64),
 }
 
 fn kib(pid: u32, field: &str) -> u64 {
@@ -98,22 +108,17 @@ fn rss(guest: u32) -> (u64, u64) {
     );
     let mut todo = children(guest);
     // The container's PID 1 is the platform's too, though its parent (the
-    // short-lived container-init) is gone: find it in the inner cgroup.
+    // short-lived container-init) is gone: find it in the inner cgroup's
+    // builds (`inner/cN`), beside the guest's own `platform` cgroup.
     let own = std::fs::read_to_string(format!("/proc/{guest}/cgroup")).unwrap_or_default();
     if let (Some(rel), Ok(mount)) = (
         own.lines().find_map(|l| l.strip_prefix("0::")),
         nestbox_guest::cgroup::cgroup2_mount(),
     ) {
-        let procs = mount
-            .join(rel.trim_start_matches('/'))
-            .join("inner/cgroup.procs");
-        todo.extend(
-            std::fs::read_to_string(procs)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|p| p.parse::<u32>().ok())
-                .filter(|p| is_container_init(*p)),
-        );
+        let own = mount.join(rel.trim_start_matches('/'));
+        let inner = own.parent().unwrap_or(&own).join("inner");
+        let pids = nestbox_guest::cgroup::subtree_pids(&inner).unwrap_or_default();
+        todo.extend(pids.into_iter().filter(|p| is_container_init(*p)));
     }
     while let Some(pid) = todo.pop() {
         if comm(pid) == "nestbox-guest" || is_container_init(pid) {
@@ -184,7 +189,7 @@ impl Vm {
     }
 }
 
-fn write_config(dir: &Path) -> Result<PathBuf> {
+fn write_config(dir: &Path, extra: &str) -> Result<PathBuf> {
     let key = rcgen::KeyPair::generate()?;
     let names = ["vm1.test", "8080.vm1.test", "api.vm1.test"].map(str::to_owned);
     let cert = rcgen::CertificateParams::new(names.to_vec())?.self_signed(&key)?;
@@ -200,21 +205,30 @@ fn write_config(dir: &Path) -> Result<PathBuf> {
         "name = \"vm1\"\ndomain = \"test\"\ndata_dir = \"{0}/data\"\nbase_rootfs = \"{0}/rootfs\"\n\
          [api]\ntoken_sha256 = \"{1}\"\n[ingress]\nhttps = \"0.0.0.0:443\"\nhttp = \"0.0.0.0:80\"\n\
          [[ingress.certificate]]\nnames = [\"vm1.test\", \"8080.vm1.test\", \"api.vm1.test\"]\n\
-         cert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\n",
+         cert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\n{2}\n",
         dir.display(),
-        &hash[..64]
+        &hash[..64],
+        extra
     );
     let path = dir.join("guest.toml");
     std::fs::write(&path, text)?;
     Ok(path)
 }
 
-fn start(bin: &Path) -> Result<Vm> {
+/// Starts a guest in a netns-simulated VM; `extra` goes at the end of its
+/// configuration.
+fn start(bin: &Path, extra: &str) -> Result<Vm> {
     let dir = std::env::temp_dir().join(format!("nestbox-bench-guest-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    nestbox_tests::busybox_rootfs(&dir.join("rootfs"));
-    let config = write_config(&dir)?;
+    let rootfs = dir.join("rootfs");
+    nestbox_tests::busybox_rootfs(&rootfs);
+    // The system call loop, owned like the rest of the base by the
+    // container's root.
+    let helper = rootfs.join("bin/nb-escape");
+    std::fs::copy(nestbox_tests::vms::NB_ESCAPE, &helper)?;
+    std::os::unix::fs::lchown(&helper, Some(100_000), Some(100_000))?;
+    let config = write_config(&dir, extra)?;
     let sandbox = Sandbox::new("benchvm")?;
     sandbox.link_to_host("10.203.1.1/24", &format!("{VM_IP}/24"))?;
     let guest = sandbox
@@ -276,7 +290,7 @@ fn main() -> Result<()> {
             .context("binary directory")?
             .join("nestbox-guest"),
     };
-    let vm = start(&guest_bin)?;
+    let vm = start(&guest_bin, "")?;
     vm.api(
         "POST",
         "/v1/services",
@@ -325,6 +339,14 @@ fn main() -> Result<()> {
     }
     let mut sorted = bounce_ms.clone();
     sorted.sort_by(f64::total_cmp);
+    let log = std::fs::read_to_string(vm.dir.join("guest.log")).unwrap_or_default();
+    eprintln!("system calls in the container, with the seccomp filter …");
+    let with = syscall_costs(&vm, args.syscalls)?;
+    drop(vm);
+    eprintln!("… and in a guest without it ([container] seccomp = false) …");
+    let without = start(&guest_bin, "[container]\nseccomp = false")?;
+    let without_costs = syscall_costs(&without, args.syscalls)?;
+    drop(without);
     let results = Results {
         rss_idle_kib,
         rss_after_kib,
@@ -333,6 +355,8 @@ fn main() -> Result<()> {
         bounce_p50_ms: percentile(&sorted, 0.5),
         bounce_p99_ms: percentile(&sorted, 0.99),
         bounce_ms,
+        getppid_ns: (with.0, without_costs.0),
+        socket_close_ns: (with.1, without_costs.1),
     };
     #[expect(clippy::cast_precision_loss, reason = "KiB counts are small")]
     let mib = |k: u64| k as f64 / 1024.0;
@@ -359,8 +383,20 @@ fn main() -> Result<()> {
         "| bounce → primary URL serving, p99 of {} | {:.1} ms | ≤ 100 ms |",
         args.bounces, results.bounce_p99_ms
     );
-    let log = std::fs::read_to_string(vm.dir.join("guest.log")).unwrap_or_default();
     print_phases(&log);
+    let overhead = |(with, without): (f64, f64)| (with / without - 1.0) * 100.0;
+    println!(
+        "| getppid in the container, with / without seccomp (median of 5) | {:.1} / {:.1} ns ({:+.1} %) | |",
+        results.getppid_ns.0,
+        results.getppid_ns.1,
+        overhead(results.getppid_ns)
+    );
+    println!(
+        "| socket + close in the container, with / without seccomp | {:.1} / {:.1} ns ({:+.1} %) | |",
+        results.socket_close_ns.0,
+        results.socket_close_ns.1,
+        overhead(results.socket_close_ns)
+    );
     if let Some(path) = &args.json {
         // The guest's log next to the results.
         let _ = std::fs::write(path.with_extension("log"), &log);
@@ -369,6 +405,47 @@ fn main() -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
     }
     Ok(())
+}
+
+/// The median over five runs of `nb-escape syscalls n` in `vm`'s container:
+/// ns per `getppid`, and per `socket` + `close`.
+fn syscall_costs(vm: &Vm, n: u64) -> Result<(f64, f64)> {
+    let script = format!(
+        "for i in 1 2 3 4 5; do /bin/nb-escape syscalls {n}; done; echo NB-DONE; exec sleep 2147483647"
+    );
+    let spec = serde_json::json!({"name": "syscalls", "cmd": "/bin/sh", "args": ["-c", script]});
+    vm.api("POST", "/v1/services", Some(&spec.to_string()))?;
+    let deadline = Instant::now() + Duration::from_mins(5);
+    let lines = loop {
+        let logs = vm.api("GET", "/v1/services/syscalls/logs", None)?;
+        let lines: Vec<String> = logs
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["line"].as_str().map(str::to_owned))
+            .collect();
+        if lines.iter().any(|l| l == "NB-DONE") {
+            break lines;
+        }
+        if Instant::now() > deadline {
+            bail!("the system call loop did not finish: {lines:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut getppid = Vec::new();
+    let mut socket = Vec::new();
+    for line in &lines {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if let ["SYSCALLS", "getppid", g, "socket+close", s] = fields[..] {
+            getppid.push(g.parse::<f64>()?);
+            socket.push(s.parse::<f64>()?);
+        }
+    }
+    if getppid.len() != 5 {
+        bail!("the system call loop printed {lines:?}");
+    }
+    getppid.sort_by(f64::total_cmp);
+    socket.sort_by(f64::total_cmp);
+    Ok((percentile(&getppid, 0.5), percentile(&socket, 0.5)))
 }
 
 /// The median of each bounce phase, from the guest's log.

@@ -11,6 +11,11 @@
 //! 3. Memory of the host side per running VM besides the VMM process: every
 //!    process that appeared with the VM and is still there, other than the
 //!    VMM (the target is none: there is no daemon).
+//! 4. The cost of the boundary under attack: the VM's `GET /v1/status` and
+//!    its primary URL (a web app that never forks), each request a new
+//!    HTTPS connection from the host, idle and then while the container
+//!    runs a fork bomb, a memory hog and a CPU spin at once: p50, p99 and
+//!    timeouts (the target: p99 within 5× the idle p99, no timeout).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,6 +26,7 @@ use clap::Parser;
 use nestbox_launcher::vmm::stub::Stub;
 use nestbox_launcher::{CreateOptions, Launcher};
 use nestbox_tests::pebble::Pebble;
+use nestbox_tests::vms::{EXHAUST, Host, INDEX, WEB_NO_FORK};
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -37,6 +43,10 @@ struct Args {
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Requests per measurement of the API and the URL, idle and under
+    /// attack.
+    #[arg(long, default_value_t = 40)]
+    samples: usize,
 }
 
 #[derive(Serialize)]
@@ -48,6 +58,24 @@ struct Results {
     host_processes_per_vm: usize,
     host_rss_kib_per_vm: u64,
     vmm_rss_kib: u64,
+    attack: Attack,
+}
+
+/// Latencies in ms of successful requests, and how many failed (timed out
+/// after 20 s, or answered other than 200).
+#[derive(Default, Serialize)]
+struct Latencies {
+    ms: Vec<f64>,
+    failed: usize,
+}
+
+/// Measurement 4.
+#[derive(Default, Serialize)]
+struct Attack {
+    status_idle: Latencies,
+    status_attacked: Latencies,
+    url_idle: Latencies,
+    url_attacked: Latencies,
 }
 
 const POOL: &str = "10.126.0.0/24";
@@ -239,6 +267,9 @@ fn main() -> Result<()> {
         took?;
     }
 
+    drop(boots);
+    eprintln!("the API and the URL, idle and under attack …");
+    let attack = under_attack(args.samples);
     let results = Results {
         create_ms,
         destroy_ms,
@@ -247,14 +278,68 @@ fn main() -> Result<()> {
         host_processes_per_vm: host_processes,
         host_rss_kib_per_vm: host_rss,
         vmm_rss_kib: vmm_rss,
+        attack,
     };
     print_table(&results);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
     }
-    drop(boots);
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
+}
+
+/// `samples` requests to `host_name`'s `path` on VM `vm`, each a new
+/// connection (a curl process; its own time excluded: curl's `time_total`).
+fn latencies(host: &Host, vm: &str, host_name: &str, path: &str, token: Option<&str>, samples: usize) -> Latencies {
+    let mut out = Latencies::default();
+    for _ in 0..samples {
+        let mut cmd = host.curl(vm, host_name);
+        if let Some(token) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {token}")]);
+        }
+        let result = cmd
+            .args(["-o", "/dev/null", "-w", "%{http_code} %{time_total}"])
+            .arg(format!("https://{host_name}{path}"))
+            .output();
+        let text = result.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        match text.split_once(' ') {
+            Some(("200", secs)) => out.ms.push(secs.trim().parse::<f64>().unwrap_or(0.0) * 1000.0),
+            _ => out.failed += 1,
+        }
+    }
+    out
+}
+
+/// Measurement 4, on a VM of its own.
+fn under_attack(samples: usize) -> Attack {
+    const VM: &str = "attacked";
+    let mut host = Host::new(60);
+    host.create(VM);
+    host.install_helper(VM);
+    host.create_service(VM, WEB_NO_FORK);
+    host.wait_body(VM, "attacked.test", "/", INDEX);
+    let token = host.token(VM);
+    let api = format!("api.{VM}.test");
+    let measure = |host: &Host| {
+        (
+            latencies(host, VM, &api, "/v1/status", Some(&token), samples),
+            latencies(host, VM, "attacked.test", "/", None, samples),
+        )
+    };
+    let (status_idle, url_idle) = measure(&host);
+    let spec = serde_json::json!({"name": "exhaust", "cmd": "/bin/sh", "args": ["-c", EXHAUST]});
+    host.create_service(VM, &spec.to_string());
+    // The hog reaches memory.max, then the bomb pids.max.
+    std::thread::sleep(Duration::from_secs(25));
+    let (status_attacked, url_attacked) = measure(&host);
+    let status = nestbox_tests::vms::body(&host.api(VM, "GET", "/v1/status", None));
+    eprintln!("  under attack: {status}");
+    Attack {
+        status_idle,
+        status_attacked,
+        url_idle,
+        url_attacked,
+    }
 }
 
 fn print_table(results: &Results) {
@@ -286,6 +371,36 @@ fn print_table(results: &Results) {
     println!(
         "| host processes per running VM besides the VMM | {} ({} KiB) |",
         results.host_processes_per_vm, results.host_rss_kib_per_vm
+    );
+    let attack = &results.attack;
+    let row = |what: &str, l: &Latencies| {
+        let ms = sorted(&l.ms);
+        if ms.is_empty() {
+            println!("| {what} | no answer ({} failed) |", l.failed);
+        } else {
+            println!(
+                "| {what}, p50 / p99 of {} | {:.1} / {:.1} ms ({} failed) |",
+                ms.len() + l.failed,
+                percentile(&ms, 0.5),
+                percentile(&ms, 0.99),
+                l.failed
+            );
+        }
+    };
+    row("GET /v1/status, idle", &attack.status_idle);
+    row(
+        "GET /v1/status, fork bomb + memory hog + CPU spin in the container",
+        &attack.status_attacked,
+    );
+    row("primary URL, idle", &attack.url_idle);
+    row("primary URL, under the same attack", &attack.url_attacked);
+    let p99 = |l: &Latencies| {
+        let ms = sorted(&l.ms);
+        if ms.is_empty() { f64::INFINITY } else { percentile(&ms, 0.99) }
+    };
+    println!(
+        "| status p99 under attack / idle p99 (target ≤ 5×, no failure) | {:.1}× |",
+        p99(&attack.status_attacked) / p99(&attack.status_idle)
     );
     println!(
         "| (the VMM process itself, QEMU RSS) | {:.1} MiB |",

@@ -6,6 +6,10 @@
  * allow-listed address and the container fetches it with wget, as a user
  * would bring a tool in.
  *
+ * Besides the attempts, two modes for the resource tests and benchmarks:
+ * `serve PORT` (a web app that never forks) and `syscalls N` (the cost of a
+ * system call, with or without the container's seccomp filter).
+ *
  * Each attempt prints one line:
  *   RESULT <attempt> blocked <errno name>   the kernel said no
  *   RESULT <attempt> ESCAPED <what worked>  the boundary did not hold
@@ -243,12 +247,41 @@ static int serve(int port)
 	}
 }
 
+static double now_ns(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)t.tv_sec * 1e9 + (double)t.tv_nsec;
+}
+
+/*
+ * `syscalls N`: the cost of a system call, for the seccomp benchmark. Two
+ * loops: getppid, whose verdict the filter gives whatever its arguments
+ * (the kernel caches such verdicts), and socket + close, where the filter
+ * looks at socket's family. Prints the ns per call of each.
+ */
+static int syscalls(long n)
+{
+	double t0 = now_ns();
+	for (long i = 0; i < n; i++)
+		syscall(SYS_getppid);
+	double t1 = now_ns();
+	long m = n / 10;
+	for (long i = 0; i < m; i++)
+		close(socket(AF_UNIX, SOCK_DGRAM, 0));
+	double t2 = now_ns();
+	printf("SYSCALLS getppid %.1f socket+close %.1f\n", (t1 - t0) / (double)n, (t2 - t1) / (double)m);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	const char *what = argc > 1 ? argv[1] : "all";
 	if (!strcmp(what, "serve"))
 		return serve(argc > 2 ? atoi(argv[2]) : 8080);
+	if (!strcmp(what, "syscalls"))
+		return syscalls(argc > 2 ? atol(argv[2]) : 1000000);
 	int all = strcmp(what, "all") == 0;
 	if (all || !strcmp(what, "bpf"))
 		bpf_attempts();
