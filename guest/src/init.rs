@@ -371,6 +371,9 @@ pub fn become_init() {
     }
     mount_base();
     load_modules(Path::new(MODULE_LIST));
+    // PID 1 starts with 1024 open files; the platform it forks inherits
+    // the raised limit (the ingress alone may hold 20,000).
+    crate::resources::raise_nofile();
     let signals = [
         Signal::SIGCHLD,
         Signal::SIGTERM,

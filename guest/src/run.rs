@@ -82,7 +82,10 @@ impl Launcher for InContainer {
         let container = self.0.get().ok_or_else(|| {
             std::io::Error::other("the inner container is not running (it is being rebuilt)")
         })?;
-        container.spawn(crate::services::command(spec))
+        container.spawn(
+            crate::services::command(spec),
+            &format!("svc-{}", spec.name),
+        )
     }
 }
 

@@ -42,24 +42,17 @@ impl FromStr for Pool {
     type Err = PoolError;
 
     fn from_str(s: &str) -> Result<Self, PoolError> {
-        let syntax = || PoolError::Syntax(s.to_owned());
-        let (addr, len) = s.split_once('/').ok_or_else(syntax)?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| syntax())?;
-        let prefix_len: u8 = len.parse().map_err(|_| syntax())?;
-        if !(8..=30).contains(&prefix_len) {
+        use crate::net::prefix::{Ipv4Prefix, PrefixError};
+        let prefix: Ipv4Prefix = s.parse().map_err(|e| match e {
+            PrefixError::Syntax(_) => PoolError::Syntax(s.to_owned()),
+            PrefixError::HostBits { given, network } => PoolError::HostBits { given, network },
+        })?;
+        if !(8..=30).contains(&prefix.prefix_len()) {
             return Err(PoolError::Size(s.to_owned()));
         }
-        let mask = u32::MAX << (32 - u32::from(prefix_len));
-        let network = Ipv4Addr::from(u32::from(addr) & mask);
-        if network != addr {
-            return Err(PoolError::HostBits {
-                given: s.to_owned(),
-                network: format!("{network}/{prefix_len}"),
-            });
-        }
         Ok(Self {
-            network,
-            prefix_len,
+            network: prefix.network(),
+            prefix_len: prefix.prefix_len(),
         })
     }
 }

@@ -73,19 +73,22 @@ pub fn require_tool(tool: &str, package: &str) {
     );
 }
 
-/// A binary of another workspace crate, next to the running test's
-/// directory (`target/debug/NAME`).
+/// A binary of another workspace crate in the running program's profile
+/// directory (`target/PROFILE/NAME`: a test runs from `target/PROFILE/deps`,
+/// a bench from `target/PROFILE`).
 ///
 /// # Panics
 /// When it has not been built: `cargo xtask test` builds every binary first.
 #[must_use]
 pub fn workspace_binary(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let bin = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .expect("tests run from target/PROFILE/deps")
-        .join(name);
+    let exe = std::env::current_exe().expect("the running program's path");
+    let dir = exe.parent().expect("a program is in a directory");
+    let dir = if dir.file_name().is_some_and(|d| d == "deps") {
+        dir.parent().expect("deps is in the profile's directory")
+    } else {
+        dir
+    };
+    let bin = dir.join(name);
     assert!(
         bin.is_file(),
         "{} is missing: build it first (`cargo build --workspace --bins`; `cargo xtask test` does)",

@@ -48,7 +48,8 @@ exec sleep 2147483647";
 /// The user's web app for the resource tests and benches: `nb-escape
 /// serve`, one process that never forks (busybox httpd forks per request,
 /// and a fork bomb in the same container leaves no process to fork).
-pub const WEB_NO_FORK: &str = r#"{"name": "web", "cmd": "/nb-escape", "args": ["serve", "8080"], "http_port": 8080}"#;
+pub const WEB_NO_FORK: &str =
+    r#"{"name": "web", "cmd": "/nb-escape", "args": ["serve", "8080"], "http_port": 8080}"#;
 
 /// What [`WEB_NO_FORK`] serves.
 pub const INDEX: &str = "hello from nestbox\n";

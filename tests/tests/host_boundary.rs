@@ -411,13 +411,14 @@ fn the_vmm_runs_as_the_vms_own_user_sandboxed_jailed_and_limited() {
             let max = std::fs::read_to_string(dirs[0].join("memory.max")).unwrap();
             assert_eq!(max.trim(), limit.to_string());
             let cpu = std::fs::read_to_string(dirs[0].join("cpu.max")).unwrap();
-            assert_eq!(cpu.trim(), "100000 100000");
+            assert_eq!(cpu.trim(), "10000 10000");
         }
         nestbox_launcher::vmm::cgroup::Hierarchy::V1 { .. } => {
             let max = std::fs::read_to_string(dirs[0].join("memory.limit_in_bytes")).unwrap();
             assert_eq!(max.trim(), limit.to_string());
             let quota = std::fs::read_to_string(dirs[1].join("cpu.cfs_quota_us")).unwrap();
-            assert_eq!(quota.trim(), "100000");
+            let period = std::fs::read_to_string(dirs[1].join("cpu.cfs_period_us")).unwrap();
+            assert_eq!((quota.trim(), period.trim()), ("10000", "10000"));
         }
     }
     for dir in &dirs {

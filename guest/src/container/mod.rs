@@ -31,8 +31,11 @@
 //! filters ([`seccomp`]).
 //!
 //! Cgroups: each build of the container gets a fresh cgroup below the inner
-//! one (see [`fresh_leaf`] for why); the port watcher watches the inner
-//! cgroup's whole subtree.
+//! one (see [`fresh_leaf`] for why), and in it a cgroup per group of its
+//! processes — `init` for its PID 1, `svc-NAME` for each service — which
+//! share the container's CPU by equal weight, so a service that spins or
+//! forks without end takes its own share, not its neighbours'. The port
+//! watcher watches the inner cgroup's whole subtree.
 //!
 //! Stopping: `cgroup.kill` on the build's cgroup kills every process in it
 //! at once (PID 1 included); the mount namespace and its overlay go with
@@ -210,8 +213,6 @@ pub struct Container {
     init: Process,
     /// This build's cgroup, below the inner cgroup (see [`fresh_leaf`]).
     leaf: PathBuf,
-    /// Its directory, which children are cloned into.
-    cgroup_dir: File,
     pid1: u32,
     /// The user namespace its processes enter.
     userns: Arc<OwnedFd>,
@@ -260,6 +261,32 @@ const NETNS_SYSCTLS: [(&str, &str); 2] = [
     ("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0"),
     ("/proc/sys/net/ipv4/ping_group_range", "0 2147483647"),
 ];
+
+/// The cgroup of the container's PID 1, in each build's.
+const INIT_GROUP: &str = "init";
+
+/// The cgroup `group` of the build `leaf` (made if new), opened for
+/// `CLONE_INTO_CGROUP`.
+fn group_dir(leaf: &Path, group: &str) -> Result<File, ContainerError> {
+    let dir = leaf.join(group);
+    match std::fs::create_dir(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(dir_error(&dir)(e)),
+        _ => {}
+    }
+    cgroup_dir(&dir)
+}
+
+/// Lets the groups of a build share its CPU by weight (`+cpu` in its
+/// `cgroup.subtree_control`), where the controller reaches it (not on a
+/// host whose cgroup v2 lacks it).
+fn delegate_cpu(leaf: &Path) {
+    let available = std::fs::read_to_string(leaf.join("cgroup.controllers")).unwrap_or_default();
+    if available.split_whitespace().any(|c| c == "cpu")
+        && let Err(err) = std::fs::write(leaf.join("cgroup.subtree_control"), "+cpu")
+    {
+        tracing::warn!(%err, "the container's services share its CPU unweighted");
+    }
+}
 
 /// Brings `lo` up in the network namespace at `netns` and sets its
 /// [`NETNS_SYSCTLS`].
@@ -319,7 +346,8 @@ impl Container {
             source,
         })?;
         let leaf = fresh_leaf(&spec.cgroup)?;
-        let dir = cgroup_dir(&leaf)?;
+        delegate_cpu(&leaf);
+        let dir = group_dir(&leaf, INIT_GROUP)?;
         let mut cmd = Spawn::new(&program);
         cmd.arg("container-init")
             .arg("--hostname")
@@ -375,10 +403,10 @@ impl Container {
             Err(err) => return Err(err),
         };
         let userns = map_ids(pid1)?;
+        drop(dir);
         let mut container = Self {
             spec,
             init,
-            cgroup_dir: dir,
             leaf,
             pid1,
             userns: Arc::new(userns),
@@ -452,15 +480,16 @@ impl Container {
         }
     }
 
-    /// Starts `cmd` inside the container: its namespaces, its root, its
-    /// cgroup (born in it), confined as [`Self::confinement`] says. The
-    /// child is this process's own.
+    /// Starts `cmd` inside the container: its namespaces, its root, the
+    /// container's cgroup `group` (made if new; the child is born in it),
+    /// confined as [`Self::confinement`] says. The child is this process's
+    /// own.
     ///
     /// # Errors
     /// The spawn error, or why the container cannot take it.
-    pub fn spawn(&self, mut cmd: Spawn) -> std::io::Result<Process> {
+    pub fn spawn(&self, mut cmd: Spawn, group: &str) -> std::io::Result<Process> {
         cmd.confine(self.confinement());
-        let dir = self.cgroup_dir.try_clone()?;
+        let dir = group_dir(&self.leaf, group).map_err(std::io::Error::other)?;
         let (tx, rx) = mpsc::channel();
         let job: Job = Box::new(move || {
             let _ = tx.send(cmd.spawn(Some(dir.as_fd())));
@@ -495,8 +524,10 @@ impl Container {
 /// Kills everything in the cgroup `dir` (and below), waits until it is
 /// empty, then removes it and its descendants. Blocking.
 fn empty_and_remove(dir: &Path) -> Result<(), ContainerError> {
+    let t0 = Instant::now();
     let kill = dir.join("cgroup.kill");
     std::fs::write(&kill, "1").map_err(cgroup_error(&kill))?;
+    let killed = t0.elapsed();
     let events = dir.join("cgroup.events");
     let file = File::open(&events).map_err(cgroup_error(&events))?;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -526,7 +557,15 @@ fn empty_and_remove(dir: &Path) -> Result<(), ContainerError> {
             .unwrap_or(nix::poll::PollTimeout::MAX);
         let _ = nix::poll::poll(&mut fds, wait);
     }
-    remove_tree(dir).map_err(cgroup_error(dir))
+    let emptied = t0.elapsed();
+    let removed = remove_tree(dir).map_err(cgroup_error(dir));
+    tracing::debug!(
+        kill_ms = killed.as_secs_f64() * 1e3,
+        empty_ms = emptied.as_secs_f64() * 1e3,
+        remove_ms = t0.elapsed().as_secs_f64() * 1e3,
+        "container cgroup emptied"
+    );
+    removed
 }
 
 /// Removes an empty cgroup and its descendants, deepest first.

@@ -53,6 +53,20 @@ impl FromStr for Ipv4Prefix {
     }
 }
 
+impl Ipv4Prefix {
+    /// The network address.
+    #[must_use]
+    pub fn network(&self) -> Ipv4Addr {
+        self.network
+    }
+
+    /// The prefix length.
+    #[must_use]
+    pub fn prefix_len(&self) -> u8 {
+        self.len
+    }
+}
+
 impl fmt::Display for Ipv4Prefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.network, self.len)

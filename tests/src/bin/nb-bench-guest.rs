@@ -358,6 +358,19 @@ fn main() -> Result<()> {
         getppid_ns: (with.0, without_costs.0),
         socket_close_ns: (with.1, without_costs.1),
     };
+    print_table(&results, args.bounces, &log);
+    if let Some(path) = &args.json {
+        // The guest's log next to the results.
+        let _ = std::fs::write(path.with_extension("log"), &log);
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
+    }
+    Ok(())
+}
+
+/// The results as the README's table.
+fn print_table(results: &Results, bounces: usize, log: &str) {
     #[expect(clippy::cast_precision_loss, reason = "KiB counts are small")]
     let mib = |k: u64| k as f64 / 1024.0;
     println!("| measure | value | target |");
@@ -377,13 +390,13 @@ fn main() -> Result<()> {
     );
     println!(
         "| bounce → primary URL serving, p50 of {} | {:.1} ms | ≤ 100 ms |",
-        args.bounces, results.bounce_p50_ms
+        bounces, results.bounce_p50_ms
     );
     println!(
         "| bounce → primary URL serving, p99 of {} | {:.1} ms | ≤ 100 ms |",
-        args.bounces, results.bounce_p99_ms
+        bounces, results.bounce_p99_ms
     );
-    print_phases(&log);
+    print_phases(log);
     let overhead = |(with, without): (f64, f64)| (with / without - 1.0) * 100.0;
     println!(
         "| getppid in the container, with / without seccomp (median of 5) | {:.1} / {:.1} ns ({:+.1} %) | |",
@@ -397,14 +410,6 @@ fn main() -> Result<()> {
         results.socket_close_ns.1,
         overhead(results.socket_close_ns)
     );
-    if let Some(path) = &args.json {
-        // The guest's log next to the results.
-        let _ = std::fs::write(path.with_extension("log"), &log);
-    }
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
-    }
-    Ok(())
 }
 
 /// The median over five runs of `nb-escape syscalls n` in `vm`'s container:

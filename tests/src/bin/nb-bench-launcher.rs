@@ -290,7 +290,14 @@ fn main() -> Result<()> {
 
 /// `samples` requests to `host_name`'s `path` on VM `vm`, each a new
 /// connection (a curl process; its own time excluded: curl's `time_total`).
-fn latencies(host: &Host, vm: &str, host_name: &str, path: &str, token: Option<&str>, samples: usize) -> Latencies {
+fn latencies(
+    host: &Host,
+    vm: &str,
+    host_name: &str,
+    path: &str,
+    token: Option<&str>,
+    samples: usize,
+) -> Latencies {
     let mut out = Latencies::default();
     for _ in 0..samples {
         let mut cmd = host.curl(vm, host_name);
@@ -301,9 +308,13 @@ fn latencies(host: &Host, vm: &str, host_name: &str, path: &str, token: Option<&
             .args(["-o", "/dev/null", "-w", "%{http_code} %{time_total}"])
             .arg(format!("https://{host_name}{path}"))
             .output();
-        let text = result.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        let text = result
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
         match text.split_once(' ') {
-            Some(("200", secs)) => out.ms.push(secs.trim().parse::<f64>().unwrap_or(0.0) * 1000.0),
+            Some(("200", secs)) => out
+                .ms
+                .push(secs.trim().parse::<f64>().unwrap_or(0.0) * 1000.0),
             _ => out.failed += 1,
         }
     }
@@ -350,24 +361,29 @@ fn print_table(results: &Results) {
     );
     println!("| measure | value |");
     println!("| --- | ---: |");
-    println!(
-        "| create up to the VMM's exec (stub VMM), p50 / p99 of {} | {:.1} / {:.1} ms |",
-        c.len(),
-        percentile(&c, 0.5),
-        percentile(&c, 0.99)
-    );
-    println!(
-        "| destroy (stub VMM), p50 / p99 of {} | {:.1} / {:.1} ms |",
-        d.len(),
-        percentile(&d, 0.5),
-        percentile(&d, 0.99)
-    );
-    println!(
-        "| boot → API ready ({}), p50 of {} | {:.2} s |",
-        results.accel,
-        b.len(),
-        percentile(&b, 0.5)
-    );
+    // A measurement skipped (`--creates 0`, `--boots 0`) has no row.
+    if !c.is_empty() {
+        println!(
+            "| create up to the VMM's exec (stub VMM), p50 / p99 of {} | {:.1} / {:.1} ms |",
+            c.len(),
+            percentile(&c, 0.5),
+            percentile(&c, 0.99)
+        );
+        println!(
+            "| destroy (stub VMM), p50 / p99 of {} | {:.1} / {:.1} ms |",
+            d.len(),
+            percentile(&d, 0.5),
+            percentile(&d, 0.99)
+        );
+    }
+    if !b.is_empty() {
+        println!(
+            "| boot → API ready ({}), p50 of {} | {:.2} s |",
+            results.accel,
+            b.len(),
+            percentile(&b, 0.5)
+        );
+    }
     println!(
         "| host processes per running VM besides the VMM | {} ({} KiB) |",
         results.host_processes_per_vm, results.host_rss_kib_per_vm
@@ -396,7 +412,11 @@ fn print_table(results: &Results) {
     row("primary URL, under the same attack", &attack.url_attacked);
     let p99 = |l: &Latencies| {
         let ms = sorted(&l.ms);
-        if ms.is_empty() { f64::INFINITY } else { percentile(&ms, 0.99) }
+        if ms.is_empty() {
+            f64::INFINITY
+        } else {
+            percentile(&ms, 0.99)
+        }
     };
     println!(
         "| status p99 under attack / idle p99 (target ≤ 5×, no failure) | {:.1}× |",
