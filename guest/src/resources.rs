@@ -4,7 +4,7 @@
 //! `memory.high`, `pids.max`, `cpu.weight` and `io.weight`, and
 //! `memory.min` protecting the platform. So a fork bomb meets `pids.max`,
 //! a memory hog the container's own OOM killer (never the platform's
-//! pages), and a CPU spin a tenth of the platform's weight: the API, the
+//! pages), and a CPU spin a thousandth of the platform's weight: the API, the
 //! URLs and a bounce keep working.
 //!
 //! cgroup v2 lets only a cgroup without processes of its own hand
@@ -35,7 +35,7 @@ pub struct Limits {
     /// The most processes and threads the container may have at once
     /// (`pids.max`).
     pub pids_max: u64,
-    /// The container's `cpu.weight`, 1 to 10000; the platform has 100, so
+    /// The container's `cpu.weight`, 1 to 10000; the platform has 10000, so
     /// under contention the platform gets its share first.
     pub cpu_weight: u16,
     /// The container's `io.weight`, 1 to 10000 (the platform has 100);
