@@ -196,15 +196,30 @@ impl Hierarchy {
     }
 
     /// Removes the VM's cgroup (its VMM must be gone); a missing one is
-    /// fine.
+    /// fine. A VMM killed a moment ago stays in the cgroup until its new
+    /// parent (the host's init, once the launcher that started it has
+    /// exited) reaps it, so a busy cgroup is retried for a while.
     ///
     /// # Errors
     /// [`CgroupError::Io`], e.g. when a process is still in it.
     pub fn remove(&self, key: &str) -> Result<(), CgroupError> {
+        /// How long a zombie may take to be reaped.
+        const REAPED: std::time::Duration = std::time::Duration::from_secs(5);
         for dir in self.dirs(key) {
-            match std::fs::remove_dir(&dir) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_error(&dir)(e)),
-                _ => {}
+            let deadline = std::time::Instant::now() + REAPED;
+            loop {
+                match std::fs::remove_dir(&dir) {
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY)
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(io_error(&dir)(e));
+                    }
+                    _ => break,
+                }
             }
         }
         Ok(())
