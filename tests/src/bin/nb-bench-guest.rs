@@ -1,7 +1,8 @@
 //! `cargo xtask bench guest`: the guest's memory and the time a bounce takes.
 //!
 //! A netns-simulated VM runs `nestbox-guest run` (static certificate, no
-//! ACME) with one service, busybox httpd on 8080 (the primary URL). Reported:
+//! ACME; the container's layer on an ext4 disk of its own, as in a VM) with
+//! one service, busybox httpd on 8080 (the primary URL). Reported:
 //! RSS summed over the platform's processes (the guest and the inner
 //! container's init; the user's httpd apart) idle with the one published
 //! port, and again after 10,000 HTTPS requests; then 20 bounces, each timed
@@ -166,8 +167,35 @@ impl Drop for Vm {
             .args(["-TERM", &self.guest.id().to_string()])
             .status();
         let _ = self.guest.wait();
+        let _ = Command::new("umount").arg(self.dir.join("user")).status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The user's disk, as a VM has it: an ext4 filesystem of its own (a loop
+/// device on a sparse file), mounted at `dir/user`. On the host's own
+/// filesystem the container's layer would share a journal with everything
+/// else the host writes, and unmounting the overlay at a bounce (which
+/// syncs its upper filesystem) would wait for all of it.
+fn user_disk(dir: &Path) -> Result<()> {
+    let image = dir.join("user.img");
+    std::fs::File::create(&image)?.set_len(1 << 30)?;
+    let run = |cmd: &mut Command| -> Result<()> {
+        let out = cmd.output()?;
+        if !out.status.success() {
+            bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-m", "0"])
+        .arg(&image))?;
+    let mount = dir.join("user");
+    std::fs::create_dir_all(&mount)?;
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(&mount))
 }
 
 impl Vm {
@@ -189,6 +217,8 @@ impl Vm {
     }
 }
 
+/// The guest's configuration: the user's layer in `dir/user`, and `extra`
+/// tables at the end.
 fn write_config(dir: &Path, extra: &str) -> Result<PathBuf> {
     let key = rcgen::KeyPair::generate()?;
     let names = ["vm1.test", "8080.vm1.test", "api.vm1.test"].map(str::to_owned);
@@ -203,6 +233,7 @@ fn write_config(dir: &Path, extra: &str) -> Result<PathBuf> {
     let _ = write!(
         text,
         "name = \"vm1\"\ndomain = \"test\"\ndata_dir = \"{0}/data\"\nbase_rootfs = \"{0}/rootfs\"\n\
+         user_dir = \"{0}/user\"\n\
          [api]\ntoken_sha256 = \"{1}\"\n[ingress]\nhttps = \"0.0.0.0:443\"\nhttp = \"0.0.0.0:80\"\n\
          [[ingress.certificate]]\nnames = [\"vm1.test\", \"8080.vm1.test\", \"api.vm1.test\"]\n\
          cert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\n{2}\n",
@@ -228,6 +259,7 @@ fn start(bin: &Path, extra: &str) -> Result<Vm> {
     let helper = rootfs.join("bin/nb-escape");
     std::fs::copy(nestbox_tests::vms::NB_ESCAPE, &helper)?;
     std::os::unix::fs::lchown(&helper, Some(100_000), Some(100_000))?;
+    user_disk(&dir)?;
     let config = write_config(&dir, extra)?;
     let sandbox = Sandbox::new("benchvm")?;
     sandbox.link_to_host("10.203.1.1/24", &format!("{VM_IP}/24"))?;
