@@ -432,68 +432,6 @@ pub fn is_pid1() -> bool {
     std::process::id() == 1
 }
 
-/// How much of a disk's start [`is_blank`] reads: past the partition
-/// tables, the ext2/3/4 superblock (1 KiB in) and btrfs's (64 KiB in).
-const SIGNATURE_BYTES: usize = 128 << 10;
-
-/// Whether the first [`SIGNATURE_BYTES`] of `device` are all zero: a new
-/// VM's sparse disk, with no filesystem or partition table to lose.
-///
-/// # Errors
-/// Why the device cannot be read.
-pub fn is_blank(device: &Path) -> std::io::Result<bool> {
-    use std::io::Read;
-    let mut start = Vec::with_capacity(SIGNATURE_BYTES);
-    std::fs::File::open(device)?
-        .take(SIGNATURE_BYTES as u64)
-        .read_to_end(&mut start)?;
-    Ok(start.iter().all(|&b| b == 0))
-}
-
-/// Mounts the ext4 disk `device` on `dir`, making the filesystem first if
-/// the disk is blank (a new VM's). A disk that holds anything but does not
-/// mount is left untouched and the mount error returned: formatting it
-/// would wipe what it holds. `mkfs_args` are passed to `mkfs.ext4` after
-/// `-q`.
-///
-/// # Errors
-/// Why it could not be mounted.
-pub fn mount_disk(device: &Path, dir: &Path, mkfs_args: &[&str]) -> Result<(), String> {
-    let device = &resolve_device(device)?;
-    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    let mount = || {
-        nix::mount::mount(
-            Some(device),
-            dir,
-            Some("ext4"),
-            MsFlags::MS_NOATIME | MsFlags::MS_NODEV,
-            None::<&str>,
-        )
-    };
-    let failed = match mount() {
-        Ok(()) => return Ok(()),
-        Err(e) => e,
-    };
-    let blank = is_blank(device).map_err(|e| format!("read {}: {e}", device.display()))?;
-    if !blank {
-        return Err(format!(
-            "mount {} on {}: {failed} (the disk holds data, so it is left as it is)",
-            device.display(),
-            dir.display()
-        ));
-    }
-    let status = std::process::Command::new("mkfs.ext4")
-        .arg("-q")
-        .args(mkfs_args)
-        .arg(device)
-        .status()
-        .map_err(|e| format!("run mkfs.ext4 (e2fsprogs): {e}"))?;
-    if !status.success() {
-        return Err(format!("mkfs.ext4 {} failed: {status}", device.display()));
-    }
-    mount().map_err(|e| format!("mount {} on {}: {e}", device.display(), dir.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,20 +474,6 @@ mod tests {
             PathBuf::from("/dev/vdc")
         );
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn only_an_all_zero_start_is_blank() {
-        let path = std::env::temp_dir().join(format!("nb-blank-{}", std::process::id()));
-        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
-        assert!(is_blank(&path).unwrap());
-        let mut ext4 = vec![0u8; 1 << 20];
-        // The ext4 superblock's magic, 0xEF53 at 1080.
-        ext4[1080] = 0x53;
-        ext4[1081] = 0xef;
-        std::fs::write(&path, ext4).unwrap();
-        assert!(!is_blank(&path).unwrap());
-        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! Modules, one concept each:
 //! - [`container`]: the inner container (namespaces, overlay root,
 //!   processes started inside it, `cgroup.kill`);
-//! - [`init`]: PID 1 duties (mounts, reaping, power-off, network and data
-//!   disk);
+//! - [`init`]: PID 1 duties (mounts, reaping, power-off, network);
+//! - [`disk`]: the platform's and the user's disks (formatted only when
+//!   blank, repaired with `e2fsck -p`, otherwise refused untouched);
 //! - [`config`]: the guest's configuration document, checked at start;
 //! - [`cgroup`]: finding the cgroup v2 mount and walking a cgroup subtree;
 //! - [`resources`]: the platform's and the container's sibling cgroups,
@@ -26,6 +27,7 @@ pub mod api;
 pub mod cgroup;
 pub mod config;
 pub mod container;
+pub mod disk;
 pub mod init;
 pub mod logs;
 pub mod netns;

@@ -14,6 +14,7 @@ use crate::api::{self, Api, ContainerState, Control, TokenHash};
 use crate::config::GuestConfig;
 use crate::container::egress::{self, Egress};
 use crate::container::{Container, ContainerSpec};
+use crate::disk::{DiskReport, DiskState};
 use crate::logs::{LogLimits, Logs};
 use crate::portwatch::{WatchError, Watcher};
 use crate::publish::Publisher;
@@ -467,44 +468,60 @@ fn serve_api(config: &GuestConfig, api: &Api, api_dir: &Path) -> Result<(), RunE
 
 /// As PID 1: the platform's and the user's disks and the network
 /// (failures are logged; the API still comes up to say what is wrong).
-/// Returns why the user's disk is not mounted, if it is not.
-async fn init_vm(config: &GuestConfig) -> Option<String> {
-    let mount = |device: PathBuf, dir: PathBuf, args: &'static [&'static str]| {
-        tokio::task::spawn_blocking(move || crate::init::mount_disk(&device, &dir, args))
+/// Returns what became of each disk.
+async fn init_vm(config: &GuestConfig) -> Vec<DiskReport> {
+    let mount = |role, device: PathBuf, dir: PathBuf, args: &'static [&'static str]| async move {
+        let shown = device.display().to_string();
+        tokio::task::spawn_blocking(move || crate::disk::bring_up(role, &device, &dir, args))
+            .await
+            .unwrap_or_else(|e| DiskReport {
+                role,
+                device: shown,
+                mount: String::new(),
+                state: DiskState::Refused,
+                detail: Some(format!("the mount task failed: {e}")),
+            })
     };
+    let mut disks = Vec::new();
     if let Some(device) = config.data_device.clone() {
-        match mount(device, config.data_dir.clone(), &["-F"]).await {
-            Ok(Ok(())) => {}
-            Ok(Err(why)) => tracing::error!(%why, "the data disk is not mounted"),
-            Err(e) => tracing::error!(%e, "mounting the data disk failed"),
+        let report = mount("platform", device, config.data_dir.clone(), &["-F"]).await;
+        if report.state == DiskState::Refused {
+            tracing::error!(
+                "the platform's disk is not mounted: definitions, logs and certificates are kept \
+                 in memory until it is fixed"
+            );
         }
+        disks.push(report);
     }
-    let mut user_disk_error = None;
     if let Some(device) = config.user_device.clone() {
         // No blocks reserved for the VM's root: nobody but the container
         // writes here.
-        let mounted = mount(
+        let report = mount(
+            "user",
             device,
             config.user_dir(),
             &["-F", "-m", "0", "-L", "nestbox-user"],
         )
         .await;
-        let failed = match mounted {
-            Ok(Ok(())) => None,
-            Ok(Err(why)) => Some(why),
-            Err(e) => Some(e.to_string()),
-        };
-        if let Some(why) = &failed {
-            tracing::error!(%why, "the user's disk is not mounted; the inner container stays down");
+        if report.state == DiskState::Refused {
+            tracing::error!("the user's disk is not mounted; the inner container stays down");
         }
-        user_disk_error = failed;
+        disks.push(report);
     }
     if let Some(net) = &config.network
         && let Err(err) = crate::init::configure_network(net).await
     {
         tracing::error!(%err, "the network is not configured");
     }
-    user_disk_error
+    disks
+}
+
+/// Why the `role` disk was refused, if it was.
+fn refused(role: &str, disks: &[DiskReport]) -> Option<String> {
+    disks
+        .iter()
+        .find(|d| d.role == role && d.state == DiskState::Refused)
+        .map(|d| d.detail.clone().unwrap_or_default())
 }
 
 /// As the VM's platform: the kernel's OOM killer never picks the platform
@@ -519,21 +536,20 @@ fn shield_from_oom() {
 /// What comes before anything serves: the open-file limit, the cgroups
 /// (first, so that every process the platform starts, mkfs and nft
 /// included, counts in its own), and as PID 1 the OOM shield, the disks
-/// and the network. Returns the cgroups and why the user's disk is not
-/// mounted, if it is not.
+/// and the network. Returns the cgroups and what became of each disk.
 async fn prepare(
     config: &GuestConfig,
     as_init: bool,
-) -> Result<(CgroupLayout, Option<String>), RunError> {
+) -> Result<(CgroupLayout, Vec<DiskReport>), RunError> {
     crate::resources::raise_nofile();
     let layout = cgroups(&config.limits).await?;
-    let user_disk_error = if as_init {
+    let disks = if as_init {
         shield_from_oom();
         init_vm(config).await
     } else {
-        None
+        Vec::new()
     };
-    Ok((layout, user_disk_error))
+    Ok((layout, disks))
 }
 
 /// Runs the guest until `shutdown` turns true.
@@ -545,7 +561,8 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     as_init: bool,
 ) -> Result<(), RunError> {
-    let (layout, user_disk_error) = prepare(&config, as_init).await?;
+    let (layout, disks) = prepare(&config, as_init).await?;
+    let user_disk_error = refused("user", &disks);
     let isolation = crate::container::Isolation::new(&config.container)?;
     let data = data_dir(&config.data_dir)?;
     let names = config.names();
@@ -601,6 +618,7 @@ pub async fn run(
         limits: layout.applied.clone(),
         user_dir: config.user_dir(),
         inner_cgroup: layout.inner.clone(),
+        disks,
     });
     serve_api(&config, &api, &api_dir)?;
 

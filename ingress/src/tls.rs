@@ -49,6 +49,14 @@ pub enum TlsError {
         /// rustls's error.
         source: rustls::Error,
     },
+    /// The certificate was not issued for the private key beside it.
+    #[error("{path}: the certificate does not match its private key ({source}); replace both")]
+    Mismatch {
+        /// The file.
+        path: PathBuf,
+        /// rustls's error.
+        source: rustls::Error,
+    },
 }
 
 /// Certificates by hostname; `*.example.com` entries cover one label.
@@ -184,7 +192,16 @@ pub fn certified_key(
             path: origin.to_owned(),
             source,
         })?;
-    Ok(CertifiedKey::new(chain, signer))
+    let certified = CertifiedKey::new(chain, signer);
+    // A chain renewed without its key (or the reverse) would fail every
+    // handshake; refuse it here rather than serve it.
+    certified
+        .keys_match()
+        .map_err(|source| TlsError::Mismatch {
+            path: origin.to_owned(),
+            source,
+        })?;
+    Ok(certified)
 }
 
 /// Loads a certificate chain and key from two PEM files.

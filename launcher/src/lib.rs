@@ -215,7 +215,8 @@ impl Launcher {
             &self.config.guest,
         );
         let config = dir.config_disk();
-        state::write_atomic(&config, &guest_config::disk_image(&text), 0o600)
+        nestbox_durable::write_atomic(&config, &guest_config::disk_image(&text), 0o600)
+            .map_err(std::io::Error::from)
             .map_err(LauncherError::file("write the config disk", &config))
     }
 }

@@ -2,8 +2,6 @@
 //! file; the VM only ever sees its SHA-256 (on the config disk), so a copy
 //! of the disk does not grant access.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -58,15 +56,8 @@ pub fn write(path: &Path, token: &str) -> Result<(), TokenError> {
         path: path.to_owned(),
         source,
     };
-    let _ = std::fs::remove_file(path);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(err)?;
-    writeln!(file, "{token}").map_err(err)?;
-    file.sync_all().map_err(err)
+    nestbox_durable::write_atomic(path, format!("{token}\n").as_bytes(), 0o600)
+        .map_err(|e| err(e.into()))
 }
 
 /// Reads the token at `path`.

@@ -102,6 +102,8 @@ pub struct Parts {
     pub user_dir: std::path::PathBuf,
     /// The container's cgroup (its usage is reported).
     pub inner_cgroup: std::path::PathBuf,
+    /// What became of the VM's disks at boot (empty outside a VM).
+    pub disks: Vec<crate::disk::DiskReport>,
 }
 
 /// The API; cheap to clone.

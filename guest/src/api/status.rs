@@ -1,5 +1,5 @@
 //! `GET /v1/status`: version, uptime, the container's state, the limits it
-//! runs under and how full the user's disk is.
+//! runs under, how full the user's disk is and what became of each disk.
 
 use std::time::Instant;
 
@@ -11,7 +11,7 @@ use super::{API_VERSION, ContainerState, GUEST_VERSION, Parts};
 use crate::resources::{Applied, Usage};
 
 #[derive(Serialize)]
-struct Status {
+struct Status<'a> {
     version: &'static str,
     /// The VM image this guest booted from (`None` outside a VM image).
     image: Option<&'static str>,
@@ -28,6 +28,9 @@ struct Status {
     usage: Usage,
     /// The filesystem of the container's writable layer.
     user_disk: Option<DiskUsage>,
+    /// Each disk's state at boot: mounted, formatted, repaired, or refused
+    /// (untouched, with the reason).
+    disks: &'a [crate::disk::DiskReport],
 }
 
 /// Space on a filesystem, in bytes.
@@ -97,6 +100,7 @@ pub(super) async fn get(p: &Parts, started: Instant) -> Response<Body> {
             limits: p.limits.clone(),
             usage,
             user_disk,
+            disks: &p.disks,
         },
     )
 }

@@ -6,7 +6,6 @@
 //! rename, fsync of the directory) before the call that changed it returns.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -84,20 +83,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServiceError + '_ {
     }
 }
 
-/// Writes `bytes` to `path` so that a crash leaves the old or the new
-/// content, never a part.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ServiceError> {
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
-}
-
 fn backoff(quick_exits: u32) -> Duration {
     FIRST_BACKOFF
         .saturating_mul(1u32 << quick_exits.min(16))
@@ -133,14 +118,26 @@ impl Manager {
         let mut view = BTreeMap::new();
         for item in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
             let path = item.map_err(io_err(&dir))?.path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if nestbox_durable::is_leftover(&name) {
+                // A write that a crash interrupted: the definition it was
+                // replacing is still whole under its own name.
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
             let text = std::fs::read(&path).map_err(io_err(&path))?;
-            let stored: Stored = serde_json::from_slice(&text).map_err(|e| ServiceError::Io {
-                path: path.clone(),
-                source: std::io::Error::other(e),
-            })?;
+            let stored: Stored = match serde_json::from_slice(&text) {
+                Ok(stored) => stored,
+                Err(err) => {
+                    // One unreadable definition must not keep every other
+                    // service down; the file is left for the user to see.
+                    tracing::error!(path = %path.display(), %err, "a service definition does not parse; skipped");
+                    continue;
+                }
+            };
             let live = Arc::new(Mutex::new(Live {
                 state: State::Stopped,
                 pid: None,
@@ -187,12 +184,17 @@ impl Manager {
         })
         .expect("a definition serializes");
         let path = self.file(&spec.name);
-        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+        let file = path.clone();
+        tokio::task::spawn_blocking(move || nestbox_durable::write_atomic(&path, &bytes, 0o600))
             .await
             .map_err(|e| ServiceError::Io {
-                path: self.file(&spec.name),
+                path: file.clone(),
                 source: std::io::Error::other(e),
             })?
+            .map_err(|e| ServiceError::Io {
+                path: file,
+                source: e.into(),
+            })
     }
 
     fn status(spec: &ServiceSpec, live: &Mutex<Live>) -> ServiceStatus {
@@ -306,7 +308,17 @@ impl Manager {
         let mut entry = entries.remove(name).expect("checked above");
         Self::halt(&mut entry).await;
         let file = self.file(name);
-        std::fs::remove_file(&file).map_err(io_err(&file))?;
+        let removed = file.clone();
+        tokio::task::spawn_blocking(move || nestbox_durable::remove(&removed))
+            .await
+            .map_err(|e| ServiceError::Io {
+                path: file.clone(),
+                source: std::io::Error::other(e),
+            })?
+            .map_err(|e| ServiceError::Io {
+                path: file,
+                source: e.into(),
+            })?;
         self.inner.view.lock().expect("view lock").remove(name);
         self.inner.logs.remove(name);
         Ok(())

@@ -1,12 +1,16 @@
-//! The certificate store on disk: `account.json` (ACME account key),
-//! `certs/HOST.pem` (chain) and `certs/HOST.key` (private key).
+//! The certificate store on disk: `account.json` (ACME account key) and
+//! `certs/HOST.pem`, which holds a private key *and* its chain: one file,
+//! so a renewal replaces both with one rename and a crash can never pair a
+//! new key with an old chain. `certs/HOST.pem.prev` keeps the pair it
+//! replaced; a `HOST.pem` that does not load (or whose certificate is not
+//! for its key) falls back to it.
 //!
-//! Files are written atomically (temporary file, fsync, rename, fsync of the
-//! directory), keys and the account with mode 0600, so a crash leaves either
-//! the old file or the new one, never half of one.
+//! Files go through the workspace's one atomic write (`nestbox-durable`:
+//! temporary file, fsync, rename, fsync of the directory), with mode 0600.
+//! Stores written before keys and chains were kept together
+//! (`HOST.pem` + `HOST.key`) still load, with the same check.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -79,28 +83,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 
 /// Writes `bytes` to `path` atomically with `mode`.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreError> {
-    let dir = path.parent().expect("store paths have a parent");
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .expect("store paths have a name")
-            .to_string_lossy()
-    ));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    file.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(io_err(&tmp))?;
-    file.write_all(bytes).map_err(io_err(&tmp))?;
-    file.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+    nestbox_durable::write_atomic(path, bytes, mode).map_err(|e| StoreError::Io {
+        path: path.to_owned(),
+        source: e.into(),
+    })
 }
 
 fn validity(chain_pem: &[u8], path: &Path) -> Result<(SystemTime, SystemTime), StoreError> {
@@ -108,7 +94,16 @@ fn validity(chain_pem: &[u8], path: &Path) -> Result<(SystemTime, SystemTime), S
         path: path.to_owned(),
         why,
     };
-    let (_, pem) = x509_parser::pem::parse_x509_pem(chain_pem).map_err(|e| bad(e.to_string()))?;
+    // The end-entity certificate: the first CERTIFICATE block (the key
+    // comes before it in a stored pair).
+    let pem = x509_parser::pem::Pem::iter_from_buffer(chain_pem)
+        .find_map(|p| match p {
+            Ok(p) if p.label == "CERTIFICATE" => Some(Ok(p)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .ok_or_else(|| bad("no certificate".into()))?
+        .map_err(|e| bad(e.to_string()))?;
     let cert = pem.parse_x509().map_err(|e| bad(e.to_string()))?;
     let to_system = |t: x509_parser::time::ASN1Time| {
         let secs = u64::try_from(t.timestamp()).map_err(|_| bad("validity before 1970".into()))?;
@@ -137,7 +132,10 @@ impl CertStore {
         })
     }
 
-    fn paths(&self, host: &str) -> Result<(PathBuf, PathBuf), StoreError> {
+    /// `certs/HOST.pem` (key and chain), `certs/HOST.pem.prev` (the pair it
+    /// replaced) and `certs/HOST.key` (the key of a store from before
+    /// pairs were kept in one file).
+    fn paths(&self, host: &str) -> Result<[PathBuf; 3], StoreError> {
         if host.is_empty()
             || host.starts_with('.')
             || !host
@@ -147,25 +145,50 @@ impl CertStore {
             return Err(StoreError::BadHost(host.to_owned()));
         }
         let base = self.dir.join("certs");
-        Ok((
+        Ok([
             base.join(format!("{host}.pem")),
+            base.join(format!("{host}.pem.prev")),
             base.join(format!("{host}.key")),
-        ))
+        ])
     }
 
-    /// The stored certificate for `host`, if any.
+    /// The stored certificate for `host`, if any: the current pair, or, if
+    /// it is unusable, the one it replaced (the failure is logged).
     ///
     /// # Errors
-    /// [`StoreError`] if files exist but are unusable.
+    /// [`StoreError`] if files exist but neither pair is usable.
     pub fn load(&self, host: &str) -> Result<Option<Stored>, StoreError> {
-        let (cert, key) = self.paths(host)?;
-        let chain = match std::fs::read(&cert) {
+        let [current, previous, legacy_key] = self.paths(host)?;
+        let failed = match Self::load_pair(&current, &legacy_key) {
+            Ok(found) => return Ok(found),
+            Err(err) => err,
+        };
+        tracing::error!(%host, err = %failed, "the stored certificate is unusable; trying the one it replaced");
+        match Self::load_pair(&previous, &legacy_key) {
+            Ok(Some(stored)) => Ok(Some(stored)),
+            Ok(None) | Err(_) => Err(failed),
+        }
+    }
+
+    /// One pair from `bundle` (key and chain), or from `bundle` (chain)
+    /// and `legacy_key` as a store written before pairs were one file.
+    fn load_pair(bundle: &Path, legacy_key: &Path) -> Result<Option<Stored>, StoreError> {
+        let text = match std::fs::read(bundle) {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StoreError::Io { path: cert, source }),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: bundle.to_owned(),
+                    source,
+                });
+            }
         };
-        let key_pem = std::fs::read(&key).map_err(io_err(&key))?;
-        Self::stored(&chain, &key_pem, &cert).map(Some)
+        let holds_key = matches!(rustls_pemfile::private_key(&mut &text[..]), Ok(Some(_)));
+        if holds_key {
+            return Self::stored(&text, &text, bundle).map(Some);
+        }
+        let key = std::fs::read(legacy_key).map_err(io_err(legacy_key))?;
+        Self::stored(&text, &key, bundle).map(Some)
     }
 
     fn stored(chain: &[u8], key: &[u8], origin: &Path) -> Result<Stored, StoreError> {
@@ -178,16 +201,40 @@ impl CertStore {
         })
     }
 
-    /// Checks and stores a new chain and key for `host` (key first, then the
-    /// chain, so a stored chain always has its key).
+    /// Checks and stores a new chain and key for `host`, as one file
+    /// replaced by one rename; the pair it replaces, if usable, is kept as
+    /// the fallback.
     ///
     /// # Errors
-    /// [`StoreError`] if they do not parse or cannot be written.
+    /// [`StoreError`] if they do not parse, do not match, or cannot be
+    /// written.
     pub fn save(&self, host: &str, chain_pem: &str, key_pem: &str) -> Result<Stored, StoreError> {
-        let (cert, key) = self.paths(host)?;
-        let stored = Self::stored(chain_pem.as_bytes(), key_pem.as_bytes(), &cert)?;
-        write_atomic(&key, key_pem.as_bytes(), 0o600)?;
-        write_atomic(&cert, chain_pem.as_bytes(), 0o644)?;
+        let [current, previous, legacy_key] = self.paths(host)?;
+        let stored = Self::stored(chain_pem.as_bytes(), key_pem.as_bytes(), &current)?;
+        if let Ok(Some(_)) = Self::load_pair(&current, &legacy_key) {
+            let bytes = std::fs::read(&current).map_err(io_err(&current))?;
+            let bundle = if rustls_pemfile::private_key(&mut &bytes[..]).is_ok_and(|k| k.is_some())
+            {
+                bytes
+            } else {
+                let mut key = std::fs::read(&legacy_key).map_err(io_err(&legacy_key))?;
+                key.extend_from_slice(&bytes);
+                key
+            };
+            write_atomic(&previous, &bundle, 0o600)?;
+        }
+        let mut bundle = String::with_capacity(key_pem.len() + chain_pem.len() + 1);
+        bundle.push_str(key_pem);
+        if !bundle.ends_with('\n') {
+            bundle.push('\n');
+        }
+        bundle.push_str(chain_pem);
+        write_atomic(&current, bundle.as_bytes(), 0o600)?;
+        // The old layout's key is now inside both files.
+        nestbox_durable::remove(&legacy_key).map_err(|e| StoreError::Io {
+            path: legacy_key.clone(),
+            source: e.into(),
+        })?;
         Ok(stored)
     }
 
@@ -258,26 +305,100 @@ mod tests {
         (cert.pem(), key.serialize_pem())
     }
 
+    fn scratch(name: &str) -> (PathBuf, CertStore) {
+        let dir = std::env::temp_dir().join(format!("nestbox-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = CertStore::open(&dir).unwrap();
+        (dir, store)
+    }
+
     #[test]
     fn save_then_load_with_modes() {
-        let dir = std::env::temp_dir().join(format!("nestbox-store-{}", std::process::id()));
-        let store = CertStore::open(&dir).unwrap();
+        let (dir, store) = scratch("modes");
         assert!(store.load("vm.test").unwrap().is_none());
         let (chain, key) = self_signed("vm.test");
         let saved = store.save("vm.test", &chain, &key).unwrap();
         let loaded = store.load("vm.test").unwrap().unwrap();
         assert_eq!(saved.not_after, loaded.not_after);
         assert!(loaded.not_before < loaded.not_after);
-        let mode = std::fs::metadata(dir.join("certs/vm.test.key"))
+        let mode = std::fs::metadata(dir.join("certs/vm.test.pem"))
             .unwrap()
             .permissions()
             .mode();
-        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(mode & 0o777, 0o600, "the file holds the key");
         assert!(store.save("../evil", &chain, &key).is_err());
         assert!(store.save("bad.test", "not pem", &key).is_err());
         assert!(
             store.load("bad.test").unwrap().is_none(),
             "a rejected save writes nothing"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_chain_with_another_key_is_refused() {
+        let (dir, store) = scratch("mismatch");
+        let (chain, _) = self_signed("vm.test");
+        let (_, other_key) = self_signed("vm.test");
+        let err = store.save("vm.test", &chain, &other_key).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Tls(TlsError::Mismatch { .. })),
+            "{err}"
+        );
+        assert!(store.load("vm.test").unwrap().is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unusable_pair_falls_back_to_the_one_it_replaced() {
+        let (dir, store) = scratch("fallback");
+        let (chain1, key1) = self_signed("vm.test");
+        store.save("vm.test", &chain1, &key1).unwrap();
+        let (chain2, key2) = self_signed("vm.test");
+        store.save("vm.test", &chain2, &key2).unwrap();
+        let current = dir.join("certs/vm.test.pem");
+        // What a torn renewal of the old layout could leave: a new key
+        // beside the previous chain.
+        std::fs::write(&current, format!("{key2}{chain1}")).unwrap();
+        let loaded = store.load("vm.test").unwrap().unwrap();
+        let public = |pem: &str| {
+            let key = rustls_pemfile::private_key(&mut pem.as_bytes())
+                .unwrap()
+                .unwrap();
+            let signer = rustls::crypto::ring::sign::any_supported_type(&key).unwrap();
+            signer.public_key().unwrap().to_vec()
+        };
+        assert_eq!(
+            loaded.key.key.public_key().unwrap().to_vec(),
+            public(&key1),
+            "the mismatched pair is not served: the last good one is"
+        );
+        assert!(loaded.key.keys_match().is_ok());
+        // Garbage is no better.
+        std::fs::write(&current, b"garbage").unwrap();
+        assert!(store.load("vm.test").unwrap().is_some());
+        std::fs::remove_file(dir.join("certs/vm.test.pem.prev")).unwrap();
+        assert!(store.load("vm.test").is_err(), "nothing usable is an error");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_store_from_before_pairs_were_one_file_loads_and_is_checked() {
+        let (dir, store) = scratch("legacy");
+        let (chain, key) = self_signed("vm.test");
+        std::fs::write(dir.join("certs/vm.test.pem"), &chain).unwrap();
+        std::fs::write(dir.join("certs/vm.test.key"), &key).unwrap();
+        assert!(store.load("vm.test").unwrap().is_some());
+        let (_, other) = self_signed("vm.test");
+        std::fs::write(dir.join("certs/vm.test.key"), &other).unwrap();
+        assert!(store.load("vm.test").is_err(), "a torn old-layout pair");
+        std::fs::write(dir.join("certs/vm.test.key"), &key).unwrap();
+        let (chain2, key2) = self_signed("vm.test");
+        store.save("vm.test", &chain2, &key2).unwrap();
+        assert!(!dir.join("certs/vm.test.key").exists());
+        assert!(
+            dir.join("certs/vm.test.pem.prev").exists(),
+            "the old pair, whole"
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -113,7 +113,8 @@ impl VmRecord {
     pub fn save(&self, dir: &VmDir) -> Result<(), StateError> {
         let mut bytes = serde_json::to_vec_pretty(self).expect("a record serializes");
         bytes.push(b'\n');
-        super::write_atomic(&dir.record(), &bytes, 0o600)
+        nestbox_durable::write_atomic(&dir.record(), &bytes, 0o600)
+            .map_err(std::io::Error::from)
             .map_err(StateError::io("write", &dir.record()))
     }
 }

@@ -1,6 +1,6 @@
 //! `cargo xtask image`: the VM image — Debian's cloud kernel and an
 //! initramfs with `nestbox-guest` as `/init`, the kernel modules it loads,
-//! the programs it runs (`mkfs.ext4`, `nft`) with their libraries, and the
+//! the programs it runs (`mkfs.ext4`, `e2fsck`, `nft`) with their libraries, and the
 //! inner container's base rootfs, laid out as the launcher (`manifest.json`)
 //! and PID 1 (`/etc/nestbox/…`) expect.
 //!
@@ -93,6 +93,11 @@ pub fn build(args: &Args) -> Result<PathBuf> {
     // mke2fs takes the file system type from its name.
     tree.symlink("usr/sbin/mkfs.ext4", "mke2fs")?;
     tree.copy("etc/mke2fs.conf", Path::new("/etc/mke2fs.conf"))?;
+    // A disk that holds data but does not mount is repaired, never
+    // reformatted (guest/src/disk.rs).
+    libs::add_program(&mut tree, "usr/sbin/e2fsck", Path::new("/sbin/e2fsck"))?;
+    // e2fsck checks that the device is not mounted through /etc/mtab.
+    tree.symlink("etc/mtab", "/proc/self/mounts")?;
     libs::add_program(&mut tree, "usr/sbin/nft", Path::new("/usr/sbin/nft"))?;
     // The web PKI roots, for an ACME directory such as Let's Encrypt's
     // (a test CA's root comes inline in the guest configuration).
@@ -194,33 +199,23 @@ fn guest_version() -> Result<String> {
         .context("no nestbox-guest package in cargo metadata")
 }
 
-/// Writes `path` through a temporary file renamed over it, so that a
-/// launcher never reads half an image.
+/// Writes `path` through a temporary file renamed over it (the one
+/// atomic write of the workspace), so that a launcher never reads half an
+/// image, even after a crash.
 fn write_atomic(
     path: &Path,
-    fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+    fill: impl FnOnce(&mut std::io::BufWriter<&mut std::fs::File>) -> std::io::Result<()>,
 ) -> Result<()> {
-    let tmp = tmp_beside(path);
-    let mut w = std::io::BufWriter::new(
-        std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?,
-    );
-    fill(&mut w)
-        .and_then(|()| w.flush())
-        .with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))
+    nestbox_durable::write_atomic_with(path, 0o644, |file| {
+        let mut w = std::io::BufWriter::new(file);
+        fill(&mut w)?;
+        w.flush()
+    })
+    .map_err(Into::into)
 }
 
 fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
-    let tmp = tmp_beside(to);
-    std::fs::copy(from, &tmp).with_context(|| format!("copy {}", from.display()))?;
-    std::fs::rename(&tmp, to).with_context(|| format!("rename to {}", to.display()))
-}
-
-/// `path` with `.tmp` appended: same directory, so a rename replaces.
-fn tmp_beside(path: &Path) -> PathBuf {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    PathBuf::from(tmp)
+    nestbox_durable::copy_atomic(from, to).map_err(Into::into)
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -1,0 +1,385 @@
+//! The VM's disks: the platform's (service definitions, logs,
+//! certificates) and the user's (the container's writable layer), both
+//! ext4 on virtio disks found by serial.
+//!
+//! A disk is formatted only when it holds nothing: its first 128 KiB are
+//! zero (a new VM's sparse image). A disk that holds anything and does not
+//! mount gets the repair a user would run, `e2fsck -p` (preen: only the
+//! fixes that need no decision), and one more mount. If that fails too the
+//! disk is *refused*: left exactly as it is, the reason logged on the
+//! console and reported by `GET /v1/status` ([`DiskReport`]), and the rest
+//! of the platform serves on. Formatting a disk because it did not mount
+//! would wipe the user's files for a repairable checksum or an `EBUSY`.
+//!
+//! The steps go through [`DiskOps`], so the decisions are tested without
+//! root or disks; [`System`] is the real one (`mount(2)`, `e2fsck`,
+//! `mkfs.ext4`).
+
+use std::path::Path;
+
+use nix::mount::MsFlags;
+use serde::Serialize;
+
+/// How much of a disk's start [`is_blank`] reads: past the partition
+/// tables, the ext2/3/4 superblock (1 KiB in) and btrfs's (64 KiB in).
+const SIGNATURE_BYTES: usize = 128 << 10;
+
+/// Whether the first [`SIGNATURE_BYTES`] of `device` are all zero: a new
+/// VM's sparse disk, with no filesystem or partition table to lose.
+///
+/// # Errors
+/// Why the device cannot be read.
+pub fn is_blank(device: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut start = Vec::with_capacity(SIGNATURE_BYTES);
+    std::fs::File::open(device)?
+        .take(SIGNATURE_BYTES as u64)
+        .read_to_end(&mut start)?;
+    Ok(start.iter().all(|&b| b == 0))
+}
+
+/// What became of a disk at boot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskState {
+    /// It mounted as it was.
+    Mounted,
+    /// It was blank and was formatted (a new VM).
+    Formatted,
+    /// It did not mount; `e2fsck -p` repaired it and it mounted.
+    Repaired,
+    /// It did not mount and could not be repaired without a decision: it
+    /// is left untouched and not mounted.
+    Refused,
+}
+
+/// One disk's state, as `GET /v1/status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskReport {
+    /// `platform` or `user`.
+    pub role: &'static str,
+    /// The device (`virtio:SERIAL` as configured, or its path).
+    pub device: String,
+    /// Where it is (or would be) mounted.
+    pub mount: String,
+    /// What happened to it.
+    pub state: DiskState,
+    /// Why it was refused, or what the repair fixed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// What `e2fsck -p` ended with (its exit status is a bit set).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fsck {
+    /// The exit status.
+    pub code: i32,
+    /// What it printed, trimmed.
+    pub output: String,
+}
+
+impl Fsck {
+    /// Whether the filesystem is consistent now: 0 (clean), 1 (errors
+    /// corrected), 2 (corrected, reboot wanted, for a mounted root).
+    /// 4 (errors left), 8 (operational error, such as no ext superblock)
+    /// and above mean it is not.
+    #[must_use]
+    pub fn consistent(&self) -> bool {
+        (0..=2).contains(&self.code)
+    }
+}
+
+/// The steps of mounting a disk, so that their order is tested without
+/// root.
+pub trait DiskOps {
+    /// `mount(2)` as ext4; the error's text.
+    ///
+    /// # Errors
+    /// Why it did not mount.
+    fn mount(&mut self, device: &Path, dir: &Path) -> Result<(), String>;
+    /// Whether the disk holds nothing.
+    ///
+    /// # Errors
+    /// It cannot be read.
+    fn is_blank(&mut self, device: &Path) -> Result<bool, String>;
+    /// `e2fsck -p`.
+    ///
+    /// # Errors
+    /// It could not be run at all.
+    fn fsck(&mut self, device: &Path) -> Result<Fsck, String>;
+    /// `mkfs.ext4 -q ARGS DEVICE`.
+    ///
+    /// # Errors
+    /// It failed.
+    fn mkfs(&mut self, device: &Path, args: &[&str]) -> Result<(), String>;
+}
+
+/// Mounts `device` on `dir`: formats it only if blank, repairs it with
+/// `e2fsck -p` if it holds a filesystem that does not mount, and otherwise
+/// refuses it (`Err`, with the reason; the disk is not written).
+///
+/// # Errors
+/// The reason the disk is refused.
+pub fn mount_disk(
+    ops: &mut impl DiskOps,
+    device: &Path,
+    dir: &Path,
+    mkfs_args: &[&str],
+) -> Result<(DiskState, Option<String>), String> {
+    let shown = device.display();
+    let first = match ops.mount(device, dir) {
+        Ok(()) => return Ok((DiskState::Mounted, None)),
+        Err(e) => e,
+    };
+    if ops
+        .is_blank(device)
+        .map_err(|e| format!("read {shown}: {e}"))?
+    {
+        ops.mkfs(device, mkfs_args)?;
+        ops.mount(device, dir)
+            .map_err(|e| format!("mount the new filesystem on {shown}: {e}"))?;
+        return Ok((DiskState::Formatted, None));
+    }
+    tracing::warn!(device = %shown, err = %first, "the disk does not mount; running e2fsck -p");
+    let fsck = ops.fsck(device)?;
+    if !fsck.consistent() {
+        return Err(format!(
+            "{shown} holds data but does not mount ({first}), and `e2fsck -p` cannot repair it \
+             without a decision (exit {}: {}); the disk is left untouched: repair it by hand \
+             (e2fsck, or e2fsck -b 32768 for a lost superblock) or attach another",
+            fsck.code, fsck.output
+        ));
+    }
+    match ops.mount(device, dir) {
+        Ok(()) => Ok((DiskState::Repaired, Some(fsck.output))),
+        Err(e) => Err(format!(
+            "{shown} does not mount ({first}); `e2fsck -p` found it consistent ({}) but it \
+             still does not mount ({e}); the disk is left untouched",
+            fsck.output
+        )),
+    }
+}
+
+/// The real steps.
+#[derive(Debug, Default)]
+pub struct System;
+
+impl DiskOps for System {
+    fn mount(&mut self, device: &Path, dir: &Path) -> Result<(), String> {
+        nix::mount::mount(
+            Some(device),
+            dir,
+            Some("ext4"),
+            MsFlags::MS_NOATIME | MsFlags::MS_NODEV,
+            None::<&str>,
+        )
+        .map_err(|e| format!("mount on {}: {e}", dir.display()))
+    }
+
+    fn is_blank(&mut self, device: &Path) -> Result<bool, String> {
+        is_blank(device).map_err(|e| e.to_string())
+    }
+
+    fn fsck(&mut self, device: &Path) -> Result<Fsck, String> {
+        let out = std::process::Command::new("e2fsck")
+            .arg("-p")
+            .arg(device)
+            .output()
+            .map_err(|e| format!("run e2fsck (e2fsprogs): {e}"))?;
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        let output = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        Ok(Fsck {
+            // Killed by a signal: as bad as an operational error.
+            code: out.status.code().unwrap_or(8),
+            output,
+        })
+    }
+
+    fn mkfs(&mut self, device: &Path, args: &[&str]) -> Result<(), String> {
+        let status = std::process::Command::new("mkfs.ext4")
+            .arg("-q")
+            .args(args)
+            .arg(device)
+            .status()
+            .map_err(|e| format!("run mkfs.ext4 (e2fsprogs): {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("mkfs.ext4 {} failed: {status}", device.display()))
+        }
+    }
+}
+
+/// Brings up the disk `role` (blocking: run it off the runtime thread):
+/// finds the device, creates the mount point and mounts it as
+/// [`mount_disk`] says, logging the outcome.
+#[must_use]
+pub fn bring_up(role: &'static str, spec: &Path, dir: &Path, mkfs_args: &[&str]) -> DiskReport {
+    let mut report = DiskReport {
+        role,
+        device: spec.display().to_string(),
+        mount: dir.display().to_string(),
+        state: DiskState::Refused,
+        detail: None,
+    };
+    let outcome = crate::init::resolve_device(spec).and_then(|device| {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        mount_disk(&mut System, &device, dir, mkfs_args)
+    });
+    match outcome {
+        Ok((state, detail)) => {
+            tracing::info!(role, device = %report.device, ?state, "disk mounted");
+            report.state = state;
+            report.detail = detail;
+        }
+        Err(why) => {
+            // The console shows this even without a log reader.
+            eprintln!("nestbox-guest: the {role} disk is refused: {why}");
+            tracing::error!(role, device = %report.device, %why, "disk refused");
+            report.detail = Some(why);
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A disk in memory: what each step returns, and what was done.
+    #[derive(Default)]
+    struct Fake {
+        mounts: Vec<Result<(), String>>,
+        blank: bool,
+        fsck: Option<Fsck>,
+        done: Vec<&'static str>,
+    }
+
+    impl DiskOps for Fake {
+        fn mount(&mut self, _: &Path, _: &Path) -> Result<(), String> {
+            self.done.push("mount");
+            self.mounts.remove(0)
+        }
+        fn is_blank(&mut self, _: &Path) -> Result<bool, String> {
+            Ok(self.blank)
+        }
+        fn fsck(&mut self, _: &Path) -> Result<Fsck, String> {
+            self.done.push("fsck");
+            Ok(self.fsck.clone().expect("fsck not expected"))
+        }
+        fn mkfs(&mut self, _: &Path, _: &[&str]) -> Result<(), String> {
+            self.done.push("mkfs");
+            Ok(())
+        }
+    }
+
+    fn run(fake: &mut Fake) -> Result<(DiskState, Option<String>), String> {
+        mount_disk(fake, Path::new("/dev/vdb"), Path::new("/data"), &[])
+    }
+
+    fn fsck(code: i32) -> Fsck {
+        let output = format!("exit {code}");
+        Fsck { code, output }
+    }
+
+    #[test]
+    fn a_disk_that_mounts_is_only_mounted() {
+        let mut f = Fake {
+            mounts: vec![Ok(())],
+            ..Fake::default()
+        };
+        assert_eq!(run(&mut f).unwrap().0, DiskState::Mounted);
+        assert_eq!(f.done, ["mount"]);
+    }
+
+    #[test]
+    fn only_a_blank_disk_is_formatted() {
+        let mut f = Fake {
+            mounts: vec![Err("EINVAL".into()), Ok(())],
+            blank: true,
+            ..Fake::default()
+        };
+        assert_eq!(run(&mut f).unwrap().0, DiskState::Formatted);
+        assert_eq!(f.done, ["mount", "mkfs", "mount"]);
+    }
+
+    #[test]
+    fn a_repairable_disk_is_repaired_not_formatted() {
+        for code in [0, 1, 2] {
+            let mut f = Fake {
+                mounts: vec![Err("EUCLEAN".into()), Ok(())],
+                fsck: Some(fsck(code)),
+                ..Fake::default()
+            };
+            let (state, detail) = run(&mut f).unwrap();
+            assert_eq!(state, DiskState::Repaired);
+            assert_eq!(detail.as_deref(), Some(format!("exit {code}").as_str()));
+            assert_eq!(f.done, ["mount", "fsck", "mount"]);
+        }
+    }
+
+    #[test]
+    fn a_disk_that_cannot_be_repaired_is_refused_untouched() {
+        for code in [4, 8, 12, 128] {
+            let mut f = Fake {
+                mounts: vec![Err("EINVAL".into())],
+                fsck: Some(fsck(code)),
+                ..Fake::default()
+            };
+            let why = run(&mut f).unwrap_err();
+            assert!(why.contains("left untouched"), "{why}");
+            assert!(why.contains("EINVAL"), "{why}");
+            assert_eq!(f.done, ["mount", "fsck"], "no mkfs, no second mount");
+        }
+        let mut f = Fake {
+            mounts: vec![Err("EBUSY".into()), Err("EBUSY".into())],
+            fsck: Some(fsck(0)),
+            ..Fake::default()
+        };
+        assert!(run(&mut f).unwrap_err().contains("still does not mount"));
+        assert_eq!(f.done, ["mount", "fsck", "mount"]);
+    }
+
+    #[test]
+    fn only_an_all_zero_start_is_blank() {
+        let path = std::env::temp_dir().join(format!("nb-blank-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        assert!(is_blank(&path).unwrap());
+        let mut ext4 = vec![0u8; 1 << 20];
+        // The ext4 superblock's magic, 0xEF53 at 1080.
+        ext4[1080] = 0x53;
+        ext4[1081] = 0xef;
+        std::fs::write(&path, ext4).unwrap();
+        assert!(!is_blank(&path).unwrap());
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn the_real_steps_repair_a_bad_checksum_and_refuse_a_lost_superblock() {
+        // Without root the loop mount cannot be tried; e2fsck on an image
+        // file can (e2fsprogs is a build dependency of the image).
+        let dir = std::env::temp_dir().join(format!("nb-fsck-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("disk.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        System
+            .mkfs(&img, &["-F"])
+            .expect("mkfs.ext4 (apt-get install e2fsprogs)");
+        assert!(System.fsck(&img).unwrap().consistent());
+        let mut bytes = std::fs::read(&img).unwrap();
+        bytes[1024..2048].fill(0);
+        std::fs::write(&img, &bytes).unwrap();
+        let lost = System.fsck(&img).unwrap();
+        assert!(!lost.consistent(), "{lost:?}");
+        assert_eq!(
+            std::fs::read(&img).unwrap(),
+            bytes,
+            "e2fsck -p changed nothing"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

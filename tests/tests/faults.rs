@@ -1,0 +1,163 @@
+//! The fault-injection suite (root; real VMs under QEMU, run serially):
+//! each test injects a real fault — a damaged disk, a killed VMM, a CA
+//! that never answers, a flood of clients or log lines — and checks that
+//! nothing acknowledged is lost and the platform keeps serving.
+//!
+//! Layout per test K (40 and up): as in `vm.rs`, the pool `10.124.K.0/24`
+//! and Pebble at `10.125.K.2`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nestbox_tests::vms::{Host, body};
+use serde_json::Value;
+
+/// Writes a file into the container's writable layer (on the user's disk)
+/// once, then stays up: the file and the definition must survive.
+const KEEPER: &str = r#"{"name": "keeper", "cmd": "/bin/sh", "args": ["-c", "test -f /kept.txt || echo kept > /kept.txt; sync; exec sleep 2147483647"]}"#;
+
+fn disk(host: &Host, vm: &str, file: &str) -> PathBuf {
+    host.dir.join("vms").join(vm).join(file)
+}
+
+/// The VM's status once its API answers (whatever the container's state).
+fn status_when_up(host: &Host, vm: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_mins(3);
+    loop {
+        let out = host.api(vm, "GET", "/v1/status", None);
+        if out.status.success()
+            && let Ok(v) = serde_json::from_str::<Value>(&body(&out))
+            && v["container"]["state"] != "starting"
+        {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM {vm}: the API did not come up: {}\nconsole:\n{}",
+            body(&out),
+            host.console(vm)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn disk_report<'a>(status: &'a Value, role: &str) -> &'a Value {
+    status["disks"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["role"] == role))
+        .unwrap_or_else(|| panic!("no {role} disk in the status: {status}"))
+}
+
+/// A byte-for-byte copy of `image` (sparse), to compare it with later.
+fn snapshot(image: &Path) -> PathBuf {
+    let copy = image.with_extension("before");
+    let out = std::process::Command::new("cp")
+        .args(["--sparse=always"])
+        .arg(image)
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cp: {out:?}");
+    copy
+}
+
+fn identical(a: &Path, b: &Path) -> bool {
+    std::process::Command::new("cmp")
+        .args(["-s"])
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// Zeroes the ext4 primary superblock (1 KiB at 1 KiB) of `image`.
+fn lose_superblock(image: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(image).unwrap();
+    f.write_all_at(&[0u8; 1024], 1024).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn a_damaged_disk_is_repaired_or_refused_and_never_formatted() {
+    nestbox_tests::require_tool("debugfs", "e2fsprogs");
+    nestbox_tests::require_tool("mkfs.minix", "util-linux");
+    let mut host = Host::new(40);
+    host.create("fd1");
+    host.create_service("fd1", KEEPER);
+    let kept = host.in_container(
+        "fd1",
+        "while ! test -f /kept.txt; do sleep 0.2; done; cat /kept.txt",
+        Duration::from_mins(1),
+    );
+    assert!(kept.iter().any(|l| l == "kept"), "{kept:?}");
+    host.launcher_ok(&["stop", "fd1"]);
+
+    // A repairable fault: a wrong group-descriptor checksum makes the
+    // kernel refuse the mount (EUCLEAN); `e2fsck -p` fixes it.
+    let data = disk(&host, "fd1", "data.img");
+    let out = std::process::Command::new("debugfs")
+        .args(["-w", "-R", "set_bg 0 checksum 0x1234"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "debugfs: {out:?}");
+    host.launcher_ok(&["start", "fd1"]);
+    host.wait_ready("fd1");
+    let status = status_when_up(&host, "fd1");
+    let platform = disk_report(&status, "platform");
+    assert_eq!(platform["state"], "repaired", "{status}");
+    let services = body(&host.api("fd1", "GET", "/v1/services", None));
+    assert!(
+        services.contains("\"keeper\""),
+        "the definitions survived the repair: {services}"
+    );
+    assert_eq!(disk_report(&status, "user")["state"], "mounted");
+    host.launcher_ok(&["stop", "fd1"]);
+
+    // A lost superblock on the user's disk: e2fsck -p cannot decide, so the
+    // disk is refused, byte for byte as it was; the platform serves on.
+    let user = disk(&host, "fd1", "user.img");
+    lose_superblock(&user);
+    let before = snapshot(&user);
+    host.launcher_ok(&["start", "fd1"]);
+    let status = status_when_up(&host, "fd1");
+    let report = disk_report(&status, "user");
+    assert_eq!(report["state"], "refused", "{status}");
+    let why = report["detail"].as_str().unwrap_or_default();
+    assert!(why.contains("left untouched"), "{status}");
+    assert_eq!(status["container"]["state"], "failed", "{status}");
+    assert!(
+        status["container"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("user's disk")),
+        "{status}"
+    );
+    assert!(
+        host.console("fd1").contains("the user disk is refused"),
+        "the console says why"
+    );
+    host.launcher_ok(&["stop", "fd1"]);
+    assert!(identical(&user, &before), "the refused disk was written");
+
+    // A filesystem the guest does not mount as ext4 (minix): refused too.
+    let out = std::process::Command::new("mkfs.minix")
+        .arg(&user)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mkfs.minix: {out:?}");
+    let before_minix = snapshot(&user);
+    host.launcher_ok(&["start", "fd1"]);
+    let status = status_when_up(&host, "fd1");
+    assert_eq!(disk_report(&status, "user")["state"], "refused", "{status}");
+    assert_eq!(disk_report(&status, "platform")["state"], "mounted");
+    host.launcher_ok(&["stop", "fd1"]);
+    assert!(
+        identical(&user, &before_minix),
+        "the minix disk was written"
+    );
+    for copy in [before, before_minix] {
+        let _ = std::fs::remove_file(copy);
+    }
+}
