@@ -105,6 +105,10 @@ pub struct GuestConfig {
     /// The inner container's way out (veth + NAT); on by default.
     #[serde(default)]
     pub egress: crate::container::egress::Egress,
+    /// The services' logs: file sizes, rates, and how often they are
+    /// synced to the disk.
+    #[serde(default)]
+    pub logs: crate::logs::LogLimits,
     /// Testing only: SIGUSR2 makes the port watcher panic, to show that the
     /// supervisor restarts it while everything else keeps serving.
     #[serde(default)]

@@ -15,6 +15,9 @@
 //! - [`publish`]: port events become ingress routes (and the API's port
 //!   list and stream);
 //! - [`run`]: the whole platform of a VM, from its configuration;
+//! - [`bounce`]: the inner container's lifecycle: up, down, bounce;
+//! - [`graveyard`]: old builds' namespaces and veths, freed once bounces
+//!   pause;
 //! - [`api`]: the VM's own API (HTTP/JSON, token, `OpenAPI` document);
 //! - [`services`]: user services, kept on the data disk, started in the
 //!   container, restarted when they crash;
@@ -22,12 +25,18 @@
 //! - [`supervisor`]: runs each platform service, restarting it on failure;
 //! - [`portwatch`]: the eBPF port watcher that turns listen/close in the inner
 //!   container into port events.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "blocking calls are denied only in the modules that run on the runtime thread (see clippy.toml)"
+)]
 
 pub mod api;
+pub mod bounce;
 pub mod cgroup;
 pub mod config;
 pub mod container;
 pub mod disk;
+pub mod graveyard;
 pub mod init;
 pub mod logs;
 pub mod netns;

@@ -1,4 +1,8 @@
 //! `nestbox-guest`: PID 1 of a nestbox VM, and its debugging commands.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "blocking calls are denied only in the modules that run on the runtime thread (see clippy.toml)"
+)]
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -59,26 +63,15 @@ enum Command {
     },
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (`level` or `level,target=level,…`).
-/// As PID 1 the log is the VM's console, so it says what happens (info).
-/// `Targets` rather than `EnvFilter`: the same syntax minus regular
-/// expressions, which would cost the guest ~1 MiB of resident code.
+/// Logs to stderr, filtered by `RUST_LOG`. As PID 1 the log is the VM's
+/// console, so it says what happens (info).
 fn init_logging() {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
     let default = if nestbox_guest::init::is_pid1() {
         "info"
     } else {
         "warn"
     };
-    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|spec| spec.parse().ok())
-        .unwrap_or_else(|| default.parse().expect("a level parses"));
-    tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-        .with(filter)
-        .init();
+    nestbox_ingress::logging::init(default);
 }
 
 fn main() -> ExitCode {

@@ -7,15 +7,17 @@
 //! on the loopback address when the listener accepts it (a wildcard or a
 //! loopback listener), else on the address it listens on. The open ports and
 //! a live stream of changes are kept here for the API.
+#![deny(clippy::disallowed_methods)]
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use nestbox_ingress::routes::Backend;
 use nestbox_ingress::serve::Handles;
+use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
@@ -152,12 +154,12 @@ impl Publisher {
     /// published from the previous one.
     pub fn set_netns(&self, netns: Option<PathBuf>) {
         self.withdraw_all();
-        self.state.lock().expect("publisher lock").netns = netns;
+        self.state.lock().netns = netns;
     }
 
     /// Makes `port` the primary port (`https://<vm>.<domain>/`).
     pub fn set_primary(&self, port: u16) {
-        let mut st = self.state.lock().expect("publisher lock");
+        let mut st = self.state.lock();
         if st.primary == port {
             return;
         }
@@ -178,7 +180,7 @@ impl Publisher {
 
     /// Applies one event from the port watcher.
     pub fn apply(&self, event: &PortEvent) {
-        let mut st = self.state.lock().expect("publisher lock");
+        let mut st = self.state.lock();
         let port = event.port();
         let primary = port == st.primary;
         match event {
@@ -231,7 +233,7 @@ impl Publisher {
 
     /// Withdraws every published port (the container is going away).
     pub fn withdraw_all(&self) {
-        let ports = std::mem::take(&mut self.state.lock().expect("publisher lock").ports);
+        let ports = std::mem::take(&mut self.state.lock().ports);
         for info in ports.values() {
             self.withdraw(info);
         }
@@ -241,7 +243,7 @@ impl Publisher {
     /// again: ports that closed while it was down).
     pub fn keep_only(&self, open: &[u16]) {
         let gone: Vec<PortInfo> = {
-            let mut st = self.state.lock().expect("publisher lock");
+            let mut st = self.state.lock();
             let gone: Vec<u16> = st
                 .ports
                 .keys()
@@ -258,7 +260,7 @@ impl Publisher {
     /// The open ports.
     #[must_use]
     pub fn ports(&self) -> Vec<PortInfo> {
-        let st = self.state.lock().expect("publisher lock");
+        let st = self.state.lock();
         st.ports.values().cloned().collect()
     }
 
@@ -311,6 +313,47 @@ mod tests {
             process: None,
             origin: crate::portwatch::Origin::Reconcile,
         }
+    }
+
+    /// A route listener that panics when armed.
+    struct Bomb(std::sync::atomic::AtomicBool);
+
+    impl nestbox_ingress::routes::RouteListener for Bomb {
+        fn backends_changed(
+            &self,
+            _: &std::collections::HashMap<u64, nestbox_ingress::routes::Backend>,
+        ) {
+            assert!(
+                !self.0.swap(false, std::sync::atomic::Ordering::SeqCst),
+                "injected panic"
+            );
+        }
+    }
+
+    #[test]
+    fn a_panic_while_the_publisher_and_route_locks_are_held_leaves_both_usable() {
+        let routes = nestbox_ingress::routes::RouteTable::new();
+        let names = Names {
+            name: "vm1".into(),
+            domain: "test".into(),
+        };
+        let p = Publisher::new(Handles::detached(routes.clone()), names, 8080);
+        let bomb = Arc::new(Bomb(std::sync::atomic::AtomicBool::new(false)));
+        let listener: Arc<dyn nestbox_ingress::routes::RouteListener> = bomb.clone();
+        routes.listen(&listener);
+        bomb.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        // The panic unwinds through the route table's writer lock and the
+        // publisher's lock, as a bug in either would.
+        let hit = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            p.apply(&listening(8080, "0.0.0.0"));
+        }));
+        assert!(hit.is_err(), "the injected panic happened");
+        // A supervised restart would go on with the same locks: they work.
+        p.apply(&listening(3000, "127.0.0.1"));
+        assert!(routes.get("3000.vm1.test").is_some());
+        p.set_primary(3000);
+        assert_eq!(routes.get("vm1.test").unwrap().backend.addr.port(), 3000);
+        assert!(p.ports().iter().any(|i| i.port == 3000));
     }
 
     #[test]

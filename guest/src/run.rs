@@ -4,22 +4,24 @@
 //! service supervised, until SIGTERM stops everything in order.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use nestbox_ingress::routes::{Backend, RouteTable};
 use nestbox_ingress::serve::Handles;
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::api::{self, Api, ContainerState, Control, TokenHash};
+use crate::bounce::{Current, InContainer, Platform};
 use crate::config::GuestConfig;
-use crate::container::egress::{self, Egress};
-use crate::container::{Container, ContainerSpec};
+use crate::container::ContainerSpec;
+use crate::container::egress;
 use crate::disk::{DiskReport, DiskState};
-use crate::logs::{LogLimits, Logs};
+use crate::graveyard::{Graveyard, free_off_runtime};
+use crate::logs::Logs;
 use crate::portwatch::{WatchError, Watcher};
 use crate::publish::Publisher;
 use crate::resources::CgroupLayout;
-use crate::services::{Launcher, Manager, ServiceSpec};
+use crate::services::Manager;
 use crate::supervisor::supervise;
 
 /// Errors starting the guest.
@@ -61,35 +63,6 @@ pub enum RunError {
     Seccomp(#[from] crate::container::seccomp::SeccompError),
 }
 
-/// The running inner container, replaced on bounce.
-#[derive(Clone, Default)]
-struct Current(Arc<Mutex<Option<Arc<Container>>>>);
-
-impl Current {
-    fn get(&self) -> Option<Arc<Container>> {
-        self.0.lock().expect("container lock").clone()
-    }
-
-    fn set(&self, c: Option<Arc<Container>>) -> Option<Arc<Container>> {
-        std::mem::replace(&mut *self.0.lock().expect("container lock"), c)
-    }
-}
-
-/// Starts services inside whichever container is current.
-struct InContainer(Current);
-
-impl Launcher for InContainer {
-    fn spawn(&self, spec: &ServiceSpec) -> std::io::Result<crate::spawn::Process> {
-        let container = self.0.get().ok_or_else(|| {
-            std::io::Error::other("the inner container is not running (it is being rebuilt)")
-        })?;
-        container.spawn(
-            crate::services::command(spec),
-            &format!("svc-{}", spec.name),
-        )
-    }
-}
-
 fn data_dir(path: &Path) -> Result<PathBuf, RunError> {
     std::fs::create_dir_all(path).map_err(|source| RunError::DataDir {
         path: path.to_owned(),
@@ -107,28 +80,6 @@ async fn cgroups(limits: &crate::resources::Limits) -> Result<CgroupLayout, RunE
         .await
         .map_err(|e| RunError::Container(e.to_string()))?
         .map_err(RunError::from)
-}
-
-async fn start_container(spec: ContainerSpec) -> Result<Arc<Container>, RunError> {
-    tokio::task::spawn_blocking(move || Container::start(spec))
-        .await
-        .map_err(|e| RunError::Container(e.to_string()))?
-        .map(Arc::new)
-        .map_err(|e| RunError::Container(e.to_string()))
-}
-
-async fn stop_container(container: Option<Arc<Container>>) {
-    let Some(container) = container else { return };
-    let stopped = tokio::task::spawn_blocking(move || match Arc::try_unwrap(container) {
-        Ok(c) => c.stop().map_err(|e| e.to_string()),
-        Err(_) => Err("the container is still in use".to_owned()),
-    })
-    .await;
-    match stopped {
-        Ok(Ok(())) => {}
-        Ok(Err(why)) => tracing::warn!(%why, "the inner container did not stop cleanly"),
-        Err(e) => tracing::warn!(%e, "stopping the inner container failed"),
-    }
 }
 
 /// A listener on `addr` even while no interface has that address yet.
@@ -193,104 +144,6 @@ async fn watch_ports(
     }
 }
 
-/// Everything the control loop works with.
-struct Platform {
-    spec: ContainerSpec,
-    egress: Egress,
-    /// Whether forwarding and the masquerade rule are in place.
-    egress_rules: std::sync::atomic::AtomicBool,
-    /// The root side of the current container's veth pair.
-    egress_link: std::sync::Mutex<Option<&'static str>>,
-    current: Current,
-    publisher: Publisher,
-    services: Manager,
-    netns: watch::Sender<Option<PathBuf>>,
-    state: watch::Sender<ContainerState>,
-    graveyard: Graveyard,
-    /// Why the user's disk is not mounted (the container then does not
-    /// start: its layer must never land on the platform's disk).
-    user_disk_error: Option<String>,
-}
-
-/// Old containers' namespaces and veths, freed when bounces pause.
-///
-/// Destroying a network namespace and deleting a veth hold the kernel's
-/// rtnl lock through RCU grace periods and burn tens of milliseconds of CPU
-/// here: done right after a bounce they slow the new container on its way
-/// to serving (and the next bounce). So they wait until no bounce has come
-/// for [`Graveyard::QUIET`], then go together (the kernel tears dropped
-/// namespaces down in one batch); at most [`Graveyard::MAX`] wait.
-#[derive(Clone, Default)]
-struct Graveyard {
-    buried: Arc<std::sync::Mutex<Vec<Remains>>>,
-    generation: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl Graveyard {
-    const QUIET: std::time::Duration = std::time::Duration::from_secs(2);
-    const MAX: usize = 8;
-
-    fn bury(&self, remains: Remains) {
-        use std::sync::atomic::Ordering;
-        let overflow = {
-            let mut buried = self.buried.lock().expect("not poisoned");
-            buried.push(remains);
-            (buried.len() > Self::MAX).then(|| buried.remove(0))
-        };
-        if let Some(oldest) = overflow {
-            free_off_runtime(vec![oldest]);
-        }
-        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        let this = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Self::QUIET).await;
-            if this.generation.load(Ordering::SeqCst) == generation {
-                free_off_runtime(this.take());
-            }
-        });
-    }
-
-    fn take(&self) -> Vec<Remains> {
-        std::mem::take(&mut *self.buried.lock().expect("not poisoned"))
-    }
-}
-
-/// Frees `remains`. Their namespaces go at once, all together (closing the
-/// descriptors is cheap; the kernel tears the namespaces down in one batch
-/// on its own worker). Their veths are deleted on a thread of their own:
-/// deleting a veth runs inside the netlink `sendmsg` and holds it for the
-/// kernel's RCU grace periods (tens of milliseconds), which on the guest's
-/// single runtime thread would stall ingress and the port watcher with it.
-/// Returns that thread, if one was needed.
-fn free_off_runtime(remains: Vec<Remains>) -> Option<std::thread::JoinHandle<()>> {
-    let (namespaces, links): (Vec<_>, Vec<_>) =
-        remains.into_iter().map(|r| (r.netns, r.link)).unzip();
-    drop(namespaces);
-    let links: Vec<_> = links.into_iter().flatten().collect();
-    if links.is_empty() {
-        return None;
-    }
-    let stay = |err: &dyn std::fmt::Display| {
-        tracing::warn!(%err, "old containers' veths stay until their namespaces go");
-    };
-    let freed = std::thread::Builder::new()
-        .name("nestbox-graveyard".into())
-        .spawn(move || {
-            match tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .build()
-            {
-                Ok(runtime) => runtime.block_on(async {
-                    for link in links {
-                        egress::remove_link(link).await;
-                    }
-                }),
-                Err(err) => stay(&err),
-            }
-        });
-    freed.inspect_err(|err| stay(err)).ok()
-}
-
 /// The port watcher's kernel ring buffer in a VM: 128 KiB, about 1,500
 /// events between two reads (the watcher reads as they come; a burst beyond
 /// that is recovered by reconciliation). The ring's pages are mapped twice
@@ -298,108 +151,20 @@ fn free_off_runtime(remains: Vec<Remains>) -> Option<std::thread::JoinHandle<()>
 /// 1 MiB would cost 2 MiB there.
 const PORT_EVENT_RING_BYTES: u32 = 128 * 1024;
 
-/// What a stopped container leaves to free once its successor serves.
-struct Remains {
-    /// Its network namespace, held open so the kernel does not tear it
-    /// down yet.
-    netns: Option<std::fs::File>,
-    /// The root side of its veth pair.
-    link: Option<&'static str>,
-}
-
-/// Milliseconds, for log fields.
-fn ms(d: std::time::Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-impl Platform {
-    async fn up(&self) -> Result<(), RunError> {
-        if let Some(why) = &self.user_disk_error {
-            let err = RunError::Container(format!("the user's disk is not mounted: {why}"));
-            self.state
-                .send_replace(ContainerState::Failed(err.to_string()));
-            return Err(err);
+/// The primary URL goes to the port of the service that has an
+/// `http_port`, from its creation to its deletion, and otherwise to the
+/// configured `default` port.
+fn follow_primary(services: &Manager, publisher: &Publisher, default: u16) {
+    let mut changes = services.primary_changes();
+    publisher.set_primary(changes.borrow_and_update().unwrap_or(default));
+    let publisher = publisher.clone();
+    tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            let port = changes.borrow_and_update().unwrap_or(default);
+            tracing::info!(port, "the primary URL moves");
+            publisher.set_primary(port);
         }
-        self.state.send_replace(ContainerState::Starting);
-        let t0 = std::time::Instant::now();
-        let container = match start_container(self.spec.clone()).await {
-            Ok(c) => c,
-            Err(err) => {
-                self.state
-                    .send_replace(ContainerState::Failed(err.to_string()));
-                return Err(err);
-            }
-        };
-        let netns = container.netns_path();
-        let t_container = t0.elapsed();
-        if self.egress.enabled {
-            let first = !self
-                .egress_rules
-                .swap(true, std::sync::atomic::Ordering::SeqCst);
-            match egress::set_up(&self.egress, container.pid1(), &netns, first).await {
-                Ok(link) => *self.egress_link.lock().expect("not poisoned") = Some(link),
-                Err(err) => {
-                    self.egress_rules
-                        .store(false, std::sync::atomic::Ordering::SeqCst);
-                    tracing::error!(%err, "the inner container has no way out");
-                }
-            }
-        }
-        self.current.set(Some(container));
-        self.publisher.set_netns(Some(netns.clone()));
-        self.netns.send_replace(Some(netns));
-        let t_egress = t0.elapsed();
-        self.services.up().await;
-        self.state.send_replace(ContainerState::Running);
-        tracing::info!(
-            container_ms = ms(t_container),
-            egress_ms = ms(t_egress.saturating_sub(t_container)),
-            services_ms = ms(t0.elapsed().saturating_sub(t_egress)),
-            "the inner container is up"
-        );
-        Ok(())
-    }
-
-    /// Stops the services and the container. Returns what is left of it
-    /// to free later: its network namespace (held open) and the root side of
-    /// its veth pair.
-    async fn down(&self) -> Remains {
-        let t0 = std::time::Instant::now();
-        self.services.down().await;
-        let t_services = t0.elapsed();
-        self.publisher.set_netns(None);
-        let netns = self
-            .netns
-            .send_replace(None)
-            .and_then(|path| std::fs::File::open(path).ok());
-        stop_container(self.current.set(None)).await;
-        let link = self.egress_link.lock().expect("not poisoned").take();
-        tracing::info!(
-            services_ms = ms(t_services),
-            container_ms = ms(t0.elapsed().saturating_sub(t_services)),
-            "the inner container is down"
-        );
-        Remains { netns, link }
-    }
-
-    async fn bounce(&self) -> Result<(), String> {
-        self.state.send_replace(ContainerState::Bouncing);
-        let remains = self.down().await;
-        let mut up = self.up().await;
-        // A container that does not come back is retried a few times (each
-        // failure is logged with its cause) before the bounce reports it.
-        for attempt in 1..=3u32 {
-            let Err(err) = &up else { break };
-            tracing::error!(%err, attempt, "the inner container did not come back; retrying");
-            tokio::time::sleep(std::time::Duration::from_millis(200) * attempt).await;
-            up = self.up().await;
-        }
-        self.graveyard.bury(remains);
-        up.map_err(|e| {
-            tracing::error!(err = %e, "the inner container did not come back");
-            e.to_string()
-        })
-    }
+    });
 }
 
 /// Supervises the port watcher; with `faults`, SIGUSR2 makes it panic.
@@ -587,12 +352,10 @@ pub async fn run(
         });
     }
 
-    let logs = Logs::open(&data_dir(&data.join("logs"))?, LogLimits::default())?;
+    let logs = Logs::open(&data_dir(&data.join("logs"))?, config.logs)?;
     let current = Current::default();
     let services = Manager::open(&data, logs.clone(), Arc::new(InContainer(current.clone())))?;
-    if let Some((_, port)) = services.primary() {
-        publisher.set_primary(port);
-    }
+    follow_primary(&services, &publisher, config.primary_port);
     let cgroup = layout.inner.clone();
     let api_dir = data_dir(&data.join("api"))?;
     let spec = ContainerSpec {
@@ -612,7 +375,7 @@ pub async fn run(
         token: TokenHash::from_hex(&config.api.token_sha256).expect("checked by the configuration"),
         publisher: publisher.clone(),
         services: services.clone(),
-        logs,
+        logs: logs.clone(),
         control: control_tx,
         container: state_rx,
         limits: layout.applied.clone(),
@@ -626,7 +389,7 @@ pub async fn run(
         spec,
         egress: config.egress.clone(),
         egress_rules: std::sync::atomic::AtomicBool::new(false),
-        egress_link: std::sync::Mutex::new(None),
+        egress_link: parking_lot::Mutex::new(None),
         graveyard: Graveyard::default(),
         current,
         publisher,
@@ -653,6 +416,10 @@ pub async fn run(
     tracing::info!("stopping: services, then the inner container");
     let mut remains = platform.graveyard.take();
     remains.push(platform.down().await);
+    // What the services wrote before they stopped is on the disk.
+    if let Err(err) = logs.sync().await {
+        tracing::warn!(%err, "the logs could not be synced at stop");
+    }
     if let Some(freeing) = free_off_runtime(remains) {
         let _ = tokio::task::spawn_blocking(move || freeing.join()).await;
     }

@@ -814,11 +814,33 @@ impl Drop for Process {
         };
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                let _ = rest.wait().await;
+                // A runtime shutting down drops this task unpolled, or in
+                // the wait: `Reap` then hands the process to a thread
+                // (dropping it here would come back to this function, and
+                // spawn again, for ever).
+                let mut reap = Reap(Some(rest));
+                if let Some(process) = reap.0.as_mut() {
+                    let _ = process.wait().await;
+                }
+                drop(reap.0.take());
             });
         } else {
             std::thread::spawn(move || {
                 let _ = rest.wait_blocking();
+            });
+        }
+    }
+}
+
+/// A process to reap; if dropped with it still there, a thread waits for
+/// it.
+struct Reap(Option<Process>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Some(mut process) = self.0.take() {
+            std::thread::spawn(move || {
+                let _ = process.wait_blocking();
             });
         }
     }

@@ -1,26 +1,19 @@
 //! Supervision of the platform's own services (port watcher, ingress, API,
 //! …): each runs as a task; when it returns an error or panics it is logged
 //! and started again after a backoff, while the others keep serving.
+#![deny(clippy::disallowed_methods)]
 
 use std::future::Future;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
-/// First wait before a restart; doubled on each failure in a row.
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// Longest wait.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The wait before a restart: 100 ms, doubled on each failure in a row,
+/// up to 30 s.
+const RESTART: nestbox_ingress::backoff::Backoff =
+    nestbox_ingress::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
 /// A run this long resets the backoff.
 const HEALTHY: Duration = Duration::from_secs(30);
-
-/// The wait before restart number `failures` (0-based) in a row.
-#[must_use]
-pub fn backoff(failures: u32) -> Duration {
-    FIRST_BACKOFF
-        .saturating_mul(1u32 << failures.min(16))
-        .min(MAX_BACKOFF)
-}
 
 /// Runs `make()`'s future as the platform service `name`, forever: a
 /// return with an error or a panic restarts it after a backoff; a return
@@ -55,7 +48,7 @@ where
             if started.elapsed() >= HEALTHY {
                 failures = 0;
             }
-            let wait = backoff(failures);
+            let wait = RESTART.wait(failures);
             failures = failures.saturating_add(1);
             tracing::error!(service = name, %why, restart_in = ?wait, "platform service failed; restarting it");
             tokio::time::sleep(wait).await;
@@ -68,13 +61,6 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        assert_eq!(backoff(0), Duration::from_millis(100));
-        assert_eq!(backoff(1), Duration::from_millis(200));
-        assert_eq!(backoff(30), MAX_BACKOFF);
-    }
 
     #[tokio::test]
     async fn restarts_after_panics_and_errors_until_ok() {

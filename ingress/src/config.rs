@@ -148,10 +148,43 @@ pub struct AcmeConfig {
     /// Contact URLs for the account (`mailto:…`).
     #[serde(default)]
     pub contact: Vec<String>,
+    /// Each request to the CA is given up after this long (a CA that
+    /// accepts the connection and never answers stops nothing else).
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// A whole order (challenge, validation, issuance) is given up after
+    /// this long, and retried with backoff.
+    #[serde(default = "default_order_timeout_ms")]
+    pub order_timeout_ms: u64,
+    /// Orders for different hostnames run at once, up to this many.
+    #[serde(default = "default_concurrent_orders")]
+    pub concurrent_orders: usize,
+    /// At most this many orders are started in any hour (new names and
+    /// renewals alike): a tenant opening a thousand ports cannot spend the
+    /// CA's rate limits for the whole fleet. A name over the budget waits
+    /// for the next slot (its plain-HTTP URL says so).
+    #[serde(default = "default_orders_per_hour")]
+    pub orders_per_hour: usize,
 }
 
 fn default_challenge() -> ChallengeKind {
     ChallengeKind::Http01
+}
+
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_order_timeout_ms() -> u64 {
+    90_000
+}
+
+fn default_concurrent_orders() -> usize {
+    4
+}
+
+fn default_orders_per_hour() -> usize {
+    50
 }
 
 impl Config {

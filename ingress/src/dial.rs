@@ -1,57 +1,30 @@
 //! Connecting to backends inside a network namespace.
 //!
 //! A socket belongs to the namespace of the thread that called `socket()`.
-//! Each namespace gets one dedicated thread that has done `setns` once and
+//! Each namespace gets one [`NetnsThread`] that has done `setns` once and
 //! only creates sockets on request; the (non-blocking) socket is handed back
 //! and connected by tokio as usual. No tokio worker ever changes namespace.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::oneshot;
 
-/// Errors setting up a namespace dialer.
-#[derive(Debug, thiserror::Error)]
-pub enum DialError {
-    /// The namespace file cannot be opened.
-    #[error("cannot open network namespace {path}: {source}")]
-    Open {
-        /// The namespace file.
-        path: PathBuf,
-        /// The error.
-        source: io::Error,
-    },
-    /// `setns` failed.
-    #[error("cannot enter network namespace {path}: {source} (needs CAP_SYS_ADMIN)")]
-    Enter {
-        /// The namespace file.
-        path: PathBuf,
-        /// The error.
-        source: io::Error,
-    },
-    /// The socket thread could not be started.
-    #[error("cannot start the socket thread for {path}: {source}")]
-    Thread {
-        /// The namespace file.
-        path: PathBuf,
-        /// The error.
-        source: io::Error,
-    },
-}
+use crate::netns::NetnsThread;
 
-type Request = (SocketAddr, oneshot::Sender<io::Result<Socket>>);
+pub use crate::netns::NetNsError as DialError;
 
-/// Makes sockets inside one network namespace.
+/// Makes sockets inside one network namespace, on a thread that entered
+/// it.
 #[derive(Debug)]
 pub struct NetnsDialer {
-    tx: std::sync::mpsc::Sender<Request>,
+    thread: NetnsThread,
 }
 
 fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
@@ -62,53 +35,23 @@ fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
 }
 
 impl NetnsDialer {
-    /// Starts the socket thread for the namespace at `path`.
+    /// Starts the socket thread for the namespace at `path` (blocking).
     ///
     /// # Errors
     /// [`DialError`] if the namespace cannot be entered.
     pub fn open(path: &Path) -> Result<Self, DialError> {
-        let file = File::open(path).map_err(|source| DialError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
-        let (tx, rx) = std::sync::mpsc::channel::<Request>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread_path = path.to_owned();
-        std::thread::Builder::new()
-            .name("ingress-netns".into())
-            .spawn(move || {
-                if let Err(e) = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET) {
-                    let _ = ready_tx.send(Err(DialError::Enter {
-                        path: thread_path,
-                        source: e.into(),
-                    }));
-                    return;
-                }
-                let _ = ready_tx.send(Ok(()));
-                // Ends when the dialer (the only sender) is dropped.
-                while let Ok((addr, reply)) = rx.recv() {
-                    let _ = reply.send(new_socket(addr));
-                }
-            })
-            .map_err(|source| DialError::Thread {
-                path: path.to_owned(),
-                source,
-            })?;
-        ready_rx.recv().map_err(|_| DialError::Thread {
-            path: path.to_owned(),
-            source: io::Error::other("socket thread died"),
-        })??;
-        Ok(Self { tx })
+        Ok(Self {
+            thread: NetnsThread::enter("ingress-netns", Some(path))?,
+        })
     }
 
     async fn socket(&self, addr: SocketAddr) -> io::Result<Socket> {
-        let (reply, answer) = oneshot::channel();
-        self.tx
-            .send((addr, reply))
-            .map_err(|_| io::Error::other("the namespace socket thread is gone"))?;
-        answer
+        let gone = || io::Error::other("the namespace socket thread is gone");
+        self.thread
+            .submit(move || new_socket(addr))
+            .map_err(|_| gone())?
             .await
-            .map_err(|_| io::Error::other("the namespace socket thread is gone"))?
+            .map_err(|_| gone())?
     }
 }
 
@@ -167,7 +110,7 @@ impl Dialers {
     #[must_use]
     pub fn cached(&self, path: &Path) -> Option<Arc<NetnsDialer>> {
         let namespace = namespace_id(path).ok()?;
-        let map = self.by_path.lock().expect("dialers lock");
+        let map = self.by_path.lock();
         let entry = map.get(path)?;
         (entry.namespace == namespace).then(|| entry.dialer.clone())
     }
@@ -183,7 +126,7 @@ impl Dialers {
             source,
         };
         let namespace = namespace_id(path).map_err(open_err)?;
-        let mut map = self.by_path.lock().expect("dialers lock");
+        let mut map = self.by_path.lock();
         if let Some(entry) = map.get(path)
             && entry.namespace == namespace
         {
@@ -201,10 +144,21 @@ impl Dialers {
         Ok(dialer)
     }
 
+    /// Keeps only the dialers for the namespace paths `keep` accepts (the
+    /// others' threads end as their last user lets go).
+    pub fn retain(&self, keep: impl Fn(&Path) -> bool) {
+        let gone: Vec<Entry> = {
+            let mut map = self.by_path.lock();
+            let paths: Vec<PathBuf> = map.keys().filter(|p| !keep(p)).cloned().collect();
+            paths.iter().filter_map(|p| map.remove(p)).collect()
+        };
+        drop(gone);
+    }
+
     /// How many dialers (and so socket threads) are kept.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.by_path.lock().expect("dialers lock").len()
+        self.by_path.lock().len()
     }
 
     /// Whether none is kept.

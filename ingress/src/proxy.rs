@@ -1,6 +1,7 @@
 //! One proxied request: route by host, rewrite headers, stream both bodies,
 //! pass upgrades (WebSocket) through, and answer failures with a page that
 //! says what went wrong.
+#![deny(clippy::disallowed_methods)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,8 +15,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 
+use crate::client::{BackendClient, ClientError};
 use crate::pages;
-use crate::pool::{Pool, PoolError};
 use crate::routes::RouteTable;
 
 /// Response body: the backend's, streamed, or one of ours.
@@ -26,7 +27,8 @@ pub type Body = BoxBody<Bytes, std::io::Error>;
 pub struct BackendLimits {
     /// Connecting to the backend.
     pub connect_timeout: Duration,
-    /// From sending the request to the response head.
+    /// From the end of the request body to the response head (a slow
+    /// upload is not a slow backend).
     pub response_timeout: Duration,
     /// How long an idle kept-alive backend connection is kept.
     pub pool_idle_timeout: Duration,
@@ -46,7 +48,7 @@ impl Default for BackendLimits {
 #[derive(Clone, Debug)]
 pub struct Proxy {
     routes: RouteTable,
-    pool: Pool,
+    client: BackendClient,
     limits: BackendLimits,
 }
 
@@ -135,10 +137,15 @@ impl Proxy {
     /// A proxy over `routes`.
     #[must_use]
     pub fn new(routes: RouteTable, limits: BackendLimits) -> Self {
-        let pool = Pool::new(limits.connect_timeout, limits.pool_idle_timeout);
+        let client = BackendClient::new(
+            limits.connect_timeout,
+            limits.pool_idle_timeout,
+            limits.response_timeout,
+        );
+        client.follow(&routes);
         Self {
             routes,
-            pool,
+            client,
             limits,
         }
     }
@@ -198,20 +205,14 @@ impl Proxy {
         let out = Request::from_parts(parts, body);
         let host = &route.host;
 
-        let sent =
-            tokio::time::timeout(self.limits.response_timeout, self.pool.send(&route, out)).await;
-        let resp = match sent {
-            Err(_) => {
-                tracing::info!(%host, port, "backend too slow");
-                return pages::too_slow(port, self.limits.response_timeout.as_secs());
-            }
-            Ok(Err(err)) => return self.failure(host, port, &err),
-            Ok(Ok(resp)) => resp,
+        let resp = match self.client.send(&route, out).await {
+            Err(err) => return self.failure(host, port, &err),
+            Ok(resp) => resp,
         };
 
         let (mut parts, body) = resp.into_parts();
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-            // The pool answers 101 only to an upgrade request.
+            // The client answers 101 only to an upgrade request.
             if let (Some(client_upgrade), Some((mut backend, early))) =
                 (client_upgrade, body.into_upgraded())
             {
@@ -235,14 +236,15 @@ impl Proxy {
         Response::from_parts(parts, body.boxed())
     }
 
-    fn failure(&self, host: &str, port: u16, err: &PoolError) -> Response<Body> {
+    fn failure(&self, host: &str, port: u16, err: &ClientError) -> Response<Body> {
         tracing::info!(%host, port, %err, "backend failed");
         match err {
-            PoolError::Connect(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            ClientError::Connect(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                 pages::too_slow(port, self.limits.connect_timeout.as_secs())
             }
-            PoolError::Connect(_) => pages::not_listening(port),
-            PoolError::Io(_) | PoolError::Protocol(_) | PoolError::RequestBody(_) => {
+            ClientError::Connect(_) => pages::not_listening(port),
+            ClientError::Timeout(after) => pages::too_slow(port, after.as_secs()),
+            ClientError::Io(_) | ClientError::Protocol(_) | ClientError::RequestBody(_) => {
                 pages::backend_failed(port)
             }
         }

@@ -4,13 +4,22 @@
 //! lock, so a writer can never stall the request path. Writers (route
 //! changes, rare) build a new snapshot under a mutex and swap it in; the next
 //! request sees it.
+//!
+//! Each backend has an id (routes to one backend share it, and with it
+//! their pooled connections). When the last route to a backend goes — a
+//! bounce gives the container a new network namespace, so every backend
+//! changes — its id is forgotten and the [`RouteListener`]s hear of it, so
+//! the connection pool closes that backend's idle sockets (which would
+//! otherwise keep the dead namespace alive).
+#![deny(clippy::disallowed_methods)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 
 /// Where a route's requests go.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -45,10 +54,27 @@ struct Snapshot {
     by_backend: HashMap<u64, Arc<Route>>,
 }
 
-#[derive(Debug, Default)]
+/// Told of the backends in use after every change of the table.
+pub trait RouteListener: Send + Sync {
+    /// The backends that still have a route, by id; any other id is gone
+    /// for good (ids are never reused).
+    fn backends_changed(&self, live: &HashMap<u64, Backend>);
+}
+
+#[derive(Default)]
 struct Ids {
     next: u64,
     of: HashMap<Backend, u64>,
+    listeners: Vec<Weak<dyn RouteListener>>,
+}
+
+impl std::fmt::Debug for Ids {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ids")
+            .field("next", &self.next)
+            .field("of", &self.of)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The live route table; clones share it.
@@ -81,7 +107,7 @@ impl RouteTable {
     /// Adds or replaces the route for `host`.
     pub fn insert(&self, host: &str, backend: Backend) {
         let host = normalize_host(host);
-        let mut ids = self.ids.lock().expect("route writer lock");
+        let mut ids = self.ids.lock();
         let backend_id = if let Some(id) = ids.of.get(&backend) {
             *id
         } else {
@@ -104,33 +130,69 @@ impl RouteTable {
         let old = self.snapshot.load();
         let mut by_host = old.by_host.clone();
         by_host.insert(host, route);
-        self.publish(by_host);
+        self.publish(&mut ids, by_host);
     }
 
     /// Removes the route for `host`; returns whether there was one.
     #[must_use = "false means there was no such route"]
     pub fn remove(&self, host: &str) -> bool {
         let host = normalize_host(host);
-        let _writer = self.ids.lock().expect("route writer lock");
+        let mut ids = self.ids.lock();
         let old = self.snapshot.load();
         if !old.by_host.contains_key(&host) {
             return false;
         }
         let mut by_host = old.by_host.clone();
         by_host.remove(&host);
-        self.publish(by_host);
+        self.publish(&mut ids, by_host);
         true
     }
 
-    fn publish(&self, by_host: HashMap<String, Arc<Route>>) {
-        let by_backend = by_host
+    /// Has `listener` told of every change from now on (and of the
+    /// backends in use now); it is dropped from the list once the last
+    /// `Arc` to it is.
+    pub fn listen(&self, listener: &Arc<dyn RouteListener>) {
+        let mut ids = self.ids.lock();
+        ids.listeners.push(Arc::downgrade(listener));
+        listener.backends_changed(&Self::live(&self.snapshot.load()));
+    }
+
+    fn live(snapshot: &Snapshot) -> HashMap<u64, Backend> {
+        snapshot
+            .by_backend
+            .iter()
+            .map(|(id, r)| (*id, r.backend.clone()))
+            .collect()
+    }
+
+    /// Swaps in `by_host`, forgets the ids of backends left without a
+    /// route and tells the listeners (with the writer lock held, so they
+    /// hear of changes in order).
+    fn publish(&self, ids: &mut Ids, by_host: HashMap<String, Arc<Route>>) {
+        let by_backend: HashMap<u64, Arc<Route>> = by_host
             .values()
             .map(|r| (r.backend_id, r.clone()))
             .collect();
-        self.snapshot.store(Arc::new(Snapshot {
+        ids.of.retain(|_, id| by_backend.contains_key(id));
+        let snapshot = Snapshot {
             by_host,
             by_backend,
-        }));
+        };
+        let live = Self::live(&snapshot);
+        self.snapshot.store(Arc::new(snapshot));
+        ids.listeners.retain(|l| match l.upgrade() {
+            Some(listener) => {
+                listener.backends_changed(&live);
+                true
+            }
+            None => false,
+        });
+    }
+
+    /// How many backends have an id (one per backend with a route).
+    #[must_use]
+    pub fn backend_ids(&self) -> usize {
+        self.ids.lock().of.len()
     }
 
     /// The route for a `Host`/`:authority`/SNI value.
@@ -192,6 +254,42 @@ mod tests {
         assert!(!t.remove("a.test"));
         assert!(t.get("a.test").is_none());
         assert_eq!(t.hosts(), vec!["8080.a.test", "b.test"]);
+    }
+
+    #[derive(Default)]
+    struct Heard(Mutex<Vec<Vec<u64>>>);
+
+    impl RouteListener for Heard {
+        fn backends_changed(&self, live: &HashMap<u64, Backend>) {
+            let mut ids: Vec<u64> = live.keys().copied().collect();
+            ids.sort_unstable();
+            self.0.lock().push(ids);
+        }
+    }
+
+    #[test]
+    fn a_backend_without_routes_is_forgotten_and_listeners_hear_of_it() {
+        let t = RouteTable::new();
+        t.insert("a.test", backend(1));
+        let heard = Arc::new(Heard::default());
+        let listener: Arc<dyn RouteListener> = heard.clone();
+        t.listen(&listener);
+        t.insert("8080.a.test", backend(1));
+        // A bounce: every route moves to a new backend.
+        for port in 2..100 {
+            t.insert("a.test", backend(port));
+            t.insert("8080.a.test", backend(port));
+        }
+        assert_eq!(t.backend_ids(), 1, "only the backend in use keeps an id");
+        let id = t.get("a.test").unwrap().backend_id;
+        assert_eq!(heard.0.lock().last().unwrap(), &vec![id]);
+        assert!(t.remove("a.test") && t.remove("8080.a.test"));
+        assert_eq!(t.backend_ids(), 0);
+        assert_eq!(heard.0.lock().last().unwrap(), &Vec::<u64>::new());
+        drop(listener);
+        drop(heard);
+        t.insert("b.test", backend(7));
+        assert!(t.ids.lock().listeners.is_empty(), "dropped listeners go");
     }
 
     #[test]

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
@@ -99,6 +98,26 @@ impl Handles {
     }
 }
 
+/// Connections the kernel queues for a listener before `accept`: more than
+/// tokio's default of 1,024, so that a burst of clients (thousands opening
+/// at once) waits in the queue instead of having its SYNs dropped and
+/// retried a second later. The kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: i32 = 8192;
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`].
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// Serves `config` until `shutdown` turns true; `started` receives the
 /// handles once both listeners are bound.
 ///
@@ -144,10 +163,7 @@ pub async fn serve_with(
         set.insert(&c.names, &key);
     }
     let (certs_tx, certs_rx) = watch::channel(Arc::new(set));
-    let challenges = Challenges {
-        http01: Arc::new(ArcSwap::from_pointee(std::collections::HashMap::new())),
-        alpn: Arc::new(ArcSwap::from_pointee(std::collections::HashMap::new())),
-    };
+    let challenges = Challenges::default();
     let mut handles = handles;
     let mut manager_task = None;
     if let Some(acme) = config.acme {
@@ -158,10 +174,8 @@ pub async fn serve_with(
     }
     let resolver = Arc::new(Resolver::new(certs_rx, challenges.alpn.clone()));
     let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(resolver)));
-    let bind = |addr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServeError::Bind { addr, source })
+    let bind = |addr: std::net::SocketAddr| async move {
+        listen(addr).map_err(|source| ServeError::Bind { addr, source })
     };
     let https = bind(config.https).await?;
     let http = bind(config.http).await?;
@@ -170,7 +184,7 @@ pub async fn serve_with(
     let proxy = Proxy::new(routes, BackendLimits::default());
     tokio::join!(
         server::serve_https(https, acceptor, proxy, config.limits, shutdown.clone()),
-        server::serve_http(http, challenges.http01, config.limits, shutdown),
+        server::serve_http(http, challenges, config.limits, shutdown),
     );
     if let Some(task) = manager_task {
         task.abort();

@@ -7,6 +7,7 @@
 //! and a maximum number of concurrent connections (accepting pauses at the
 //! limit). Shutdown stops accepting and lets in-flight requests finish, up to
 //! a drain deadline.
+#![deny(clippy::disallowed_methods)]
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -53,7 +54,7 @@ impl Default for Limits {
             header_read_timeout_secs: 10,
             tls_handshake_timeout_secs: 10,
             max_header_bytes: 64 * 1024,
-            max_connections: 10_000,
+            max_connections: 20_000,
             drain_timeout_secs: 30,
         }
     }
@@ -172,16 +173,17 @@ fn small(status: StatusCode, text: &str) -> Response<Body> {
     resp
 }
 
-/// The plain-HTTP answer: an HTTP-01 key authorization, or a redirect to
-/// the same URL over https.
+/// The plain-HTTP answer: an HTTP-01 key authorization, a page saying
+/// that the name's certificate waits for the ACME order budget, or a
+/// redirect to the same URL over https.
 #[must_use]
-pub fn http_answer(req: &Request<Incoming>, http01: &Http01) -> Response<Body> {
+pub fn http_answer(req: &Request<Incoming>, acme: &crate::acme::Challenges) -> Response<Body> {
     if let Some(token) = req
         .uri()
         .path()
         .strip_prefix("/.well-known/acme-challenge/")
     {
-        return match http01.load().get(token) {
+        return match acme.http01.load().get(token) {
             Some(key_auth) => small(StatusCode::OK, key_auth),
             None => small(StatusCode::NOT_FOUND, "no such ACME challenge"),
         };
@@ -194,6 +196,24 @@ pub fn http_answer(req: &Request<Incoming>, http01: &Http01) -> Response<Body> {
     else {
         return small(StatusCode::BAD_REQUEST, "no Host header");
     };
+    if let Some(at) = acme.waiting.load().get(&host) {
+        let wait = at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+            .as_secs();
+        let mut resp = small(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "https://{host}/ has no certificate yet: this VM has started as many certificate \
+                 orders as it may in an hour (the ACME budget, `orders_per_hour`). Its order \
+                 starts in about {wait} s; HTTPS answers once it is issued.\n"
+            ),
+        );
+        if let Ok(v) = HeaderValue::from_str(&wait.max(1).to_string()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return resp;
+    }
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let mut resp = small(StatusCode::PERMANENT_REDIRECT, "use https\n");
     if let Ok(location) = HeaderValue::from_str(&format!("https://{host}{path}")) {
@@ -205,7 +225,7 @@ pub fn http_answer(req: &Request<Incoming>, http01: &Http01) -> Response<Body> {
 /// Serves plain HTTP on `listener` (HTTP-01 and redirects) until `shutdown`.
 pub async fn serve_http(
     listener: TcpListener,
-    http01: Http01,
+    acme: crate::acme::Challenges,
     limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -228,13 +248,13 @@ pub async fn serve_http(
             },
             () = stopped(&mut shutdown) => break,
         };
-        let http01 = http01.clone();
+        let acme = acme.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
             let service = service_fn(move |req: Request<Incoming>| {
-                let resp = http_answer(&req, &http01);
+                let resp = http_answer(&req, &acme);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let conn = builder.serve_connection(TokioIo::new(tcp), service);

@@ -157,11 +157,35 @@ fn suite_rank(suite: rustls::CipherSuite) -> u8 {
     }
 }
 
-/// Parses a PEM certificate chain and private key into a signing key.
+/// Parses a PEM certificate chain and private key into a signing key,
+/// and checks that the certificate is the key's.
 ///
 /// # Errors
 /// [`TlsError`] naming the bad input.
 pub fn certified_key(
+    chain_pem: &[u8],
+    key_pem: &[u8],
+    origin: &Path,
+) -> Result<CertifiedKey, TlsError> {
+    let certified = certified_key_unchecked(chain_pem, key_pem, origin)?;
+    // A chain renewed without its key (or the reverse) would fail every
+    // handshake; refuse it here rather than serve it.
+    certified
+        .keys_match()
+        .map_err(|source| TlsError::Mismatch {
+            path: origin.to_owned(),
+            source,
+        })?;
+    Ok(certified)
+}
+
+/// [`certified_key`] without the pair check, for a certificate made here
+/// from its key (a TLS-ALPN-01 challenge certificate, whose critical
+/// `acmeIdentifier` extension the check's parser refuses).
+///
+/// # Errors
+/// [`TlsError`] naming the bad input.
+pub fn certified_key_unchecked(
     chain_pem: &[u8],
     key_pem: &[u8],
     origin: &Path,
@@ -192,16 +216,7 @@ pub fn certified_key(
             path: origin.to_owned(),
             source,
         })?;
-    let certified = CertifiedKey::new(chain, signer);
-    // A chain renewed without its key (or the reverse) would fail every
-    // handshake; refuse it here rather than serve it.
-    certified
-        .keys_match()
-        .map_err(|source| TlsError::Mismatch {
-            path: origin.to_owned(),
-            source,
-        })?;
-    Ok(certified)
+    Ok(CertifiedKey::new(chain, signer))
 }
 
 /// Loads a certificate chain and key from two PEM files.
@@ -221,12 +236,12 @@ pub fn load_files(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use parking_lot::Mutex;
     use rustls::client::ClientSessionStore;
     use rustls::client::{Tls12ClientSessionValue, Tls13ClientSessionValue};
     use rustls::pki_types::ServerName;
     use rustls::{ClientConfig, ClientConnection, NamedGroup, RootCertStore, ServerConnection};
     use std::io::{Read, Write};
-    use std::sync::Mutex;
 
     /// Counts the TLS 1.3 tickets a client receives.
     #[derive(Debug, Default)]
@@ -243,7 +258,7 @@ mod tests {
         }
         fn remove_tls12_session(&self, _: &ServerName<'static>) {}
         fn insert_tls13_ticket(&self, _: ServerName<'static>, _: Tls13ClientSessionValue) {
-            *self.0.lock().unwrap() += 1;
+            *self.0.lock() += 1;
         }
         fn take_tls13_ticket(&self, _: &ServerName<'static>) -> Option<Tls13ClientSessionValue> {
             None
@@ -305,6 +320,6 @@ mod tests {
             server_side.join().unwrap(),
             rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
         );
-        assert_eq!(*tickets.0.lock().unwrap(), 1);
+        assert_eq!(*tickets.0.lock(), 1);
     }
 }

@@ -161,3 +161,167 @@ fn a_damaged_disk_is_repaired_or_refused_and_never_formatted() {
         let _ = std::fs::remove_file(copy);
     }
 }
+
+/// `kill -9` of the VM's QEMU (a host crash, as the guest sees it).
+fn kill_vmm(host: &Host, vm: &str) {
+    let pid = host.record(vm).unwrap()["pid"]
+        .as_u64()
+        .expect("a running VM has a pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host.state(vm) != "crashed" {
+        assert!(Instant::now() < deadline, "the VM was not seen crashed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Logs with their sequence numbers: `(seq, line)`.
+fn numbered_lines(host: &Host, vm: &str, service: &str, query: &str) -> Vec<(u64, String)> {
+    let out = host.api(
+        vm,
+        "GET",
+        &format!("/v1/services/{service}/logs{query}"),
+        None,
+    );
+    body(&out)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["stream"] == "stdout")
+        .map(|v| {
+            (
+                v["seq"].as_u64().unwrap_or_default(),
+                v["line"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Every `certs/*.pem` on the (stopped) VM's platform disk holds a key and
+/// a certificate for that key; returns how many pairs it checked.
+fn check_stored_pairs(host: &Host, vm: &str) -> usize {
+    let mnt = host.dir.join(format!("{vm}-data"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    let data = disk(host, vm, "data.img");
+    // Read-write: a journal left to replay is replayed (the VM is stopped
+    // and the test ends here).
+    let out = std::process::Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&data)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mount the data disk: {out:?}");
+    let pubkey = |args: &[&str], file: &Path| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        out.stdout
+    };
+    let certs = mnt.join("acme/certs");
+    let mut checked = 0;
+    let found: Vec<PathBuf> = std::fs::read_dir(&certs)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    for pem in found
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "pem"))
+    {
+        let of_key = pubkey(&["pkey", "-pubout", "-in"], pem);
+        let of_cert = pubkey(&["x509", "-noout", "-pubkey", "-in"], pem);
+        assert_eq!(
+            of_key,
+            of_cert,
+            "{}: the certificate is not for the key",
+            pem.display()
+        );
+        checked += 1;
+    }
+    let leftovers: Vec<&PathBuf> = found
+        .iter()
+        .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    checked
+}
+
+#[test]
+fn a_killed_vmm_loses_nothing_acknowledged() {
+    nestbox_tests::require_tool("openssl", "openssl");
+    let mut host = Host::new(41);
+    let ip = host.create("fd2");
+    for h in ["8081.fd2.test", "8082.fd2.test"] {
+        host.pebble.add_a(h, &ip).unwrap();
+    }
+    // A service that logs as fast as it can.
+    host.create_service(
+        "fd2",
+        r#"{"name": "burst", "cmd": "/bin/sh", "args": ["-c", "i=0; while :; do i=$((i+1)); echo \"line $i\"; done"]}"#,
+    );
+    // Two new ports: certificates are being issued and stored while the
+    // VMM dies.
+    for port in [8081, 8082] {
+        let spec = format!(
+            r#"{{"name": "web{port}", "cmd": "/bin/busybox", "args": ["httpd", "-f", "-p", "{port}", "-h", "/www"]}}"#
+        );
+        host.create_service("fd2", &spec);
+    }
+    // Definitions created one after another until the kill.
+    let mut acknowledged = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        let name = format!("def{}", acknowledged.len());
+        let spec = format!(r#"{{"name": "{name}", "cmd": "/bin/sleep", "args": ["1000"]}}"#);
+        let out = host.api("fd2", "POST", "/v1/services", Some(&spec));
+        if body(&out).contains("\"name\"") {
+            acknowledged.push(name);
+        }
+    }
+    // Lines first, then how far lines are synced: every line read with a
+    // number up to it was on the disk before the kill.
+    let lines = numbered_lines(&host, "fd2", "burst", "?last=2000");
+    let status: Value =
+        serde_json::from_str(&body(&host.api("fd2", "GET", "/v1/status", None))).unwrap();
+    let synced = status["logs"]["synced_seq"].as_u64().unwrap();
+    let durable: Vec<(u64, String)> = lines.into_iter().filter(|(s, _)| *s <= synced).collect();
+    assert!(
+        !durable.is_empty(),
+        "no line was synced within a second: {status}"
+    );
+    kill_vmm(&host, "fd2");
+
+    host.launcher_ok(&["start", "fd2"]);
+    host.wait_ready("fd2");
+    let services = body(&host.api("fd2", "GET", "/v1/services", None));
+    for name in &acknowledged {
+        assert!(
+            services.contains(&format!("\"{name}\"")),
+            "{name} was lost: {services}"
+        );
+    }
+    let after: std::collections::HashSet<(u64, String)> = numbered_lines(&host, "fd2", "burst", "")
+        .into_iter()
+        .collect();
+    let lost: Vec<&(u64, String)> = durable.iter().filter(|l| !after.contains(l)).collect();
+    assert!(
+        lost.is_empty(),
+        "synced lines lost: {lost:?} (synced_seq {synced})"
+    );
+    // The certificates load and serve: each name answers over HTTPS.
+    for h in ["8081.fd2.test", "8082.fd2.test"] {
+        host.wait_body("fd2", h, "/", nestbox_tests::vms::INDEX);
+    }
+    host.launcher_ok(&["stop", "fd2"]);
+    // api.fd2.test's, 8081's and 8082's.
+    assert!(
+        check_stored_pairs(&host, "fd2") >= 3,
+        "the pairs on the disk match"
+    );
+}

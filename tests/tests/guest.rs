@@ -510,3 +510,279 @@ fn inside_the_container_user_code_sees_only_its_own() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// What the guest process holds: open descriptors, threads, and the
+/// network namespaces that any process or open descriptor on the machine
+/// refers to (a namespace kept only by a socket shows as that socket's
+/// descriptor in the first count).
+fn held(pid: u32) -> (usize, usize, usize) {
+    let count = |dir: String| std::fs::read_dir(dir).map_or(0, Iterator::count);
+    let mut namespaces = std::collections::HashSet::new();
+    for proc in std::fs::read_dir("/proc").unwrap().flatten() {
+        let p = proc.path();
+        if !p
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .chars()
+            .all(|c| c.is_ascii_digit())
+        {
+            continue;
+        }
+        let tasks = std::fs::read_dir(p.join("task"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        for link in tasks.map(|t| t.path().join("ns/net")).chain(
+            std::fs::read_dir(p.join("fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|f| f.path()),
+        ) {
+            if let Ok(target) = std::fs::read_link(&link) {
+                let target = target.to_string_lossy().into_owned();
+                if target.starts_with("net:[") {
+                    namespaces.insert(target);
+                }
+            }
+        }
+    }
+    (
+        count(format!("/proc/{pid}/fd")),
+        count(format!("/proc/{pid}/task")),
+        namespaces.len(),
+    )
+}
+
+#[test]
+fn a_hundred_bounces_with_traffic_leak_no_socket_thread_or_namespace() {
+    let env = Env::new(28);
+    env.create_service(WEB);
+    env.wait_body("vm1.test", "/", "hello from the inner container\n");
+    let pid = env.guest.as_ref().unwrap().id();
+    let bounce = || {
+        let out = env.api("POST", "/v1/bounce", None);
+        assert!(
+            out.status.success() && body(&out).contains("running"),
+            "{}",
+            body(&out)
+        );
+        env.wait_body("vm1.test", "/", "hello from the inner container\n");
+        env.wait_body("8080.vm1.test", "/", "hello from the inner container\n");
+    };
+    // One round first: what a serving guest holds after a bounce, once
+    // the old container's remains are freed (two quiet seconds).
+    bounce();
+    std::thread::sleep(Duration::from_secs(4));
+    let before = held(pid);
+    for _ in 0..100 {
+        bounce();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        let now = held(pid);
+        if now.0 <= before.0 && now.1 <= before.1 && now.2 <= before.2 {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after 100 bounces the guest holds (fds, threads, namespaces) {now:?}, before {before:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    eprintln!("held before {before:?}, after 100 bounces {after:?}");
+}
+
+/// Lifts this process's open-file limit to `n` (the test holds many
+/// sockets); the guest it starts inherits it. Fails, saying so, if the hard
+/// limit is lower (raising that needs `CAP_SYS_RESOURCE`).
+fn raise_nofile(n: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    assert!(
+        hard >= n,
+        "this test needs {n} open files; the hard limit is {hard} (ulimit -Hn)"
+    );
+    setrlimit(Resource::RLIMIT_NOFILE, n, hard).unwrap();
+}
+
+/// `n` HTTPS requests at once (a TLS handshake and a GET each); how many
+/// answered 200.
+fn concurrent_https(env: &Env, n: usize) -> usize {
+    use std::sync::Arc;
+    let root = env.pebble.issuing_root().unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &std::fs::read(root).unwrap()[..]) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let addr = format!("10.202.{}.2:443", env.k);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let (config, addr) = (config.clone(), addr.clone());
+            tasks.spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let work = async {
+                    let tcp = tokio::net::TcpStream::connect(&addr)
+                        .await
+                        .map_err(|e| format!("connect: {e}"))?;
+                    let mut tls = tokio_rustls::TlsConnector::from(config)
+                        .connect("vm1.test".try_into().unwrap(), tcp)
+                        .await
+                        .map_err(|e| format!("handshake: {e}"))?;
+                    tls.write_all(b"GET / HTTP/1.1\r\nHost: vm1.test\r\nConnection: close\r\n\r\n")
+                        .await
+                        .map_err(|e| format!("write: {e}"))?;
+                    let mut head = [0u8; 12];
+                    tls.read_exact(&mut head)
+                        .await
+                        .map_err(|e| format!("read: {e}"))?;
+                    if &head[9..12] == b"200" {
+                        Ok(())
+                    } else {
+                        Err(format!("answered {}", String::from_utf8_lossy(&head)))
+                    }
+                };
+                tokio::time::timeout(Duration::from_mins(1), work)
+                    .await
+                    .unwrap_or_else(|_| Err("timed out".into()))
+            });
+        }
+        let mut ok = 0;
+        let mut errors = std::collections::BTreeMap::<String, usize>::new();
+        while let Some(done) = tasks.join_next().await {
+            match done.expect("a client task") {
+                Ok(()) => ok += 1,
+                Err(e) => *errors.entry(e).or_default() += 1,
+            }
+        }
+        if !errors.is_empty() {
+            eprintln!("failed clients: {errors:?}");
+        }
+        ok
+    })
+}
+
+#[test]
+fn floods_of_clients_idle_sockets_and_slowloris_leave_normal_requests_answered() {
+    raise_nofile(15_000);
+    let env = Env::new(29);
+    env.create_service(WEB);
+    env.wait_body("vm1.test", "/", "hello from the inner container\n");
+    let pid = env.guest.as_ref().unwrap().id();
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    let before = fds();
+    // 10,000 connections that never say a word, on the HTTPS port.
+    let ip = format!("10.202.{}.2", env.k);
+    let idle: Vec<std::net::TcpStream> = (0..10_000)
+        .map(|i| {
+            std::net::TcpStream::connect((ip.as_str(), 443))
+                .unwrap_or_else(|e| panic!("idle connection {i}: {e}"))
+        })
+        .collect();
+    // 500 that send a request head one byte at a time, on the HTTP port.
+    let slow: Vec<std::net::TcpStream> = (0..500)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect((ip.as_str(), 80)).unwrap();
+            std::io::Write::write_all(&mut s, b"GET / HTTP/1.1\r\nHo").unwrap();
+            s
+        })
+        .collect();
+    // The guest accepts them as fast as it can; they are all its own
+    // within a few seconds (each would be closed after the 10 s TLS
+    // handshake timeout).
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while fds() < before + 10_000 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let held = fds();
+    eprintln!("the guest holds {held} descriptors ({before} before)");
+    assert!(
+        held >= before + 10_000,
+        "the guest holds the idle connections: {before} → {held}"
+    );
+    // Normal requests still answer while they are held.
+    for _ in 0..20 {
+        let out = env.curl("vm1.test", "/");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The attackers go (or time out); the descriptors come back.
+    drop(idle);
+    drop(slow);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fds() > before + 50 {
+        assert!(
+            Instant::now() < deadline,
+            "descriptors stay: {before} → {}",
+            fds()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // 2,000 clients at once: every one is answered.
+    let answered = concurrent_https(&env, 2000);
+    assert_eq!(answered, 2000, "of 2,000 concurrent HTTPS clients");
+    let log = env.log();
+    assert!(
+        !log.contains("Too many open files") && !log.contains("EMFILE"),
+        "the guest ran out of descriptors:\n{log}"
+    );
+}
+
+#[test]
+fn a_services_http_port_moves_the_primary_url_at_once_and_back_on_delete() {
+    let env = Env::new(30);
+    // The configured primary port (8080) serves first.
+    env.create_service(
+        r#"{"name": "eighty", "cmd": "/bin/busybox", "args": ["httpd", "-f", "-p", "8080", "-h", "/www"]}"#,
+    );
+    env.wait_body("vm1.test", "/", "hello from the inner container\n");
+    // A service created with `http_port: 3000` takes the VM's URL at once.
+    env.create_service(
+        r#"{"name": "app", "cmd": "/bin/sh", "args": ["-c", "mkdir -p /tmp/app && echo three thousand > /tmp/app/index.html && exec /bin/busybox httpd -f -p 3000 -h /tmp/app"], "http_port": 3000}"#,
+    );
+    env.wait_body("vm1.test", "/", "three thousand\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ports = body(&env.api("GET", "/v1/ports", None));
+        let primary: Vec<&str> = ports
+            .split("\"port\":")
+            .skip(1)
+            .filter(|p| p.contains("\"primary\":true"))
+            .collect();
+        if primary.len() == 1 && primary[0].starts_with("3000") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "3000 is not the primary port: {ports}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Deleted, the URL goes back to the configured port.
+    let out = env.api("DELETE", "/v1/services/app", None);
+    assert!(out.status.success(), "{}", body(&out));
+    env.wait_body("vm1.test", "/", "hello from the inner container\n");
+    let ports = body(&env.api("GET", "/v1/ports", None));
+    assert!(ports.contains("\"primary\":true"), "{ports}");
+    assert!(!ports.contains("3000"), "{ports}");
+}

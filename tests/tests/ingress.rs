@@ -30,6 +30,8 @@ struct Env {
     ingress: Option<Child>,
     challenge: &'static str,
     header_timeout: u64,
+    /// More keys for the `[acme]` table.
+    acme_extra: String,
 }
 
 impl Env {
@@ -58,6 +60,7 @@ impl Env {
             ingress: None,
             challenge,
             header_timeout: 5,
+            acme_extra: String::new(),
         };
         env.start_backend();
         env
@@ -95,11 +98,12 @@ impl Env {
     fn write_config(&self, hosts: &[&str]) -> PathBuf {
         let path = self.dir.join("ingress.toml");
         let mut text = format!(
-            "https = \"0.0.0.0:443\"\nhttp = \"0.0.0.0:80\"\n[acme]\ndirectory = \"{}\"\nca_root = \"{}\"\nstate_dir = \"{}\"\nchallenge = \"{}\"\n[limits]\nheader_read_timeout_secs = {}\n",
+            "https = \"0.0.0.0:443\"\nhttp = \"0.0.0.0:80\"\n[acme]\ndirectory = \"{}\"\nca_root = \"{}\"\nstate_dir = \"{}\"\nchallenge = \"{}\"\n{}[limits]\nheader_read_timeout_secs = {}\n",
             self.pebble.directory(),
             self.pebble.listener_ca().display(),
             self.dir.join("acme").display(),
             self.challenge,
+            self.acme_extra,
             self.header_timeout,
         );
         for host in hosts {
@@ -665,4 +669,127 @@ fn a_vanished_namespace_loses_its_dialer_thread() {
     }
     new.kill().unwrap();
     new.wait().unwrap();
+}
+
+/// A CA front that accepts every connection and, for every third, never
+/// answers (the others are passed to Pebble): what a stuck CA, or a stuck
+/// path to it, looks like to a client. Returns its address and how many
+/// connections it held.
+fn tarpit(listen: &str, pebble: &str) -> Arc<std::sync::atomic::AtomicUsize> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind(listen).unwrap();
+    let held = Arc::new(AtomicUsize::new(0));
+    let count = held.clone();
+    let pebble = pebble.to_owned();
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(client) = conn else { continue };
+            if n % 3 == 0 {
+                count.fetch_add(1, Ordering::SeqCst);
+                kept.push(client);
+                continue;
+            }
+            let Ok(server) = std::net::TcpStream::connect(&pebble) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    held
+}
+
+#[test]
+fn a_ca_that_never_answers_stops_only_its_own_requests() {
+    nestbox_tests::require_tool("nft", "nftables");
+    let mut env = Env::new(19, "http-01");
+    // Every connection from the proxy's namespace to Pebble goes through
+    // the tarpit.
+    let pebble = format!("10.201.{}.1:14000", env.k);
+    let held = tarpit("10.201.19.1:14100", &pebble);
+    let rules = env.dir.join("tarpit.nft");
+    std::fs::write(
+        &rules,
+        "table ip tarpit {\n  chain out {\n    type nat hook output priority -100;\n    \
+         ip daddr 10.201.19.1 tcp dport 14000 dnat to 10.201.19.1:14100\n  }\n}\n",
+    )
+    .unwrap();
+    let out = env
+        .edge
+        .command("nft")
+        .arg("-f")
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nft: {out:?}");
+    env.acme_extra = "request_timeout_ms = 1500\norder_timeout_ms = 8000\n".into();
+    let hosts = ["a.test", "b.test", "c.test", "d.test", "e.test"];
+    env.start_ingress(&hosts);
+    for host in hosts {
+        env.wait_served(host);
+    }
+    assert!(
+        held.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the tarpit held no connection"
+    );
+    let log = env.log();
+    assert!(
+        log.contains("did not answer"),
+        "no request timed out:\n{log}"
+    );
+}
+
+#[test]
+fn the_order_budget_caps_orders_and_the_waiting_names_say_so() {
+    let mut env = Env::new(20, "http-01");
+    env.acme_extra = "orders_per_hour = 2\n".into();
+    let hosts = ["a.test", "b.test", "c.test", "d.test"];
+    env.start_ingress(&hosts);
+    let root = env.pebble.issuing_root().unwrap();
+    let served = |env: &Env| -> Vec<&str> {
+        hosts
+            .iter()
+            .copied()
+            .filter(|h| {
+                env.curl(&root, h, &["-f", "--max-time", "5"], "/hello")
+                    .status
+                    .success()
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while served(&env).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "two certificates within the budget:\n{}",
+            env.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // No third order within the hour.
+    std::thread::sleep(Duration::from_secs(3));
+    let have = served(&env);
+    assert_eq!(have.len(), 2, "{have:?}\n{}", env.log());
+    for host in hosts.iter().filter(|h| !have.contains(h)) {
+        let out = Command::new("curl")
+            .args(["-sS", "-i", "-H", &format!("Host: {host}")])
+            .arg(format!("http://{}/", env.proxy_ip()))
+            .output()
+            .unwrap();
+        let page = body(&out);
+        assert!(page.starts_with("HTTP/1.1 503"), "{host}: {page}");
+        assert!(
+            page.contains("ACME budget") && page.to_ascii_lowercase().contains("retry-after"),
+            "{host}: {page}"
+        );
+    }
+    assert!(env.log().contains("budget spent"), "{}", env.log());
 }

@@ -28,6 +28,9 @@ enum Bench {
     /// The host side per VM: create/destroy cost (stub VMM), boot → API
     /// ready under QEMU, host processes per running VM besides the VMM.
     Launcher,
+    /// The ingress's own backend client against hyper's, isolated: req/s,
+    /// body throughput, memory per connection.
+    Client,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -40,6 +43,7 @@ pub fn run(args: &Args) -> Result<()> {
             "ingress"
         }
         Bench::Guest => "guest",
+        Bench::Client => "client",
         Bench::Launcher => {
             deps::ensure(&deps::VM)?;
             "launcher"
@@ -70,6 +74,13 @@ pub fn run(args: &Args) -> Result<()> {
         bench
             .arg("--guest")
             .arg(root.join("target/guest/nestbox-guest"));
+    }
+    if matches!(args.what, Bench::Ingress) {
+        // The ingress as it ships in the VM: the guest's build profile.
+        util::run(util::cargo().args(["build", "--profile", "guest", "-p", "nestbox-ingress"]))?;
+        bench
+            .arg("--ingress")
+            .arg(root.join("target/guest/nestbox-ingress"));
     }
     if matches!(args.what, Bench::Launcher) {
         let image = crate::image::build(&crate::image::Args { out: None })?;

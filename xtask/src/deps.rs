@@ -102,10 +102,19 @@ pub const VM: [Package; 1] = [Package {
 }];
 
 /// The benchmarks' peers and load generators.
-pub const BENCH: [Package; 3] = [
+pub const BENCH: [Package; 5] = [
     Package {
         name: "nginx",
         provides: "/usr/sbin/nginx",
+    },
+    // The first-certificate race: Caddy against the same Pebble.
+    Package {
+        name: "caddy",
+        provides: "/usr/bin/caddy",
+    },
+    Package {
+        name: "pebble",
+        provides: "/usr/bin/pebble",
     },
     Package {
         name: "wrk",

@@ -1,5 +1,6 @@
 //! Bearer-token check: the token's SHA-256 against the configured hash, in
 //! constant time, so neither the token nor the hash leaks through timing.
+#![deny(clippy::disallowed_methods)]
 
 use http::HeaderMap;
 use http::header::AUTHORIZATION;

@@ -1,4 +1,5 @@
 //! Response bodies: JSON documents and NDJSON streams fed from a channel.
+#![deny(clippy::disallowed_methods)]
 
 use std::convert::Infallible;
 use std::pin::Pin;

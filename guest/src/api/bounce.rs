@@ -1,5 +1,6 @@
 //! `POST /v1/bounce`: rebuild the inner container; answers once the
 //! services are started again.
+#![deny(clippy::disallowed_methods)]
 
 use http::{Response, StatusCode};
 use tokio::sync::oneshot;

@@ -1,4 +1,5 @@
 //! API errors: a status, a stable code and a message, as JSON.
+#![deny(clippy::disallowed_methods)]
 
 use http::StatusCode;
 use serde::Serialize;

@@ -1,5 +1,6 @@
 //! `GET /v1/services/{name}/logs?last=N&since=MS&follow=true`: a service's
 //! log lines as NDJSON; with `follow`, the stream stays open with new lines.
+#![deny(clippy::disallowed_methods)]
 
 use http::{Response, StatusCode};
 use tokio::sync::broadcast::error::RecvError;

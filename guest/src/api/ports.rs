@@ -1,6 +1,7 @@
 //! `GET /v1/ports` and `GET /v1/ports/events`: the open ports, and an
 //! NDJSON stream that starts with every port open now (`ts_ms` 0) and goes
 //! on with each opening and closing as it happens.
+#![deny(clippy::disallowed_methods)]
 
 use http::{Response, StatusCode};
 use tokio::sync::broadcast::error::RecvError;

@@ -1,5 +1,6 @@
 //! `/v1/services…`: create, list, get, delete, start and stop user
 //! services.
+#![deny(clippy::disallowed_methods)]
 
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};

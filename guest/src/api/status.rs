@@ -1,5 +1,6 @@
 //! `GET /v1/status`: version, uptime, the container's state, the limits it
 //! runs under, how full the user's disk is and what became of each disk.
+#![deny(clippy::disallowed_methods)]
 
 use std::time::Instant;
 
@@ -31,6 +32,8 @@ struct Status<'a> {
     /// Each disk's state at boot: mounted, formatted, repaired, or refused
     /// (untouched, with the reason).
     disks: &'a [crate::disk::DiskReport],
+    /// The services' logs: how far they are on the disk, what was dropped.
+    logs: crate::logs::LogStats,
 }
 
 /// Space on a filesystem, in bytes.
@@ -64,6 +67,10 @@ const IMAGE_VERSION: &str = "/etc/nestbox/image-version";
 
 /// The image version, read once (the image never changes under a running
 /// VM: a new platform version is a new VM).
+#[allow(
+    clippy::disallowed_methods,
+    reason = "read once, on the blocking pool (see `get`)"
+)]
 fn image_version() -> Option<&'static str> {
     static VERSION: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     VERSION
@@ -80,8 +87,12 @@ pub(super) async fn get(p: &Parts, started: Instant) -> Response<Body> {
     let names = p.publisher.names();
     let user_dir = p.user_dir.clone();
     let inner = p.inner_cgroup.clone();
-    let (user_disk, usage) = tokio::task::spawn_blocking(move || {
-        (disk_usage(&user_dir), crate::resources::usage(&inner))
+    let (user_disk, usage, image) = tokio::task::spawn_blocking(move || {
+        (
+            disk_usage(&user_dir),
+            crate::resources::usage(&inner),
+            image_version(),
+        )
     })
     .await
     .unwrap_or_default();
@@ -89,7 +100,7 @@ pub(super) async fn get(p: &Parts, started: Instant) -> Response<Body> {
         StatusCode::OK,
         &Status {
             version: GUEST_VERSION,
-            image: image_version(),
+            image,
             api_version: API_VERSION,
             name: names.name.clone(),
             url: format!("https://{}/", names.vm_host()),
@@ -101,6 +112,7 @@ pub(super) async fn get(p: &Parts, started: Instant) -> Response<Body> {
             usage,
             user_disk,
             disks: &p.disks,
+            logs: p.logs.stats(),
         },
     )
 }

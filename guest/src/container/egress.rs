@@ -108,13 +108,22 @@ fn connect() -> Result<Handle, EgressError> {
     Ok(handle)
 }
 
-/// A netlink connection whose socket lives in the namespace at `netns`.
-fn connect_in(netns: &Path) -> Result<Handle, EgressError> {
+/// A netlink connection whose socket lives in the namespace at `netns`
+/// (made on a thread that entered it, waited for off the runtime thread).
+async fn connect_in(netns: &Path) -> Result<Handle, EgressError> {
     let runtime = tokio::runtime::Handle::current();
-    let made = crate::netns::run_in(Some(netns), move || {
-        let _entered = runtime.enter();
-        rtnetlink::new_connection()
+    let netns = netns.to_owned();
+    let made = tokio::task::spawn_blocking(move || {
+        crate::netns::run_in(Some(&netns), move || {
+            let _entered = runtime.enter();
+            rtnetlink::new_connection()
+        })
     })
+    .await
+    .map_err(|e| EgressError::Io {
+        what: "enter the container's network namespace",
+        source: std::io::Error::other(e.to_string()),
+    })?
     .map_err(|e| EgressError::Io {
         what: "enter the container's network namespace",
         source: std::io::Error::other(e.to_string()),
@@ -266,7 +275,7 @@ pub async fn set_up(
         .await
         .map_err(nl("route to the container"))?;
 
-    let inner = connect_in(netns)?;
+    let inner = connect_in(netns).await?;
     let eth0 = index_of(&inner, "eth0").await?.unwrap_or_default();
     inner
         .address()

@@ -483,14 +483,20 @@ impl Container {
     /// Starts `cmd` inside the container: its namespaces, its root, the
     /// container's cgroup `group` (made if new; the child is born in it),
     /// confined as [`Self::confinement`] says. The child is this process's
-    /// own.
+    /// own. The cgroup is made on the blocking pool and the child forked,
+    /// and waited for until its exec, by the container's own thread: the
+    /// caller's runtime thread only awaits.
     ///
     /// # Errors
     /// The spawn error, or why the container cannot take it.
-    pub fn spawn(&self, mut cmd: Spawn, group: &str) -> std::io::Result<Process> {
+    pub async fn spawn(&self, mut cmd: Spawn, group: &str) -> std::io::Result<Process> {
         cmd.confine(self.confinement());
-        let dir = group_dir(&self.leaf, group).map_err(std::io::Error::other)?;
-        let (tx, rx) = mpsc::channel();
+        let (leaf, group) = (self.leaf.clone(), group.to_owned());
+        let dir = tokio::task::spawn_blocking(move || group_dir(&leaf, &group))
+            .await
+            .map_err(std::io::Error::other)?
+            .map_err(std::io::Error::other)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
             let _ = tx.send(cmd.spawn(Some(dir.as_fd())));
         });
@@ -499,7 +505,7 @@ impl Container {
             .ok_or_else(|| std::io::Error::other("the container is stopping"))?
             .send(job)
             .map_err(|_| std::io::Error::other("the container's thread is gone"))?;
-        rx.recv()
+        rx.await
             .map_err(|_| std::io::Error::other("the container's thread dropped the request"))?
     }
 

@@ -4,13 +4,15 @@
 //! Files: `<state_dir>/services/<name>.json` holds a definition and whether
 //! it was stopped on request, written atomically (temporary file, fsync,
 //! rename, fsync of the directory) before the call that changed it returns.
+#![deny(clippy::disallowed_methods)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -18,10 +20,9 @@ use tokio::task::JoinHandle;
 use super::{Launcher, ServiceError, ServiceSpec, ServiceStatus, State, start_order};
 use crate::logs::{Logs, Stream};
 
-/// First wait before a restart, doubled per quick exit.
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// Longest wait before a restart.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The wait before a restart: 100 ms, doubled per quick exit, up to 30 s.
+const RESTART: nestbox_ingress::backoff::Backoff =
+    nestbox_ingress::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
 /// A run this long resets the backoff.
 const STEADY: Duration = Duration::from_secs(10);
 /// SIGTERM, then SIGKILL after this long.
@@ -60,6 +61,8 @@ struct Inner {
     entries: tokio::sync::Mutex<BTreeMap<String, Entry>>,
     /// A copy of the statuses for synchronous readers.
     view: Mutex<BTreeMap<String, View>>,
+    /// The port of the service that is the primary URL, if one is.
+    primary: watch::Sender<Option<u16>>,
 }
 
 /// The service manager; cheap to clone.
@@ -83,10 +86,21 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServiceError + '_ {
     }
 }
 
-fn backoff(quick_exits: u32) -> Duration {
-    FIRST_BACKOFF
-        .saturating_mul(1u32 << quick_exits.min(16))
-        .min(MAX_BACKOFF)
+/// Runs `op` on the definition file `path`, on the blocking pool (it
+/// fsyncs).
+async fn on_disk(
+    path: PathBuf,
+    op: impl FnOnce(&Path) -> Result<(), nestbox_durable::DurableError> + Send + 'static,
+) -> Result<(), ServiceError> {
+    let shown = path.clone();
+    let io = |source| ServiceError::Io {
+        path: shown.clone(),
+        source,
+    };
+    tokio::task::spawn_blocking(move || op(&path))
+        .await
+        .map_err(|e| io(std::io::Error::other(e)))?
+        .map_err(|e| io(e.into()))
 }
 
 impl Manager {
@@ -106,6 +120,10 @@ impl Manager {
     ///
     /// # Errors
     /// As [`Manager::open`].
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "at startup, before anything is served"
+    )]
     pub fn open_with(
         state_dir: &Path,
         logs: Logs,
@@ -158,6 +176,7 @@ impl Manager {
                 },
             );
         }
+        let primary = entries.values().find_map(|e| e.spec.http_port);
         Ok(Self {
             inner: Arc::new(Inner {
                 dir,
@@ -166,6 +185,7 @@ impl Manager {
                 grace,
                 up: AtomicBool::new(false),
                 entries: tokio::sync::Mutex::new(entries),
+                primary: watch::Sender::new(primary),
                 view: Mutex::new(view),
             }),
         })
@@ -183,22 +203,14 @@ impl Manager {
             stopped,
         })
         .expect("a definition serializes");
-        let path = self.file(&spec.name);
-        let file = path.clone();
-        tokio::task::spawn_blocking(move || nestbox_durable::write_atomic(&path, &bytes, 0o600))
-            .await
-            .map_err(|e| ServiceError::Io {
-                path: file.clone(),
-                source: std::io::Error::other(e),
-            })?
-            .map_err(|e| ServiceError::Io {
-                path: file,
-                source: e.into(),
-            })
+        on_disk(self.file(&spec.name), move |path| {
+            nestbox_durable::write_atomic(path, &bytes, 0o600)
+        })
+        .await
     }
 
-    fn status(spec: &ServiceSpec, live: &Mutex<Live>) -> ServiceStatus {
-        let l = live.lock().expect("service lock");
+    fn status(&self, spec: &ServiceSpec, live: &Mutex<Live>) -> ServiceStatus {
+        let l = live.lock();
         ServiceStatus {
             name: spec.name.clone(),
             spec: spec.clone(),
@@ -206,29 +218,37 @@ impl Manager {
             pid: l.pid,
             restarts: l.restarts,
             last_exit: l.last_exit.clone(),
+            logs_dropped: self.inner.logs.dropped(&spec.name),
         }
     }
 
     /// Every service.
     #[must_use]
     pub fn list(&self) -> Vec<ServiceStatus> {
-        let view = self.inner.view.lock().expect("view lock");
-        view.values().map(|(s, l)| Self::status(s, l)).collect()
+        let view = self.inner.view.lock();
+        view.values().map(|(s, l)| self.status(s, l)).collect()
     }
 
     /// One service.
     #[must_use]
     pub fn get(&self, name: &str) -> Option<ServiceStatus> {
-        let view = self.inner.view.lock().expect("view lock");
-        view.get(name).map(|(s, l)| Self::status(s, l))
+        let view = self.inner.view.lock();
+        view.get(name).map(|(s, l)| self.status(s, l))
     }
 
     /// The service that is the primary URL, and its port.
     #[must_use]
     pub fn primary(&self) -> Option<(String, u16)> {
-        let view = self.inner.view.lock().expect("view lock");
+        let view = self.inner.view.lock();
         view.values()
             .find_map(|(s, _)| s.http_port.map(|p| (s.name.clone(), p)))
+    }
+
+    /// The primary service's port now and at every change (a service with
+    /// an `http_port` created or deleted): the primary URL follows it.
+    #[must_use]
+    pub fn primary_changes(&self) -> watch::Receiver<Option<u16>> {
+        self.inner.primary.subscribe()
     }
 
     /// Registers `spec` (kept on disk before this returns) and starts it if
@@ -270,7 +290,6 @@ impl Manager {
         self.inner
             .view
             .lock()
-            .expect("view lock")
             .insert(spec.name.clone(), (spec.clone(), live.clone()));
         let mut entry = Entry {
             spec: spec.clone(),
@@ -282,7 +301,10 @@ impl Manager {
             self.launch(&mut entry);
         }
         entries.insert(spec.name.clone(), entry);
-        Ok(Self::status(&spec, &live))
+        if let Some(port) = spec.http_port {
+            self.inner.primary.send_replace(Some(port));
+        }
+        Ok(self.status(&spec, &live))
     }
 
     /// Stops `name` and forgets it, with its logs.
@@ -307,20 +329,12 @@ impl Manager {
         }
         let mut entry = entries.remove(name).expect("checked above");
         Self::halt(&mut entry).await;
-        let file = self.file(name);
-        let removed = file.clone();
-        tokio::task::spawn_blocking(move || nestbox_durable::remove(&removed))
-            .await
-            .map_err(|e| ServiceError::Io {
-                path: file.clone(),
-                source: std::io::Error::other(e),
-            })?
-            .map_err(|e| ServiceError::Io {
-                path: file,
-                source: e.into(),
-            })?;
-        self.inner.view.lock().expect("view lock").remove(name);
-        self.inner.logs.remove(name);
+        on_disk(self.file(name), nestbox_durable::remove).await?;
+        self.inner.view.lock().remove(name);
+        if entry.spec.http_port.is_some() {
+            self.inner.primary.send_replace(None);
+        }
+        self.inner.logs.remove(name).await;
         Ok(())
     }
 
@@ -337,8 +351,15 @@ impl Manager {
             self.persist(&entry.spec, false).await?;
             entry.stopped = false;
         }
-        if self.inner.up.load(Ordering::SeqCst) && entry.run.is_none() {
-            self.launch(entry);
+        if self.inner.up.load(Ordering::SeqCst) {
+            // A one-shot that has run is run again on request.
+            let exited = entry.live.lock().state == State::Exited;
+            if exited {
+                Self::halt(entry).await;
+            }
+            if entry.run.is_none() {
+                self.launch(entry);
+            }
         }
         Ok(())
     }
@@ -421,7 +442,7 @@ impl Manager {
 }
 
 fn set(live: &Mutex<Live>, state: State, pid: Option<u32>) {
-    let mut l = live.lock().expect("service lock");
+    let mut l = live.lock();
     l.state = state;
     l.pid = pid;
 }
@@ -473,10 +494,11 @@ async fn supervise(
     loop {
         set(&live, State::Starting, None);
         let started = tokio::time::Instant::now();
-        match inner.launcher.spawn(&spec) {
+        let succeeded = match inner.launcher.spawn(&spec).await {
             Err(err) => {
                 logs.record(&name, Stream::System, format!("cannot start: {err}"));
-                live.lock().expect("service lock").last_exit = Some(format!("not started: {err}"));
+                live.lock().last_exit = Some(format!("not started: {err}"));
+                false
             }
             Ok(mut child) => {
                 let pid = child.id();
@@ -500,21 +522,42 @@ async fn supervise(
                 for capture in [out, err].into_iter().flatten() {
                     let _ = tokio::time::timeout(Duration::from_secs(2), capture).await;
                 }
+                let succeeded = matches!(&status, Ok(s) if s.success());
                 let text = match status {
                     Ok(s) => s.to_string(),
                     Err(e) => format!("wait failed: {e}"),
                 };
                 logs.record(&name, Stream::System, format!("exited: {text}"));
-                live.lock().expect("service lock").last_exit = Some(text);
+                live.lock().last_exit = Some(text);
+                succeeded
             }
-        }
+        };
         if *stop.borrow() {
             break;
+        }
+        if !spec.restart.again(succeeded) {
+            let why = if succeeded {
+                "it succeeded"
+            } else {
+                "it failed"
+            };
+            logs.record(
+                &name,
+                Stream::System,
+                format!(
+                    "not restarted: {why}, and its restart policy is {:?}",
+                    spec.restart
+                ),
+            );
+            set(&live, State::Exited, None);
+            // Waits for a stop (delete, stop, bounce) without running again.
+            stopped(&mut stop).await;
+            return set(&live, State::Stopped, None);
         }
         if started.elapsed() >= STEADY {
             quick_exits = 0;
         }
-        let wait = backoff(quick_exits);
+        let wait = RESTART.wait(quick_exits);
         quick_exits = quick_exits.saturating_add(1);
         set(&live, State::Backoff, None);
         logs.record(&name, Stream::System, format!("restarting in {wait:?}"));
@@ -522,12 +565,13 @@ async fn supervise(
             () = tokio::time::sleep(wait) => {}
             () = stopped(&mut stop) => break,
         }
-        live.lock().expect("service lock").restarts += 1;
+        live.lock().restarts += 1;
     }
     set(&live, State::Stopped, None);
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods, reason = "tests")]
 mod tests {
     use super::*;
     use crate::logs::LogLimits;
@@ -549,6 +593,7 @@ mod tests {
             dir: None,
             needs: needs.iter().map(|s| (*s).to_owned()).collect(),
             http_port: None,
+            restart: crate::services::Restart::Always,
         }
     }
 
@@ -653,6 +698,63 @@ mod tests {
         );
         m.delete("flaky").await.unwrap();
         assert!(m.get("flaky").is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn restart_policies_decide_what_runs_again() {
+        use crate::services::Restart;
+        let dir = temp("policy");
+        let count = |n: &str| {
+            std::fs::read_to_string(dir.join(n))
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
+        let m = manager(&dir, GRACE);
+        m.up().await;
+        let runs =
+            |n: &str, code: u8| format!("echo run >> {}; exit {code}", dir.join(n).display());
+        let mut once = sh("once", &runs("once", 0), &[]);
+        once.restart = Restart::Never;
+        let mut done = sh("done", &runs("done", 0), &[]);
+        done.restart = Restart::OnFailure;
+        let mut retry = sh("retry", &runs("retry", 1), &[]);
+        retry.restart = Restart::OnFailure;
+        let mut failed_once = sh("failed-once", &runs("failed-once", 2), &[]);
+        failed_once.restart = Restart::Never;
+        for s in [once, done, retry, failed_once] {
+            m.create(s).await.unwrap();
+        }
+        until("the failing one restarts", || count("retry") >= 2).await;
+        for name in ["once", "done", "failed-once"] {
+            until("exited", || m.get(name).unwrap().state == State::Exited).await;
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            (count("once"), count("done"), count("failed-once")),
+            (1, 1, 1),
+            "ran once each"
+        );
+        assert_eq!(m.get("once").unwrap().restarts, 0);
+        let lines = m.inner.logs.query("once", None, None).unwrap();
+        assert!(
+            lines.iter().any(|l| l.line.contains("not restarted")),
+            "{lines:?}"
+        );
+        // Started on request, a one-shot runs again.
+        m.start("once").await.unwrap();
+        until("ran twice", || count("once") == 2).await;
+        until("exited again", || {
+            m.get("once").unwrap().state == State::Exited
+        })
+        .await;
+        // A bounce runs it again too; down stops everything.
+        m.down().await;
+        assert!(m.list().iter().all(|s| s.state == State::Stopped));
+        m.up().await;
+        until("ran a third time", || count("once") == 3).await;
+        m.down().await;
         std::fs::remove_dir_all(dir).unwrap();
     }
 

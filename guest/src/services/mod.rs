@@ -3,6 +3,7 @@
 //! crash, stopped and started on request; their output goes to [`Logs`].
 //!
 //! [`Logs`]: crate::logs::Logs
+#![deny(clippy::disallowed_methods)]
 
 mod manager;
 mod spec;
@@ -14,17 +15,21 @@ use serde::Serialize;
 use crate::spawn::{Process, Spawn, Stdio};
 
 pub use manager::Manager;
-pub use spec::{ServiceSpec, start_order};
+pub use spec::{Restart, ServiceSpec, start_order};
+
+/// A started process, or why it did not start, some time later.
+pub type Spawning<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Process>> + Send + 'a>>;
 
 /// Starts a service's process; the real one runs it inside the inner
 /// container. The child must have stdout and stderr piped and lead its own
-/// process group.
+/// process group. Starting waits for the child's exec (or its report of
+/// why it could not), which is never done on the runtime thread: that
+/// thread serves HTTPS and the API, and the exec of a large program takes
+/// a while.
 pub trait Launcher: Send + Sync + 'static {
     /// Starts `spec`'s process.
-    ///
-    /// # Errors
-    /// Why it could not start.
-    fn spawn(&self, spec: &ServiceSpec) -> std::io::Result<Process>;
+    fn spawn<'a>(&'a self, spec: &'a ServiceSpec) -> Spawning<'a>;
 }
 
 /// The command for `spec`: its program, arguments, environment (only its
@@ -49,8 +54,13 @@ pub fn command(spec: &ServiceSpec) -> Spawn {
 pub struct HostLauncher;
 
 impl Launcher for HostLauncher {
-    fn spawn(&self, spec: &ServiceSpec) -> std::io::Result<Process> {
-        command(spec).spawn(None)
+    fn spawn<'a>(&'a self, spec: &'a ServiceSpec) -> Spawning<'a> {
+        let cmd = command(spec);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || cmd.spawn(None))
+                .await
+                .map_err(std::io::Error::other)?
+        })
     }
 }
 
@@ -66,6 +76,9 @@ pub enum State {
     Backoff,
     /// Not running, on request (or the container is down).
     Stopped,
+    /// Its process ended and its restart policy does not start it again
+    /// (until the container is rebuilt, or it is started on request).
+    Exited,
 }
 
 /// A service as the API shows it.
@@ -83,6 +96,9 @@ pub struct ServiceStatus {
     pub restarts: u32,
     /// How its last run ended.
     pub last_exit: Option<String>,
+    /// Its log lines dropped since the guest started (over the rate, or
+    /// with the disk behind).
+    pub logs_dropped: u64,
 }
 
 /// Errors of the service manager.

@@ -32,6 +32,37 @@ pub struct ServiceSpec {
     /// (`https://<vm>.<domain>/`) goes to it.
     #[serde(default)]
     pub http_port: Option<u16>,
+    /// When it is started again after its process ends.
+    #[serde(default)]
+    pub restart: Restart,
+}
+
+/// When a service is started again after its process ends (with a backoff
+/// that grows while it keeps exiting quickly). Whatever the policy, every
+/// service not stopped on request starts again when the container is
+/// rebuilt (a bounce).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restart {
+    /// Always (a server).
+    #[default]
+    Always,
+    /// Only if it failed: a non-zero exit, a signal, or no start at all.
+    OnFailure,
+    /// Never: a one-shot task; it shows as `exited`.
+    Never,
+}
+
+impl Restart {
+    /// Whether a run that ended `successfully` is followed by another.
+    #[must_use]
+    pub fn again(self, successfully: bool) -> bool {
+        match self {
+            Self::Always => true,
+            Self::OnFailure => !successfully,
+            Self::Never => false,
+        }
+    }
 }
 
 fn invalid(field: &'static str, why: impl Into<String>) -> ServiceError {
@@ -127,7 +158,28 @@ mod tests {
             dir: None,
             needs: needs.iter().map(|s| (*s).to_owned()).collect(),
             http_port: None,
+            restart: Restart::Always,
         }
+    }
+
+    #[test]
+    fn restart_policies() {
+        let parsed: ServiceSpec =
+            serde_json::from_str(r#"{"name":"a","cmd":"b","restart":"on-failure"}"#).unwrap();
+        assert_eq!(parsed.restart, Restart::OnFailure);
+        let default: ServiceSpec = serde_json::from_str(r#"{"name":"a","cmd":"b"}"#).unwrap();
+        assert_eq!(
+            default.restart,
+            Restart::Always,
+            "as before policies existed"
+        );
+        assert!(
+            serde_json::from_str::<ServiceSpec>(r#"{"name":"a","cmd":"b","restart":"sometimes"}"#)
+                .is_err()
+        );
+        assert!(Restart::Always.again(true) && Restart::Always.again(false));
+        assert!(!Restart::OnFailure.again(true) && Restart::OnFailure.again(false));
+        assert!(!Restart::Never.again(true) && !Restart::Never.again(false));
     }
 
     #[test]

@@ -5,17 +5,27 @@
 //! When a certificate cannot be had (the CA is down, a challenge fails), the
 //! last good one keeps being served and the order is retried with
 //! exponential backoff and jitter; the reason is logged each time.
+//!
+//! Every request to the CA has a timeout (`request_timeout_ms`) and so has
+//! every order (`order_timeout_ms`), so one CA that accepts connections and
+//! never answers stops nothing else. Orders for different names run at once
+//! (`concurrent_orders`), and at most `orders_per_hour` start in any hour:
+//! a name over that budget waits for the next slot, and its plain-HTTP URL
+//! says so ([`Challenges::waiting`]).
+#![deny(clippy::disallowed_methods)]
 
+mod http;
 mod issue;
 pub mod store;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use rustls::sign::CertifiedKey;
 use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
 
 use crate::config::{AcmeConfig, ChallengeKind};
 use crate::server::Http01;
@@ -52,6 +62,17 @@ pub enum AcmeError {
     /// The TLS-ALPN-01 certificate could not be made.
     #[error("cannot make the TLS-ALPN-01 certificate: {0}")]
     AlpnCert(String),
+    /// The HTTP client for the CA could not be made.
+    #[error("the ACME client: {0}")]
+    Client(String),
+    /// The order took longer than `order_timeout_ms`.
+    #[error("the ACME order for {host} took longer than {after:?}")]
+    Timeout {
+        /// The hostname.
+        host: String,
+        /// The timeout.
+        after: Duration,
+    },
     /// The issued certificate could not be used.
     #[error("the issued certificate for {host} is unusable: {why}")]
     Unusable {
@@ -62,7 +83,8 @@ pub enum AcmeError {
     },
 }
 
-/// Where challenge answers are published for the listeners.
+/// What the manager publishes for the listeners: challenge answers, and
+/// the names waiting for the order budget.
 #[derive(Clone, Debug, Default)]
 pub struct Challenges {
     /// HTTP-01: token → key authorization (served on port 80).
@@ -70,16 +92,45 @@ pub struct Challenges {
     /// TLS-ALPN-01: hostname → challenge certificate (served on 443 to
     /// `acme-tls/1` handshakes).
     pub alpn: Arc<ArcSwap<HashMap<String, Arc<CertifiedKey>>>>,
+    /// Names with no certificate yet whose order waits for the hourly
+    /// budget → when the next slot frees.
+    pub waiting: Arc<ArcSwap<HashMap<String, SystemTime>>>,
+}
+
+/// The orders started in the last hour, against `orders_per_hour`.
+#[derive(Debug, Default)]
+struct Budget {
+    started: VecDeque<tokio::time::Instant>,
+}
+
+impl Budget {
+    const HOUR: Duration = Duration::from_hours(1);
+
+    /// Takes a slot at `now`, or says when the next one frees.
+    fn take(
+        &mut self,
+        per_hour: usize,
+        now: tokio::time::Instant,
+    ) -> Result<(), tokio::time::Instant> {
+        while self
+            .started
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Self::HOUR)
+        {
+            self.started.pop_front();
+        }
+        if self.started.len() < per_hour.max(1) {
+            self.started.push_back(now);
+            Ok(())
+        } else {
+            Err(self.started[0] + Self::HOUR)
+        }
+    }
 }
 
 /// Backoff after a failed order: 5 s doubling up to 1 h, with ±25 % jitter.
-#[must_use]
-pub fn backoff(failures: u32) -> Duration {
-    let base = 5u64.saturating_mul(1u64 << failures.min(10)).min(3600);
-    let jitter = rand::random_range(0.75..1.25);
-    // base <= 3600: exact in f64.
-    Duration::from_secs_f64(f64::from(u32::try_from(base).unwrap_or(3600)) * jitter)
-}
+pub const ORDER_BACKOFF: crate::backoff::Backoff =
+    crate::backoff::Backoff::new(Duration::from_secs(5), Duration::from_hours(1)).with_jitter(0.25);
 
 /// When a certificate valid from `not_before` to `not_after` is due for
 /// renewal: when a third of its lifetime remains.
@@ -98,6 +149,7 @@ pub struct Manager {
     challenges: Challenges,
     renew_now: Arc<Notify>,
     state: HashMap<String, HostState>,
+    budget: Budget,
 }
 
 impl std::fmt::Debug for Manager {
@@ -113,7 +165,14 @@ struct HostState {
     current: Option<Stored>,
     failures: u32,
     next_try: Option<tokio::time::Instant>,
+    /// An order for it is running.
+    ordering: bool,
+    /// It waits for the budget, until then.
+    waiting: Option<tokio::time::Instant>,
 }
+
+/// What an order task hands back.
+type Outcome = (String, Result<Stored, AcmeError>);
 
 impl Manager {
     /// A manager for the hostnames published on `hosts`, serving what it has
@@ -137,6 +196,7 @@ impl Manager {
             challenges,
             renew_now: Arc::new(Notify::new()),
             state: HashMap::new(),
+            budget: Budget::default(),
         };
         let hosts = manager.hosts.borrow().clone();
         for host in hosts {
@@ -179,60 +239,11 @@ impl Manager {
     /// Keeps every hostname's certificate valid, forever.
     pub async fn run(mut self) {
         let mut account = None;
+        let mut orders: JoinSet<Outcome> = JoinSet::new();
         loop {
-            let hosts = self.hosts.borrow_and_update().clone();
-            self.state.retain(|h, _| hosts.contains(h));
-            for host in &hosts {
-                if !self.state.contains_key(host) {
-                    let name = host.clone();
-                    let current = off_runtime(&self.store, move |st| st.load(&name))
-                        .await
-                        .ok()
-                        .flatten();
-                    self.state.insert(
-                        host.clone(),
-                        HostState {
-                            current,
-                            ..HostState::default()
-                        },
-                    );
-                    self.publish();
-                }
-            }
-            let now = tokio::time::Instant::now();
-            let mut next_wake = now + Duration::from_hours(1);
-            for host in &hosts {
-                let st = &self.state[host];
-                let due = match (&st.current, st.next_try) {
-                    (_, Some(retry)) => retry,
-                    (None, None) => now,
-                    (Some(stored), None) => {
-                        instant_of(renew_at(stored.not_before, stored.not_after))
-                    }
-                };
-                if due > now {
-                    next_wake = next_wake.min(due);
-                    continue;
-                }
-                let result = self.order(&mut account, host).await;
-                let st = self.state.get_mut(host).expect("host present");
-                match result {
-                    Ok(stored) => {
-                        tracing::info!(%host, not_after = ?stored.not_after, "certificate issued");
-                        st.current = Some(stored);
-                        st.failures = 0;
-                        st.next_try = None;
-                        self.publish();
-                    }
-                    Err(err) => {
-                        let wait = backoff(st.failures);
-                        st.failures += 1;
-                        st.next_try = Some(tokio::time::Instant::now() + wait);
-                        tracing::warn!(%host, %err, retry_in = ?wait, "could not obtain a certificate; serving the last good one");
-                        next_wake = next_wake.min(tokio::time::Instant::now() + wait);
-                    }
-                }
-            }
+            self.follow_hosts().await;
+            let next_wake = self.start_due(&mut account, &mut orders).await;
+            self.publish_waiting();
             tokio::select! {
                 () = tokio::time::sleep_until(next_wake) => {}
                 () = self.renew_now.notified() => {
@@ -241,21 +252,126 @@ impl Manager {
                     }
                 }
                 changed = self.hosts.changed() => if changed.is_err() { return },
+                Some(done) = orders.join_next(), if !orders.is_empty() => match done {
+                    Ok((host, result)) => self.finished(&host, result, &mut account).await,
+                    Err(err) => tracing::error!(%err, "an ACME order task failed"),
+                },
             }
         }
     }
 
-    async fn order(
+    /// Takes in the hostnames now wanted (with their stored certificates)
+    /// and forgets the others.
+    async fn follow_hosts(&mut self) {
+        let hosts = self.hosts.borrow_and_update().clone();
+        self.state.retain(|h, _| hosts.contains(h));
+        for host in &hosts {
+            if !self.state.contains_key(host) {
+                let name = host.clone();
+                let current = off_runtime(&self.store, move |st| st.load(&name))
+                    .await
+                    .ok()
+                    .flatten();
+                self.state.insert(
+                    host.clone(),
+                    HostState {
+                        current,
+                        ..HostState::default()
+                    },
+                );
+                self.publish();
+            }
+        }
+    }
+
+    /// When `st` is due for an order.
+    fn due(st: &HostState, now: tokio::time::Instant) -> tokio::time::Instant {
+        match (&st.current, st.next_try) {
+            (_, Some(retry)) => retry,
+            (None, None) => now,
+            (Some(stored), None) => instant_of(renew_at(stored.not_before, stored.not_after)),
+        }
+    }
+
+    /// Starts the orders that are due, as far as the concurrency and the
+    /// budget allow; returns when to look again.
+    async fn start_due(
         &mut self,
         account: &mut Option<instant_acme::Account>,
-        host: &str,
-    ) -> Result<Stored, AcmeError> {
-        if account.is_none() {
-            *account = Some(issue::account(&self.config, &self.store).await?);
+        orders: &mut JoinSet<Outcome>,
+    ) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let mut next_wake = now + Duration::from_hours(1);
+        let mut due: Vec<(tokio::time::Instant, String)> = self
+            .state
+            .iter()
+            .filter(|(_, st)| !st.ordering)
+            .map(|(h, st)| (Self::due(st, now), h.clone()))
+            .collect();
+        // Names without a certificate first, then the most overdue.
+        due.sort_by_key(|(at, host)| (self.state[host].current.is_some(), *at));
+        for (at, host) in due {
+            if at > now {
+                next_wake = next_wake.min(at);
+                continue;
+            }
+            if orders.len() >= self.config.concurrent_orders.max(1) {
+                // An order ending wakes the loop.
+                break;
+            }
+            if let Err(free) = self.budget.take(self.config.orders_per_hour, now) {
+                tracing::warn!(%host, "ACME order budget spent for this hour; waiting");
+                for st in self.state.values_mut().filter(|st| !st.ordering) {
+                    if Self::due(st, now) <= now {
+                        st.waiting = Some(free);
+                    }
+                }
+                next_wake = next_wake.min(free);
+                break;
+            }
+            if account.is_none() {
+                match issue::account(&self.config, &self.store).await {
+                    Ok(made) => *account = Some(made),
+                    Err(err) => {
+                        self.failed(&host, &err);
+                        continue;
+                    }
+                }
+            }
+            let st = self.state.get_mut(&host).expect("listed above");
+            st.ordering = true;
+            st.waiting = None;
+            orders.spawn(order(
+                account.clone().expect("made above"),
+                host,
+                self.config.challenge,
+                self.challenges.clone(),
+                self.store.clone(),
+                Duration::from_millis(self.config.order_timeout_ms),
+            ));
         }
-        let acct = account.as_ref().expect("just set");
-        let obtained = issue::obtain(acct, host, self.config.challenge, &self.challenges).await;
-        let (chain, key) = match obtained {
+        next_wake
+    }
+
+    /// An order ended.
+    async fn finished(
+        &mut self,
+        host: &str,
+        result: Result<Stored, AcmeError>,
+        account: &mut Option<instant_acme::Account>,
+    ) {
+        let Some(st) = self.state.get_mut(host) else {
+            return;
+        };
+        st.ordering = false;
+        match result {
+            Ok(stored) => {
+                tracing::info!(%host, not_after = ?stored.not_after, "certificate issued");
+                st.current = Some(stored);
+                st.failures = 0;
+                st.next_try = None;
+                self.publish();
+            }
             Err(AcmeError::Protocol(instant_acme::Error::Api(problem)))
                 if problem
                     .r#type
@@ -265,16 +381,74 @@ impl Manager {
                 // The CA forgot the account (a reset test CA, or a
                 // deactivated account): register anew, then order again.
                 tracing::warn!(directory = %self.config.directory, "the CA no longer knows our account; creating a new one");
-                off_runtime(&self.store, CertStore::forget_account).await?;
-                *account = Some(issue::account(&self.config, &self.store).await?);
-                let acct = account.as_ref().expect("just set");
-                issue::obtain(acct, host, self.config.challenge, &self.challenges).await?
+                if let Err(err) = off_runtime(&self.store, CertStore::forget_account).await {
+                    tracing::warn!(%err, "the old ACME account could not be removed");
+                }
+                *account = None;
+                st.next_try = Some(tokio::time::Instant::now());
             }
-            other => other?,
-        };
-        let name = host.to_owned();
-        Ok(off_runtime(&self.store, move |st| st.save(&name, &chain, &key)).await?)
+            Err(err) => self.failed(host, &err),
+        }
     }
+
+    /// Backs off `host` after `err`.
+    fn failed(&mut self, host: &str, err: &AcmeError) {
+        let Some(st) = self.state.get_mut(host) else {
+            return;
+        };
+        let wait = ORDER_BACKOFF.wait(st.failures);
+        st.failures += 1;
+        st.next_try = Some(tokio::time::Instant::now() + wait);
+        tracing::warn!(%host, %err, retry_in = ?wait, "could not obtain a certificate; serving the last good one");
+    }
+
+    /// Tells the listeners which names wait for the budget (and until
+    /// when).
+    fn publish_waiting(&self) {
+        let waiting: HashMap<String, SystemTime> = self
+            .state
+            .iter()
+            .filter(|(_, st)| st.current.is_none())
+            .filter_map(|(h, st)| {
+                let at = st.waiting?;
+                let left = at.saturating_duration_since(tokio::time::Instant::now());
+                Some((h.clone(), SystemTime::now() + left))
+            })
+            .collect();
+        if **self.challenges.waiting.load() != waiting {
+            self.challenges.waiting.store(Arc::new(waiting));
+        }
+    }
+}
+
+/// One order for `host`, within `within`, stored once issued.
+async fn order(
+    account: instant_acme::Account,
+    host: String,
+    kind: ChallengeKind,
+    challenges: Challenges,
+    store: CertStore,
+    within: Duration,
+) -> Outcome {
+    let obtained = tokio::time::timeout(
+        within,
+        issue::obtain(&account, &host, kind, &challenges, within),
+    )
+    .await;
+    let result = match obtained {
+        Err(_) => Err(AcmeError::Timeout {
+            host: host.clone(),
+            after: within,
+        }),
+        Ok(Err(err)) => Err(err),
+        Ok(Ok((chain, key))) => {
+            let name = host.clone();
+            off_runtime(&store, move |st| st.save(&name, &chain, &key))
+                .await
+                .map_err(AcmeError::from)
+        }
+    };
+    (host, result)
 }
 
 /// Runs a store operation (file I/O with fsync) off the runtime's workers.
@@ -307,11 +481,18 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_with_jitter_and_caps() {
-        for failures in 0..20 {
-            let d = backoff(failures).as_secs_f64();
-            let base = (5.0 * 2f64.powi(i32::try_from(failures.min(10)).unwrap())).min(3600.0);
-            assert!(d >= base * 0.75 && d <= base * 1.25, "{failures}: {d}");
+    fn the_budget_allows_so_many_orders_an_hour() {
+        let mut budget = Budget::default();
+        let t0 = tokio::time::Instant::now();
+        for i in 0..3 {
+            assert!(budget.take(3, t0 + Duration::from_secs(i)).is_ok());
         }
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(budget.take(3, later), Err(t0 + Budget::HOUR));
+        assert!(
+            budget.take(3, t0 + Budget::HOUR).is_ok(),
+            "the first slot freed"
+        );
+        assert!(budget.take(3, t0 + Budget::HOUR).is_err());
     }
 }

@@ -9,6 +9,10 @@
 //! temporary file, fsync, rename, fsync of the directory), with mode 0600.
 //! Stores written before keys and chains were kept together
 //! (`HOST.pem` + `HOST.key`) still load, with the same check.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "blocking by design: the manager calls the store through off_runtime"
+)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -265,17 +269,6 @@ impl CertStore {
             }
             _ => Ok(()),
         }
-    }
-
-    /// Writes an inline CA root (PEM) next to the account, for the ACME
-    /// client that reads its extra root from a file; returns the file.
-    ///
-    /// # Errors
-    /// [`StoreError`] if it cannot be written.
-    pub fn save_ca_root(&self, pem: &str) -> Result<PathBuf, StoreError> {
-        let path = self.dir.join("ca-root.pem");
-        write_atomic(&path, pem.as_bytes(), 0o644)?;
-        Ok(path)
     }
 
     /// Saves the ACME account (mode 0600).

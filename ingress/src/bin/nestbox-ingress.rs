@@ -1,4 +1,8 @@
 //! `nestbox-ingress`: the HTTPS reverse proxy of a nestbox VM, standalone.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "blocking calls are denied only in the modules that run on the runtime thread (see clippy.toml)"
+)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,12 +35,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    nestbox_ingress::logging::init("info");
     let Command::Serve { config: path } = Cli::parse().command;
     let config = match Config::load(&path) {
         Ok(c) => c,

@@ -9,7 +9,10 @@
 //! from the API call to the first 200 from `https://vm1.test/`; then the
 //! cost of the container's seccomp filter: a system call loop in the
 //! container (`nb-escape syscalls`), in this guest and in a second one
-//! started with `[container] seccomp = false`.
+//! started with `[container] seccomp = false`; then HTTPS latency through
+//! the ingress (a new TLS connection per request, `https://vm1.test/`)
+//! idle, and while one service logs 100,000 lines a second and another, a
+//! 100 MB binary, is started through the API every second.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -40,6 +43,12 @@ struct Args {
     /// Iterations of the system call loop (each run; five runs).
     #[arg(long, default_value_t = 2_000_000)]
     syscalls: u64,
+    /// HTTPS requests timed idle, and again under the log flood.
+    #[arg(long, default_value_t = 500)]
+    latency_requests: usize,
+    /// Lines a second the flooding service writes.
+    #[arg(long, default_value_t = 100_000)]
+    flood_lines: u64,
 }
 
 const VM_IP: &str = "10.203.1.2";
@@ -58,6 +67,16 @@ struct Results {
     getppid_ns: (f64, f64),
     /// ns per `socket` + `close`, with the filter and without.
     socket_close_ns: (f64, f64),
+    /// HTTPS request p50 / p99 (ms), idle.
+    https_idle_ms: (f64, f64),
+    /// The same while a service floods its log and a 100 MB binary starts
+    /// every second.
+    https_loaded_ms: (f64, f64),
+    /// Lines the flooding service's log took and dropped, a second.
+    flood_kept_per_s: f64,
+    flood_dropped_per_s: f64,
+    /// Starts of the 100 MB binary during the loaded measurement.
+    big_starts: usize,
 }
 
 fn kib(pid: u32, field: &str) -> u64 {
@@ -259,6 +278,19 @@ fn start(bin: &Path, extra: &str) -> Result<Vm> {
     let helper = rootfs.join("bin/nb-escape");
     std::fs::copy(nestbox_tests::vms::NB_ESCAPE, &helper)?;
     std::os::unix::fs::lchown(&helper, Some(100_000), Some(100_000))?;
+    // A 100 MB program: the helper with 100 MB of data after it (an ELF
+    // file's loader ignores what follows its segments).
+    let big = rootfs.join("bin/nb-big");
+    {
+        let mut f = std::fs::File::create(&big)?;
+        f.write_all(&std::fs::read(nestbox_tests::vms::NB_ESCAPE)?)?;
+        let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        for _ in 0..100 {
+            f.write_all(&chunk)?;
+        }
+    }
+    std::fs::set_permissions(&big, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    std::os::unix::fs::lchown(&big, Some(100_000), Some(100_000))?;
     user_disk(&dir)?;
     let config = write_config(&dir, extra)?;
     let sandbox = Sandbox::new("benchvm")?;
@@ -371,6 +403,8 @@ fn main() -> Result<()> {
     }
     let mut sorted = bounce_ms.clone();
     sorted.sort_by(f64::total_cmp);
+    eprintln!("HTTPS latency idle, then under a log flood and a 100 MB binary's starts …");
+    let load = latency_under_load(&vm, &tls, &args)?;
     let log = std::fs::read_to_string(vm.dir.join("guest.log")).unwrap_or_default();
     eprintln!("system calls in the container, with the seccomp filter …");
     let with = syscall_costs(&vm, args.syscalls)?;
@@ -389,6 +423,11 @@ fn main() -> Result<()> {
         bounce_ms,
         getppid_ns: (with.0, without_costs.0),
         socket_close_ns: (with.1, without_costs.1),
+        https_idle_ms: load.idle,
+        https_loaded_ms: load.loaded,
+        flood_kept_per_s: load.kept_per_s,
+        flood_dropped_per_s: load.dropped_per_s,
+        big_starts: load.big_starts,
     };
     print_table(&results, args.bounces, &log);
     if let Some(path) = &args.json {
@@ -399,6 +438,89 @@ fn main() -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
     }
     Ok(())
+}
+
+struct Load {
+    idle: (f64, f64),
+    loaded: (f64, f64),
+    kept_per_s: f64,
+    dropped_per_s: f64,
+    big_starts: usize,
+}
+
+/// p50 and p99 (ms) of `n` HTTPS requests, each on a new connection.
+fn https_latency(tls: &Arc<rustls::ClientConfig>, n: usize) -> Result<(f64, f64)> {
+    let mut ms = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        if get(tls, "vm1.test") != Some(200) {
+            bail!("https://vm1.test/ did not answer 200");
+        }
+        ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok((percentile(&ms, 0.5), percentile(&ms, 0.99)))
+}
+
+/// The `logs` object of the guest's status.
+fn log_stats(vm: &Vm) -> Result<serde_json::Value> {
+    let status: serde_json::Value = serde_json::from_str(&vm.api("GET", "/v1/status", None)?)?;
+    Ok(status["logs"].clone())
+}
+
+fn latency_under_load(vm: &Vm, tls: &Arc<rustls::ClientConfig>, args: &Args) -> Result<Load> {
+    let idle = https_latency(tls, args.latency_requests)?;
+    vm.api(
+        "POST",
+        "/v1/services",
+        Some(&format!(
+            r#"{{"name": "flood", "cmd": "/bin/nb-escape", "args": ["lines", "{}"]}}"#,
+            args.flood_lines
+        )),
+    )?;
+    vm.api(
+        "POST",
+        "/v1/services",
+        Some(r#"{"name": "big", "cmd": "/bin/nb-big", "args": ["exit"], "restart": "never"}"#),
+    )?;
+    // The flood settles.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = (log_stats(vm)?, Instant::now());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (loaded, big_starts) = std::thread::scope(|s| -> Result<((f64, f64), usize)> {
+        let starter = s.spawn(|| {
+            let mut starts = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if vm.api("POST", "/v1/services/big/start", None).is_ok() {
+                    starts += 1;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            starts
+        });
+        let loaded = https_latency(tls, args.latency_requests);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let starts = starter.join().expect("the starter thread");
+        Ok((loaded?, starts))
+    })?;
+    let after = (log_stats(vm)?, Instant::now());
+    let secs = after.1.duration_since(before.1).as_secs_f64();
+    let count = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or_default();
+    #[expect(clippy::cast_precision_loss, reason = "line counts far below 2^52")]
+    let per_s = |k: &str| (count(&after.0, k) - count(&before.0, k)) as f64 / secs;
+    let kept_per_s = per_s("last_seq");
+    let dropped_per_s = per_s("dropped");
+    for name in ["flood", "big"] {
+        vm.api("DELETE", &format!("/v1/services/{name}"), None)?;
+    }
+    Ok(Load {
+        idle,
+        loaded,
+        kept_per_s,
+        dropped_per_s,
+        big_starts,
+    })
 }
 
 /// The results as the README's table.
@@ -441,6 +563,20 @@ fn print_table(results: &Results, bounces: usize, log: &str) {
         results.socket_close_ns.0,
         results.socket_close_ns.1,
         overhead(results.socket_close_ns)
+    );
+    println!(
+        "| HTTPS request (new TLS connection), idle, p50 / p99 | {:.2} / {:.2} ms | |",
+        results.https_idle_ms.0, results.https_idle_ms.1
+    );
+    println!(
+        "| the same, one service logging and a 100 MB binary started every second, p50 / p99 | {:.2} / {:.2} ms ({:.2}× idle p99) | ≤ 2× |",
+        results.https_loaded_ms.0,
+        results.https_loaded_ms.1,
+        results.https_loaded_ms.1 / results.https_idle_ms.1
+    );
+    println!(
+        "| (the flooding service's lines: kept / dropped by its rate limit, a second; starts of the big binary) | {:.0} / {:.0}; {} | |",
+        results.flood_kept_per_s, results.flood_dropped_per_s, results.big_starts
     );
 }
 

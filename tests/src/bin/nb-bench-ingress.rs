@@ -15,10 +15,17 @@
 //! Rows: keep-alive HTTP/1.1 req/s and p50/p99 latency (wrk), HTTP/2 req/s
 //! (h2load), new TLS connections per second (wrk with `Connection: close`),
 //! and each proxy's peak RSS (`VmHWM`, summed over nginx's processes).
+//!
+//! Then the first certificate: nestbox-ingress and Caddy, each started with
+//! an empty state directory against a freshly started Pebble
+//! (`PEBBLE_VA_NOSLEEP`, HTTP-01 on 127.0.0.1:80), timed from the spawn to
+//! the first HTTPS answer that verifies against Pebble's root; the median
+//! of `--cert-runs` each, alternating.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -35,6 +42,15 @@ struct Args {
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The nestbox-ingress binary to measure (default: beside this one).
+    #[arg(long)]
+    ingress: Option<PathBuf>,
+    /// First-certificate runs per proxy (0: skip that part).
+    #[arg(long, default_value_t = 5)]
+    cert_runs: usize,
+    /// Only the first-certificate part.
+    #[arg(long)]
+    cert_only: bool,
 }
 
 const BACKEND: &str = "127.0.0.1:18090";
@@ -107,6 +123,162 @@ impl Drop for Proxy {
     }
 }
 
+/// Pebble's issuing root, fetched after every restart (it changes).
+fn client_config(root: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &std::fs::read(root)?[..]) {
+        roots.add(cert?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// One HTTPS GET of `/hello` on 127.0.0.1:443 as `host`: whether it
+/// verified and answered 200.
+fn https_ok(config: &Arc<rustls::ClientConfig>, host: &'static str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(tcp) = std::net::TcpStream::connect(("127.0.0.1", 443)) else {
+        return false;
+    };
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(2)));
+    let Ok(conn) = rustls::ClientConnection::new(config.clone(), host.try_into().expect("a name"))
+    else {
+        return false;
+    };
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let request = format!("GET /hello HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    if tls.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    tls.read_exact(&mut head).is_ok() && &head[9..12] == b"200"
+}
+
+/// Spawns `start`, then polls until `host` answers over HTTPS with a
+/// certificate from `root`; the time from the spawn.
+fn first_certificate(
+    root: &Path,
+    host: &'static str,
+    start: impl FnOnce() -> Result<Child>,
+) -> Result<Duration> {
+    let config = client_config(root)?;
+    let t0 = Instant::now();
+    let mut child = start()?;
+    let deadline = t0 + Duration::from_mins(1);
+    let took = loop {
+        if https_ok(&config, host) {
+            break t0.elapsed();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("{host}: no valid HTTPS answer within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    Ok(took)
+}
+
+/// The first-certificate race; returns (nestbox, caddy) in ms, each run.
+fn certificate_race(dir: &Path, ingress: &Path, runs: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    const HOST: &str = "bench.test";
+    for port in [80, 443, 14000, 15000, 8053, 8055] {
+        ensure_free(port)?;
+    }
+    let mut pebble =
+        nestbox_tests::pebble::Pebble::start(&dir.join("pebble"), "127.0.0.1", "127.0.0.1", 8053)?;
+    let ca = pebble.listener_ca();
+    let (mut ours, mut caddy) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        for name in if run % 2 == 0 {
+            ["nestbox", "caddy"]
+        } else {
+            ["caddy", "nestbox"]
+        } {
+            // Fresh state on both sides.
+            pebble.stop()?;
+            pebble.resume()?;
+            let root = pebble.issuing_root()?;
+            let state = dir.join(format!("cert-{name}-{run}"));
+            std::fs::create_dir_all(&state)?;
+            let took = if name == "nestbox" {
+                let config = state.join("ingress.toml");
+                std::fs::write(
+                    &config,
+                    format!(
+                        "https = \"127.0.0.1:443\"\nhttp = \"127.0.0.1:80\"\n\
+                         [acme]\ndirectory = \"https://127.0.0.1:14000/dir\"\nca_root = \"{}\"\n\
+                         state_dir = \"{}\"\nchallenge = \"http-01\"\n\
+                         [[route]]\nhost = \"{HOST}\"\nbackend = \"{BACKEND}\"\n",
+                        ca.display(),
+                        state.join("acme").display()
+                    ),
+                )?;
+                let log = std::fs::File::create(state.join("ingress.log"))?;
+                first_certificate(&root, HOST, || {
+                    Command::new(ingress)
+                        .args(["serve", "--config"])
+                        .arg(&config)
+                        .env("RUST_LOG", "warn")
+                        .stderr(log)
+                        .spawn()
+                        .context("start nestbox-ingress")
+                })?
+            } else {
+                let config = state.join("Caddyfile");
+                std::fs::write(
+                    &config,
+                    format!(
+                        "{{\n  admin off\n  http_port 80\n  https_port 443\n  skip_install_trust\n  \
+                         acme_ca https://127.0.0.1:14000/dir\n  acme_ca_root {}\n  \
+                         storage file_system {}\n}}\n\
+                         {HOST} {{\n  bind 127.0.0.1\n  reverse_proxy {BACKEND}\n}}\n",
+                        ca.display(),
+                        state.join("caddy").display()
+                    ),
+                )?;
+                let log = std::fs::File::create(state.join("caddy.log"))?;
+                first_certificate(&root, HOST, || {
+                    Command::new("caddy")
+                        .args(["run", "--adapter", "caddyfile", "--config"])
+                        .arg(&config)
+                        .env("HOME", &state)
+                        .env("XDG_DATA_HOME", state.join("data"))
+                        .env("XDG_CONFIG_HOME", state.join("config"))
+                        .stdout(Stdio::null())
+                        .stderr(log)
+                        .spawn()
+                        .context("start caddy")
+                })?
+            };
+            eprintln!(
+                "  first certificate, {name}: {:.0} ms",
+                took.as_secs_f64() * 1000.0
+            );
+            if name == "nestbox" {
+                ours.push(took.as_secs_f64() * 1000.0);
+            } else {
+                caddy.push(took.as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    Ok((ours, caddy))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn start_nestbox(dir: &Path, bin: &Path) -> Result<Proxy> {
     let config = dir.join("ingress.toml");
     std::fs::write(
@@ -119,7 +291,7 @@ fn start_nestbox(dir: &Path, bin: &Path) -> Result<Proxy> {
             dir.display()
         ),
     )?;
-    let child = pinned(0, bin.join("nestbox-ingress"))
+    let child = pinned(0, bin)
         .args(["serve", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn")
@@ -393,6 +565,7 @@ fn main() -> Result<()> {
         ("nginx", "nginx"),
         ("wrk", "wrk"),
         ("h2load", "nghttp2-client"),
+        ("caddy", "caddy"),
     ] {
         require(tool, package);
     }
@@ -400,6 +573,11 @@ fn main() -> Result<()> {
         .parent()
         .context("binary dir")?
         .to_owned();
+    let ingress = args
+        .ingress
+        .clone()
+        .unwrap_or_else(|| bin.join("nestbox-ingress"));
+    eprintln!("nestbox-ingress: {}", ingress.display());
     let dir = std::env::temp_dir().join(format!("nestbox-bench-ingress-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     write_cert(&dir)?;
@@ -414,14 +592,16 @@ fn main() -> Result<()> {
     wait_port(18090)?;
 
     let mut results: Vec<(usize, &'static str, Figures)> = Vec::new();
-    for (round, order) in [["nestbox", "nginx"], ["nginx", "nestbox"]]
-        .iter()
-        .enumerate()
-    {
+    let rounds: &[[&str; 2]] = if args.cert_only {
+        &[]
+    } else {
+        &[["nestbox", "nginx"], ["nginx", "nestbox"]]
+    };
+    for (round, order) in rounds.iter().enumerate() {
         for name in order {
             eprintln!("round {}: {name}…", round + 1);
             let proxy = if *name == "nestbox" {
-                start_nestbox(&dir, &bin)?
+                start_nestbox(&dir, &ingress)?
             } else {
                 start_nginx(&dir)?
             };
@@ -429,18 +609,35 @@ fn main() -> Result<()> {
             results.push((round + 1, proxy.name, figures));
         }
     }
+    let race = if args.cert_runs > 0 {
+        eprintln!("the first certificate, against a fresh Pebble…");
+        Some(certificate_race(&dir, &ingress, args.cert_runs)?)
+    } else {
+        None
+    };
     let _ = backend.kill();
     let _ = backend.wait();
 
-    let table = report(&results);
-    println!("\n{table}");
+    if !results.is_empty() {
+        println!("\n{}", report(&results));
+    }
+    if let Some((ours, caddy)) = &race {
+        let (a, b) = (median(ours), median(caddy));
+        println!(
+            "first certificate (spawn → first verified HTTPS answer), median of {}: \
+             nestbox {a:.0} ms, Caddy {b:.0} ms → {:.2}× Caddy's time (target ≤ 0.50×)",
+            ours.len(),
+            a / b
+        );
+    }
     if let Some(path) = &args.json {
-        let doc: Vec<serde_json::Value> = results
-            .iter()
-            .map(
-                |(round, name, f)| serde_json::json!({"round": round, "proxy": name, "figures": f}),
-            )
-            .collect();
+        let doc = serde_json::json!({
+            "runs": results
+                .iter()
+                .map(|(round, name, f)| serde_json::json!({"round": round, "proxy": name, "figures": f}))
+                .collect::<Vec<_>>(),
+            "first_certificate_ms": race.as_ref().map(|(ours, caddy)| serde_json::json!({"nestbox": ours, "caddy": caddy})),
+        });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
     }
     std::fs::remove_dir_all(&dir)?;

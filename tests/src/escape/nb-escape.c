@@ -6,9 +6,11 @@
  * allow-listed address and the container fetches it with wget, as a user
  * would bring a tool in.
  *
- * Besides the attempts, two modes for the resource tests and benchmarks:
- * `serve PORT` (a web app that never forks) and `syscalls N` (the cost of a
- * system call, with or without the container's seccomp filter).
+ * Besides the attempts, modes for the resource tests and benchmarks:
+ * `serve PORT` (a web app that never forks), `syscalls N` (the cost of a
+ * system call, with or without the container's seccomp filter), `lines
+ * RATE` (writes RATE numbered log lines a second to stdout, for ever) and
+ * `exit` (exits at once: a program to start, for the spawn benchmark).
  *
  * Each attempt prints one line:
  *   RESULT <attempt> blocked <errno name>   the kernel said no
@@ -274,10 +276,44 @@ static int syscalls(long n)
 	return 0;
 }
 
+/*
+ * `lines RATE`: RATE lines a second, written in a batch every 10 ms (one
+ * write of many lines, as a busy server's logger does).
+ */
+static int lines(long rate)
+{
+	static char buf[1 << 20];
+	long per_tick = rate / 100 > 0 ? rate / 100 : 1;
+	unsigned long n = 0;
+	double next = now_ns();
+	for (;;) {
+		size_t len = 0;
+		for (long i = 0; i < per_tick && len < sizeof buf - 128; i++)
+			len += (size_t)snprintf(buf + len, sizeof buf - len,
+						"line %lu of a service that logs a lot\n", ++n);
+		for (size_t off = 0; off < len;) {
+			ssize_t w = write(1, buf + off, len - off);
+			if (w <= 0)
+				return 1;
+			off += (size_t)w;
+		}
+		next += 10e6;
+		double wait = next - now_ns();
+		if (wait > 0) {
+			struct timespec ts = { .tv_sec = 0, .tv_nsec = (long)wait };
+			nanosleep(&ts, NULL);
+		}
+	}
+}
+
 int main(int argc, char **argv)
 {
-	setvbuf(stdout, NULL, _IOLBF, 0);
 	const char *what = argc > 1 ? argv[1] : "all";
+	if (!strcmp(what, "lines"))
+		return lines(argc > 2 ? atol(argv[2]) : 100000);
+	if (!strcmp(what, "exit"))
+		return 0;
+	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (!strcmp(what, "serve"))
 		return serve(argc > 2 ? atoi(argv[2]) : 8080);
 	if (!strcmp(what, "syscalls"))
