@@ -178,6 +178,18 @@ impl Env {
         }
     }
 
+    /// Bounces the container and waits until both of WEB's URLs serve.
+    fn bounce_and_wait(&self) {
+        let out = self.api("POST", "/v1/bounce", None);
+        assert!(
+            out.status.success() && body(&out).contains("running"),
+            "{}",
+            body(&out)
+        );
+        self.wait_body("vm1.test", "/", "hello from the inner container\n");
+        self.wait_body("8080.vm1.test", "/", "hello from the inner container\n");
+    }
+
     fn create_service(&self, json: &str) {
         let out = self.api("POST", "/v1/services", Some(json));
         assert!(
@@ -302,14 +314,7 @@ fn bounce_brings_every_url_back_without_restarting_the_root_namespace() {
     env.create_service(WEB);
     env.wait_body("vm1.test", "/", "hello from the inner container\n");
     let guest_pid = env.guest.as_ref().unwrap().id();
-    let out = env.api("POST", "/v1/bounce", None);
-    assert!(
-        out.status.success() && body(&out).contains("running"),
-        "{}",
-        body(&out)
-    );
-    env.wait_body("vm1.test", "/", "hello from the inner container\n");
-    env.wait_body("8080.vm1.test", "/", "hello from the inner container\n");
+    env.bounce_and_wait();
     let services = body(&env.api("GET", "/v1/services", None));
     assert!(services.contains("\"web\""), "{services}");
     // The guest is the same process.
@@ -561,16 +566,7 @@ fn a_hundred_bounces_with_traffic_leak_no_socket_thread_or_namespace() {
     env.create_service(WEB);
     env.wait_body("vm1.test", "/", "hello from the inner container\n");
     let pid = env.guest.as_ref().unwrap().id();
-    let bounce = || {
-        let out = env.api("POST", "/v1/bounce", None);
-        assert!(
-            out.status.success() && body(&out).contains("running"),
-            "{}",
-            body(&out)
-        );
-        env.wait_body("vm1.test", "/", "hello from the inner container\n");
-        env.wait_body("8080.vm1.test", "/", "hello from the inner container\n");
-    };
+    let bounce = || env.bounce_and_wait();
     // One round first: what a serving guest holds after a bounce, once
     // the old container's remains are freed (two quiet seconds).
     bounce();

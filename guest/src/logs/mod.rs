@@ -28,11 +28,17 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::broadcast;
 
 /// Longest line kept whole; longer ones are split.
 const MAX_LINE: usize = 64 * 1024;
+
+/// A line without its line end (`\n` or `\r\n`).
+fn trim_line(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
 
 /// Errors of the log store.
 #[derive(Debug, thiserror::Error)]
@@ -294,7 +300,20 @@ impl Logs {
     /// Records one line now: in the tail, to followers, and to the writer
     /// thread for the disk. Never blocks: a line over the service's rate,
     /// or with the writer's queue full, is dropped and counted.
-    pub fn record(&self, service: &str, stream: Stream, line: String) {
+    pub fn record(&self, service: &str, stream: Stream, line: impl AsRef<str>) {
+        self.record_lines(service, stream, std::iter::once(line.as_ref().as_bytes()));
+    }
+
+    /// Records several lines (bytes, lossily made UTF-8 once kept) with
+    /// one lock and one look-up: what a chatty service's capture does with
+    /// each chunk it reads. A line over the rate is dropped before it
+    /// costs an allocation.
+    pub fn record_lines<'a>(
+        &self,
+        service: &str,
+        stream: Stream,
+        lines: impl IntoIterator<Item = &'a [u8]>,
+    ) {
         if check_name(service).is_err() {
             return;
         }
@@ -306,22 +325,26 @@ impl Logs {
             writer,
         } = &mut *services;
         let svc = service_state(by_name, service, limits);
-        let over_rate = stream != Stream::System && !svc.bucket.take(limits, Instant::now());
-        let queue_full = self.inner.shared.queued.load(Ordering::Relaxed) >= limits.queue_lines;
-        if over_rate || queue_full {
-            svc.dropped += 1;
-            svc.unreported += 1;
-            return;
+        let now = Instant::now();
+        for line in lines {
+            let over_rate = stream != Stream::System && !svc.bucket.take(limits, now);
+            let queue_full = self.inner.shared.queued.load(Ordering::Relaxed) >= limits.queue_lines;
+            if over_rate || queue_full {
+                svc.dropped += 1;
+                svc.unreported += 1;
+                continue;
+            }
+            if svc.unreported > 0 {
+                let dropped = std::mem::take(&mut svc.unreported);
+                let why = format!(
+                    "{dropped} lines dropped: over {} lines/s, or the disk fell behind",
+                    limits.rate_lines_per_s
+                );
+                self.push(svc, next_seq, writer, Stream::System, why);
+            }
+            let text = String::from_utf8_lossy(line).into_owned();
+            self.push(svc, next_seq, writer, stream, text);
         }
-        if svc.unreported > 0 {
-            let dropped = std::mem::take(&mut svc.unreported);
-            let why = format!(
-                "{dropped} lines dropped: over {} lines/s, or the disk fell behind",
-                limits.rate_lines_per_s
-            );
-            self.push(svc, next_seq, writer, Stream::System, why);
-        }
-        self.push(svc, next_seq, writer, stream, line);
     }
 
     /// Numbers, queues, keeps and sends one line.
@@ -426,7 +449,10 @@ impl Logs {
             .map_or(0, |s| s.dropped)
     }
 
-    /// Reads `reader` line by line into `service`'s log until it ends.
+    /// Reads `reader` into `service`'s log until it ends: in chunks of up
+    /// to 64 KiB, each chunk's complete lines recorded together
+    /// ([`Logs::record_lines`]); a line longer than 64 KiB is split, and a
+    /// last line without its newline is kept.
     pub fn capture(
         &self,
         service: &str,
@@ -435,31 +461,40 @@ impl Logs {
     ) -> tokio::task::JoinHandle<()> {
         let (logs, service) = (self.clone(), service.to_owned());
         tokio::spawn(async move {
-            let mut reader = BufReader::new(reader);
-            let mut buf = Vec::new();
+            let mut reader = reader;
+            let mut buf: Vec<u8> = Vec::with_capacity(MAX_LINE);
             loop {
-                buf.clear();
-                let n = match (&mut reader)
-                    .take(MAX_LINE as u64)
-                    .read_until(b'\n', &mut buf)
-                    .await
-                {
+                if buf.len() == buf.capacity() {
+                    buf.reserve(MAX_LINE);
+                }
+                let n = match reader.read_buf(&mut buf).await {
                     Ok(n) => n,
                     Err(err) => {
                         tracing::debug!(%err, service, "log capture ended");
-                        return;
+                        0
                     }
                 };
                 if n == 0 {
+                    if !buf.is_empty() {
+                        logs.record_lines(&service, stream, [trim_line(&buf)]);
+                    }
                     return;
                 }
-                if buf.last() == Some(&b'\n') {
-                    buf.pop();
-                    if buf.last() == Some(&b'\r') {
-                        buf.pop();
-                    }
-                }
-                logs.record(&service, stream, String::from_utf8_lossy(&buf).into_owned());
+                let end = match buf.iter().rposition(|&b| b == b'\n') {
+                    Some(i) => i + 1,
+                    // No newline in a full line's worth: it is split here.
+                    None if buf.len() >= MAX_LINE => buf.len(),
+                    None => continue,
+                };
+                logs.record_lines(
+                    &service,
+                    stream,
+                    buf[..end]
+                        .split_inclusive(|&b| b == b'\n')
+                        .flat_map(|l| l.chunks(MAX_LINE))
+                        .map(trim_line),
+                );
+                buf.drain(..end);
             }
         })
     }
@@ -617,7 +652,7 @@ mod tests {
         for i in 0..10 {
             logs.record("a", Stream::Stdout, format!("{i}"));
         }
-        logs.record("b", Stream::Stdout, "b".into());
+        logs.record("b", Stream::Stdout, "b");
         let stats = logs.stats();
         assert_eq!(stats.last_seq, 11);
         // Synced within the cadence, with nobody asking.
@@ -635,7 +670,7 @@ mod tests {
         assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
         drop(logs);
         let again = Logs::open(&dir, limits).unwrap();
-        again.record("a", Stream::Stdout, "after".into());
+        again.record("a", Stream::Stdout, "after");
         again.sync().await.unwrap();
         assert_eq!(again.synced_seq(), 12, "numbers go on after a restart");
         assert_eq!(again.query("a", Some(1), None).unwrap()[0].seq, 12);
@@ -655,7 +690,7 @@ mod tests {
             logs.record("noisy", Stream::Stdout, format!("{i}"));
         }
         // System lines are never dropped.
-        logs.record("noisy", Stream::System, "exited".into());
+        logs.record("noisy", Stream::System, "exited");
         let kept = logs.query("noisy", None, None).unwrap();
         let out = kept.iter().filter(|l| l.stream == Stream::Stdout).count();
         assert!((50..60).contains(&out), "the burst and little more: {out}");
@@ -672,7 +707,7 @@ mod tests {
         );
         assert_eq!(lines[1].line, "exited");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        logs.record("noisy", Stream::Stdout, "calm again".into());
+        logs.record("noisy", Stream::Stdout, "calm again");
         let lines = logs.query("noisy", Some(1), None).unwrap();
         assert_eq!(lines[0].line, "calm again", "nothing more to report");
         std::fs::remove_dir_all(dir).unwrap();

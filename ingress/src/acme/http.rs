@@ -50,6 +50,10 @@ impl Timed {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(timeout));
+        // An ACME request is a small POST written in two pieces (head,
+        // then the JWS body): with Nagle's algorithm the second waits for
+        // the CA's delayed ACK, 40 ms per request on Linux.
+        http.set_nodelay(true);
         let connector = builder
             .https_only()
             .enable_http1()

@@ -80,8 +80,13 @@ pub(super) async fn obtain(
     challenges: &Challenges,
     within: std::time::Duration,
 ) -> Result<(String, String), AcmeError> {
+    let started = std::time::Instant::now();
+    let step = |what: &str| {
+        tracing::debug!(%host, step = what, ms = started.elapsed().as_millis(), "ACME order");
+    };
     let identifiers = [Identifier::Dns(host.to_owned())];
     let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
+    step("ordered");
     let mut published: Vec<String> = Vec::new();
     let result = async {
         let mut authorizations = order.authorizations();
@@ -130,8 +135,10 @@ pub(super) async fn obtain(
                 }
             }
             challenge.set_ready().await?;
+            step("challenge ready");
         }
         let status = order.poll_ready(&polling(within)).await?;
+        step("order ready");
         if status != OrderStatus::Ready {
             let detail = order
                 .state()
@@ -145,7 +152,9 @@ pub(super) async fn obtain(
             });
         }
         let key_pem = order.finalize().await?;
+        step("finalized");
         let chain = order.poll_certificate(&polling(within)).await?;
+        step("certificate");
         Ok((chain, key_pem))
     }
     .await;

@@ -223,15 +223,22 @@ fn certificate_race(dir: &Path, ingress: &Path, runs: usize) -> Result<(Vec<f64>
                     ),
                 )?;
                 let log = std::fs::File::create(state.join("ingress.log"))?;
-                first_certificate(&root, HOST, || {
+                // NB_INGRESS_LOG (e.g. `nestbox_ingress=debug`) shows the
+                // order's steps and their times.
+                let filter = std::env::var("NB_INGRESS_LOG").ok();
+                let took = first_certificate(&root, HOST, || {
                     Command::new(ingress)
                         .args(["serve", "--config"])
                         .arg(&config)
-                        .env("RUST_LOG", "warn")
+                        .env("RUST_LOG", filter.as_deref().unwrap_or("warn"))
                         .stderr(log)
                         .spawn()
                         .context("start nestbox-ingress")
-                })?
+                })?;
+                if filter.is_some() {
+                    eprintln!("{}", std::fs::read_to_string(state.join("ingress.log"))?);
+                }
+                took
             } else {
                 let config = state.join("Caddyfile");
                 std::fs::write(
