@@ -385,12 +385,6 @@ impl BackendClient {
         self.inner.idle.lock().by_backend.len()
     }
 
-    /// How many namespace dialers (socket threads) are kept.
-    #[must_use]
-    pub fn dialers(&self) -> usize {
-        self.inner.dialers.len()
-    }
-
     fn checkout(&self, id: u64) -> Option<TcpStream> {
         let mut idle = self.inner.idle.lock();
         let list = idle.by_backend.get_mut(&id)?;

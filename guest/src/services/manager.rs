@@ -236,14 +236,6 @@ impl Manager {
         view.get(name).map(|(s, l)| self.status(s, l))
     }
 
-    /// The service that is the primary URL, and its port.
-    #[must_use]
-    pub fn primary(&self) -> Option<(String, u16)> {
-        let view = self.inner.view.lock();
-        view.values()
-            .find_map(|(s, _)| s.http_port.map(|p| (s.name.clone(), p)))
-    }
-
     /// The primary service's port now and at every change (a service with
     /// an `http_port` created or deleted): the primary URL follows it.
     #[must_use]

@@ -177,6 +177,15 @@ impl CertStore {
     /// One pair from `bundle` (key and chain), or from `bundle` (chain)
     /// and `legacy_key` as a store written before pairs were one file.
     fn load_pair(bundle: &Path, legacy_key: &Path) -> Result<Option<Stored>, StoreError> {
+        match Self::read_pair(bundle, legacy_key)? {
+            Some(pair) => Self::stored(&pair, &pair, bundle).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The bytes of a pair as one file (key, then chain): `bundle` as it
+    /// is, or with the old layout's `legacy_key` put in front.
+    fn read_pair(bundle: &Path, legacy_key: &Path) -> Result<Option<Vec<u8>>, StoreError> {
         let text = match std::fs::read(bundle) {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -187,12 +196,12 @@ impl CertStore {
                 });
             }
         };
-        let holds_key = matches!(rustls_pemfile::private_key(&mut &text[..]), Ok(Some(_)));
-        if holds_key {
-            return Self::stored(&text, &text, bundle).map(Some);
+        if matches!(rustls_pemfile::private_key(&mut &text[..]), Ok(Some(_))) {
+            return Ok(Some(text));
         }
-        let key = std::fs::read(legacy_key).map_err(io_err(legacy_key))?;
-        Self::stored(&text, &key, bundle).map(Some)
+        let mut pair = std::fs::read(legacy_key).map_err(io_err(legacy_key))?;
+        pair.extend_from_slice(&text);
+        Ok(Some(pair))
     }
 
     fn stored(chain: &[u8], key: &[u8], origin: &Path) -> Result<Stored, StoreError> {
@@ -215,17 +224,11 @@ impl CertStore {
     pub fn save(&self, host: &str, chain_pem: &str, key_pem: &str) -> Result<Stored, StoreError> {
         let [current, previous, legacy_key] = self.paths(host)?;
         let stored = Self::stored(chain_pem.as_bytes(), key_pem.as_bytes(), &current)?;
-        if let Ok(Some(_)) = Self::load_pair(&current, &legacy_key) {
-            let bytes = std::fs::read(&current).map_err(io_err(&current))?;
-            let bundle = if rustls_pemfile::private_key(&mut &bytes[..]).is_ok_and(|k| k.is_some())
-            {
-                bytes
-            } else {
-                let mut key = std::fs::read(&legacy_key).map_err(io_err(&legacy_key))?;
-                key.extend_from_slice(&bytes);
-                key
-            };
-            write_atomic(&previous, &bundle, 0o600)?;
+        // The pair it replaces, if usable, is the fallback.
+        if let Ok(Some(pair)) = Self::read_pair(&current, &legacy_key)
+            && Self::stored(&pair, &pair, &current).is_ok()
+        {
+            write_atomic(&previous, &pair, 0o600)?;
         }
         let mut bundle = String::with_capacity(key_pem.len() + chain_pem.len() + 1);
         bundle.push_str(key_pem);
