@@ -813,12 +813,12 @@ impl Drop for Process {
             stderr: None,
         };
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            // A runtime shutting down drops this task unpolled, or in the
+            // wait: `Reap` then hands the process to a thread (dropping a
+            // `Process` there would come back to this function, and spawn
+            // again, for ever). So the task holds a `Reap` from the start.
+            let mut reap = Reap(Some(rest));
             handle.spawn(async move {
-                // A runtime shutting down drops this task unpolled, or in
-                // the wait: `Reap` then hands the process to a thread
-                // (dropping it here would come back to this function, and
-                // spawn again, for ever).
-                let mut reap = Reap(Some(rest));
                 if let Some(process) = reap.0.as_mut() {
                     let _ = process.wait().await;
                 }

@@ -290,7 +290,7 @@ impl Manager {
             run: None,
         };
         if self.inner.up.load(Ordering::SeqCst) {
-            self.launch(&mut entry);
+            drop(self.launch(&mut entry));
         }
         entries.insert(spec.name.clone(), entry);
         if let Some(port) = spec.http_port {
@@ -350,7 +350,7 @@ impl Manager {
                 Self::halt(entry).await;
             }
             if entry.run.is_none() {
-                self.launch(entry);
+                drop(self.launch(entry));
             }
         }
         Ok(())
@@ -391,7 +391,9 @@ impl Manager {
                 && !entry.stopped
                 && entry.run.is_none()
             {
-                self.launch(entry);
+                // Each started (its exec done, or failed) before the next:
+                // what `needs` promises.
+                let _ = self.launch(entry).await;
             }
         }
     }
@@ -421,15 +423,20 @@ impl Manager {
         }
     }
 
-    fn launch(&self, entry: &mut Entry) {
+    /// Starts supervising `entry`; the receiver says when its first start
+    /// has been tried.
+    fn launch(&self, entry: &mut Entry) -> tokio::sync::oneshot::Receiver<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (tried_tx, tried_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(supervise(
             entry.spec.clone(),
             entry.live.clone(),
             self.inner.clone(),
             stop_rx,
+            tried_tx,
         ));
         entry.run = Some((stop_tx, task));
+        tried_rx
     }
 }
 
@@ -479,14 +486,20 @@ async fn supervise(
     live: Arc<Mutex<Live>>,
     inner: Arc<Inner>,
     mut stop: watch::Receiver<bool>,
+    tried: tokio::sync::oneshot::Sender<()>,
 ) {
+    let mut tried = Some(tried);
     let name = spec.name.clone();
     let logs = &inner.logs;
     let mut quick_exits = 0u32;
     loop {
         set(&live, State::Starting, None);
         let started = tokio::time::Instant::now();
-        let succeeded = match inner.launcher.spawn(&spec).await {
+        let spawned = inner.launcher.spawn(&spec).await;
+        if let Some(tried) = tried.take() {
+            let _ = tried.send(());
+        }
+        let succeeded = match spawned {
             Err(err) => {
                 logs.record(&name, Stream::System, format!("cannot start: {err}"));
                 live.lock().last_exit = Some(format!("not started: {err}"));
