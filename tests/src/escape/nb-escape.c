@@ -222,7 +222,10 @@ static void api_socket_attempt(void)
  * `serve PORT`: the user's web app for the resource tests, one process that
  * never forks (busybox httpd forks per request, and a fork bomb in the same
  * container leaves no process to fork): answers every request with a fixed
- * page.
+ * page. Its accept queue is a production server's (busybox httpd's holds 9
+ * connections: a burst of thousands overflows it, and the kernel drops
+ * the overflow's ACKs until the client's retransmissions, up to a minute
+ * later, find room).
  */
 static int serve(int port)
 {
@@ -230,7 +233,7 @@ static int serve(int port)
 	int one = 1;
 	setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
 	struct sockaddr_in6 addr = { .sin6_family = AF_INET6, .sin6_port = htons(port) };
-	if (bind(s, (struct sockaddr *)&addr, sizeof(addr)) != 0 || listen(s, 64) != 0) {
+	if (bind(s, (struct sockaddr *)&addr, sizeof(addr)) != 0 || listen(s, 4096) != 0) {
 		perror("nb-escape serve");
 		return 1;
 	}
