@@ -13,6 +13,9 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "faults")]
+pub mod faults;
+
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -81,13 +84,30 @@ pub fn write_atomic_with(
         .set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(DurableError::at("chmod", &tmp))
         .and_then(|()| fill(&mut tmp_file).map_err(DurableError::at("write", &tmp)))
-        .and_then(|()| tmp_file.sync_all().map_err(DurableError::at("fsync", &tmp)))
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(DurableError::at("rename", path)));
+        .and_then(|()| {
+            point("durable.written", path);
+            tmp_file.sync_all().map_err(DurableError::at("fsync", &tmp))
+        })
+        .and_then(|()| {
+            point("durable.synced", path);
+            std::fs::rename(&tmp, path).map_err(DurableError::at("rename", path))
+        });
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     written?;
+    point("durable.renamed", path);
     sync_dir(dir)
+}
+
+/// A crash point between two steps of a write (only in builds with the
+/// `faults` feature: see [`faults`]); nothing otherwise.
+#[inline]
+fn point(name: &'static str, path: &Path) {
+    #[cfg(feature = "faults")]
+    faults::reached(name, path);
+    #[cfg(not(feature = "faults"))]
+    let _ = (name, path);
 }
 
 /// Copies `from` over `to` as [`write_atomic`] does, with `from`'s mode.
@@ -165,9 +185,44 @@ pub fn is_leftover(name: &str) -> bool {
     ours
 }
 
+/// Removes every temporary file a crash left in `dir` (see
+/// [`is_leftover`]): what they were replacing is still whole under its own
+/// name. Returns how many went.
+///
+/// # Errors
+/// [`DurableError`] if `dir` cannot be listed or a leftover removed.
+pub fn remove_leftovers(dir: &Path) -> Result<usize, DurableError> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir).map_err(DurableError::at("list", dir))? {
+        let path = entry.map_err(DurableError::at("list", dir))?.path();
+        if path
+            .file_name()
+            .is_some_and(|n| is_leftover(&n.to_string_lossy()))
+        {
+            std::fs::remove_file(&path).map_err(DurableError::at("remove", &path))?;
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        sync_dir(dir)?;
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leftovers_go_and_nothing_else() {
+        let dir = scratch("leftovers");
+        write_atomic(&dir.join("kept"), b"whole", 0o600).unwrap();
+        std::fs::write(dir.join(".kept.1.0.tmp"), b"torn").unwrap();
+        std::fs::write(dir.join("user.tmp"), b"not ours").unwrap();
+        assert_eq!(remove_leftovers(&dir).unwrap(), 1);
+        assert_eq!(names(&dir), ["kept", "user.tmp"]);
+        assert_eq!(remove_leftovers(&dir).unwrap(), 0);
+    }
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("nb-durable-{name}-{}", std::process::id()));

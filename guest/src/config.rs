@@ -109,10 +109,6 @@ pub struct GuestConfig {
     /// synced to the disk.
     #[serde(default)]
     pub logs: crate::logs::LogLimits,
-    /// Testing only: SIGUSR2 makes the port watcher panic, to show that the
-    /// supervisor restarts it while everything else keeps serving.
-    #[serde(default)]
-    pub faults: bool,
     /// The HTTPS proxy: listeners, certificates (ACME or files), limits.
     /// Routes are made by the guest as ports open; static ones may be
     /// added here too.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use nestbox_ingress::routes::{Backend, RouteTable};
 use nestbox_ingress::serve::Handles;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::api::{self, Api, ContainerState, Control, TokenHash};
 use crate::bounce::{Current, InContainer, Platform};
@@ -43,9 +43,6 @@ pub enum RunError {
         /// The error.
         source: std::io::Error,
     },
-    /// A signal handler could not be installed.
-    #[error("cannot handle a signal: {0}")]
-    Signal(#[source] std::io::Error),
     /// Logs could not be opened.
     #[error(transparent)]
     Logs(#[from] crate::logs::LogError),
@@ -99,7 +96,6 @@ async fn watch_ports(
     cgroup: PathBuf,
     mut netns: watch::Receiver<Option<PathBuf>>,
     publisher: Publisher,
-    fault: Arc<Notify>,
 ) -> Result<(), WatchError> {
     let mut watcher: Option<Watcher> = None;
     loop {
@@ -132,7 +128,7 @@ async fn watch_ports(
             };
             tokio::select! {
                 event = next => publisher.apply(&event?),
-                () = fault.notified() => panic!("injected fault (SIGUSR2 with faults = true)"),
+                () = crate::faults::armed("portwatch") => panic!("injected fault at portwatch"),
                 changed = netns.changed() => {
                     if changed.is_err() {
                         return Ok(());
@@ -167,35 +163,16 @@ fn follow_primary(services: &Manager, publisher: &Publisher, default: u16) {
     });
 }
 
-/// Supervises the port watcher; with `faults`, SIGUSR2 makes it panic.
+/// Supervises the port watcher (a test build's `portwatch` fault makes it
+/// panic).
 fn start_portwatch(
-    faults: bool,
     cgroup: PathBuf,
     netns_rx: watch::Receiver<Option<PathBuf>>,
     publisher: Publisher,
-) -> Result<(), RunError> {
-    let fault = Arc::new(Notify::new());
-    if faults {
-        let fault = fault.clone();
-        let mut usr2 =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())
-                .map_err(RunError::Signal)?;
-        tokio::spawn(async move {
-            while usr2.recv().await.is_some() {
-                tracing::warn!("SIGUSR2: injecting a panic into the port watcher");
-                fault.notify_one();
-            }
-        });
-    }
+) {
     supervise("portwatch", move || {
-        watch_ports(
-            cgroup.clone(),
-            netns_rx.clone(),
-            publisher.clone(),
-            fault.clone(),
-        )
+        watch_ports(cgroup.clone(), netns_rx.clone(), publisher.clone())
     });
-    Ok(())
 }
 
 /// Serves the API on its loopback port, on the container's gateway
@@ -317,6 +294,14 @@ async fn prepare(
     Ok((layout, disks))
 }
 
+/// Supervises the ingress, over routes that outlive its restarts.
+fn start_ingress(config: &GuestConfig, handles: &Handles, shutdown: &watch::Receiver<bool>) {
+    let (ingress, handles, stop) = (config.ingress.clone(), handles.clone(), shutdown.clone());
+    supervise("ingress", move || {
+        nestbox_ingress::serve::serve_with(ingress.clone(), handles.clone(), stop.clone(), |_| {})
+    });
+}
+
 /// Runs the guest until `shutdown` turns true.
 ///
 /// # Errors
@@ -326,6 +311,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     as_init: bool,
 ) -> Result<(), RunError> {
+    crate::faults::install(as_init);
     let (layout, disks) = prepare(&config, as_init).await?;
     let user_disk_error = refused("user", &disks);
     let isolation = crate::container::Isolation::new(&config.container)?;
@@ -340,17 +326,7 @@ pub async fn run(
             netns: None,
         },
     );
-    {
-        let (ingress, handles, stop) = (config.ingress.clone(), handles.clone(), shutdown.clone());
-        supervise("ingress", move || {
-            nestbox_ingress::serve::serve_with(
-                ingress.clone(),
-                handles.clone(),
-                stop.clone(),
-                |_| {},
-            )
-        });
-    }
+    start_ingress(&config, &handles, &shutdown);
 
     let logs = Logs::open(&data_dir(&data.join("logs"))?, config.logs)?;
     let current = Current::default();
@@ -368,7 +344,7 @@ pub async fn run(
         isolation,
     };
     let (netns_tx, netns_rx) = watch::channel(None);
-    start_portwatch(config.faults, cgroup.clone(), netns_rx, publisher.clone())?;
+    start_portwatch(cgroup.clone(), netns_rx, publisher.clone());
     let (state_tx, state_rx) = watch::channel(ContainerState::Starting);
     let (control_tx, mut control_rx) = mpsc::channel(4);
     let api = Api::new(api::Parts {
@@ -382,6 +358,7 @@ pub async fn run(
         user_dir: config.user_dir(),
         inner_cgroup: layout.inner.clone(),
         disks,
+        acme: config.ingress.acme.is_some().then(|| handles.clone()),
     });
     serve_api(&config, &api, &api_dir)?;
 

@@ -38,8 +38,10 @@ pub enum ServeError {
 pub struct Handles {
     /// The live route table.
     pub routes: RouteTable,
-    /// Renews every ACME certificate now when notified.
-    pub renew: Option<Arc<Notify>>,
+    /// Renews every ACME certificate now when notified (nothing without
+    /// ACME). It outlives the ingress: a notification while the ingress is
+    /// being restarted is kept for the next one.
+    pub renew: Arc<Notify>,
     /// The hostnames ACME keeps certificates for (follows the routes).
     hosts: Arc<watch::Sender<Vec<String>>>,
 }
@@ -77,7 +79,7 @@ impl Handles {
     pub fn detached(routes: RouteTable) -> Self {
         Self {
             routes,
-            renew: None,
+            renew: Arc::new(Notify::new()),
             hosts: Arc::new(watch::channel(Vec::new()).0),
         }
     }
@@ -164,12 +166,11 @@ pub async fn serve_with(
     }
     let (certs_tx, certs_rx) = watch::channel(Arc::new(set));
     let challenges = Challenges::default();
-    let mut handles = handles;
     let mut manager_task = None;
     if let Some(acme) = config.acme {
         // Certificates for every routed name.
-        let manager = Manager::new(acme, hosts_rx, certs_tx, challenges.clone())?;
-        handles.renew = Some(manager.renew_handle());
+        let manager = Manager::new(acme, hosts_rx, certs_tx, challenges.clone())?
+            .renew_on(handles.renew.clone());
         manager_task = Some(tokio::spawn(manager.run()));
     }
     let resolver = Arc::new(Resolver::new(certs_rx, challenges.alpn.clone()));

@@ -72,6 +72,8 @@ pub struct Host {
     /// Servers this host started for its VMs (killed on drop).
     servers: Vec<Child>,
     probes: std::cell::Cell<u32>,
+    /// Each VM's API token, read once from the launcher.
+    tokens: std::cell::RefCell<std::collections::HashMap<String, String>>,
 }
 
 /// A command's standard output, as text.
@@ -86,10 +88,26 @@ pub fn body(out: &Output) -> String {
 /// If there is none.
 #[must_use]
 pub fn image_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/image");
+    built_image("image", "cargo xtask image")
+}
+
+/// The fault-injection suite's image: the guest with its crash points
+/// (`cargo xtask image --faults`).
+///
+/// # Panics
+/// If there is none.
+#[must_use]
+pub fn faults_image_dir() -> PathBuf {
+    built_image("image-faults", "cargo xtask image --faults")
+}
+
+fn built_image(name: &str, how: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target")
+        .join(name);
     assert!(
         dir.join("manifest.json").exists(),
-        "no guest image at {}: build it with `cargo xtask image` (cargo xtask test does)",
+        "no guest image at {}: build it with `{how}` (cargo xtask test does)",
         dir.display()
     );
     dir
@@ -98,6 +116,12 @@ pub fn image_dir() -> PathBuf {
 impl Host {
     #[must_use]
     pub fn new(k: u8) -> Self {
+        Self::with_image(k, &image_dir())
+    }
+
+    /// A host whose VMs boot the image in `image`.
+    #[must_use]
+    pub fn with_image(k: u8, image: &Path) -> Self {
         crate::require_root();
         crate::require_tool("qemu-system-x86_64", "qemu-system-x86");
         let dir = std::env::temp_dir().join(format!("nestbox-vm-{}-{k}", std::process::id()));
@@ -106,7 +130,7 @@ impl Host {
         let pebble = Pebble::start_for_vms(&dir.join("pebble"), &format!("10.125.{k}")).unwrap();
         let config = pebble
             .launcher_toml(
-                &image_dir(),
+                image,
                 "test",
                 &format!("10.124.{k}.0/24"),
                 &format!("nv{k}"),
@@ -122,6 +146,7 @@ impl Host {
             created: Vec::new(),
             servers: Vec::new(),
             probes: std::cell::Cell::new(0),
+            tokens: std::cell::RefCell::default(),
         }
     }
 
@@ -184,6 +209,7 @@ impl Host {
     /// [`Host::create`] with more `create` options (`--disk-size 1`, …).
     pub fn create_with(&mut self, name: &str, options: &[&str]) -> String {
         self.created.push(name.to_owned());
+        self.tokens.borrow_mut().remove(name);
         let mut args = vec!["create", name];
         args.extend_from_slice(options);
         self.launcher_ok(&args);
@@ -200,7 +226,14 @@ impl Host {
     }
 
     pub fn token(&self, name: &str) -> String {
-        self.launcher_ok(&["token", name]).trim().to_owned()
+        if let Some(token) = self.tokens.borrow().get(name) {
+            return token.clone();
+        }
+        let token = self.launcher_ok(&["token", name]).trim().to_owned();
+        self.tokens
+            .borrow_mut()
+            .insert(name.to_owned(), token.clone());
+        token
     }
 
     pub fn curl(&self, name: &str, host: &str) -> Command {
@@ -311,6 +344,18 @@ impl Host {
             body(&out),
             String::from_utf8_lossy(&out.stderr),
             self.console(name)
+        );
+    }
+
+    /// Arms a crash point of VM `name`'s guest, which must boot
+    /// [`faults_image_dir`] (see `guest/src/faults.rs`).
+    pub fn arm_fault(&self, name: &str, fault: &str) {
+        let out = self.api(name, "POST", "/v1/faults", Some(fault));
+        assert!(
+            body(&out).starts_with('['),
+            "arming {fault}: {}{} (does the VM boot the image with crash points?)",
+            body(&out),
+            String::from_utf8_lossy(&out.stderr)
         );
     }
 

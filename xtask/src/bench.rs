@@ -83,7 +83,10 @@ pub fn run(args: &Args) -> Result<()> {
             .arg(root.join("target/guest/nestbox-ingress"));
     }
     if matches!(args.what, Bench::Launcher) {
-        let image = crate::image::build(&crate::image::Args { out: None })?;
+        let image = crate::image::build(&crate::image::Args {
+            out: None,
+            faults: false,
+        })?;
         bench.arg("--image").arg(image);
     }
     util::run(bench.args(&args.extra))

@@ -21,7 +21,10 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<()> {
     util::require_root("cargo xtask demo")?;
     deps::install()?;
-    let image = image::build(&image::Args { out: None })?;
+    let image = image::build(&image::Args {
+        out: None,
+        faults: false,
+    })?;
     util::run(util::cargo().args([
         "build",
         "--release",

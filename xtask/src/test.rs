@@ -5,6 +5,10 @@
 //! `nestbox-guest` and `nestbox-launcher`) and the guest image, then runs
 //! every test of the workspace — unit tests, the privileged
 //! netns/cgroup/BPF tests and the real-VM (QEMU) tests — serially, as root.
+//!
+//! The tests' guest has its crash points (the `faults` feature of
+//! `nestbox-guest`): the debug build the netns-simulated tests run, and a
+//! second VM image (`target/image-faults`) beside the one that ships.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -22,27 +26,38 @@ pub struct Args {
     filter: Option<String>,
 }
 
+/// The tests' builds: the guest with its crash points.
+const FAULTS: [&str; 2] = ["--features", "nestbox-guest/faults"];
+
 pub fn run(args: &Args) -> Result<()> {
     util::require_root("cargo xtask test")?;
     deps::ensure(&deps::BUILD)?;
     deps::ensure(&deps::RUN)?;
     if !args.no_lint {
         util::run(util::cargo().args(["fmt", "--all", "--check"]))?;
-        util::run(util::cargo().args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]))?;
+        // As shipped, and with the crash points.
+        for features in [&[][..], &FAULTS[..]] {
+            util::run(
+                util::cargo()
+                    .args(["clippy", "--workspace", "--all-targets"])
+                    .args(features)
+                    .args(["--", "-D", "warnings"]),
+            )?;
+        }
     }
-    util::run(util::cargo().args(["build", "--workspace", "--bins"]))?;
-    // The real-VM tests boot the guest image.
+    util::run(
+        util::cargo()
+            .args(["build", "--workspace", "--bins"])
+            .args(FAULTS),
+    )?;
+    // The real-VM tests boot the guest image; the fault-injection suite
+    // boots the one with crash points.
     deps::ensure(&deps::VM)?;
-    crate::image::build(&crate::image::Args { out: None })?;
+    for faults in [false, true] {
+        crate::image::build(&crate::image::Args { out: None, faults })?;
+    }
     let mut test = util::cargo();
-    test.args(["test", "--workspace", "--"]);
+    test.args(["test", "--workspace"]).args(FAULTS).arg("--");
     // Privileged tests share the machine's cgroup tree and BPF state.
     test.arg("--test-threads=1");
     if let Some(filter) = &args.filter {

@@ -32,6 +32,26 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs a `cargo build … --message-format json-render-diagnostics`
+/// (its progress and diagnostics on the terminal) and returns the path of
+/// the executable it made for the target `bin`.
+pub fn artifact(cmd: &mut Command, bin: &str) -> Result<PathBuf> {
+    eprintln!("+ {}", show(cmd));
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {}", show(cmd)))?;
+    if !out.status.success() {
+        bail!("`{}` failed ({})", show(cmd), out.status);
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == bin)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("`{}` made no executable {bin}", show(cmd)))
+}
+
 /// Runs a command quietly and returns its standard output; fails with its
 /// standard error if it fails.
 pub fn output(cmd: &mut Command) -> Result<String> {

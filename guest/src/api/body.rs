@@ -15,6 +15,22 @@ use tokio::sync::mpsc;
 
 use super::error::ApiError;
 
+/// The JSON document of a request's body, of at most `limit` bytes;
+/// `what` names it in the error.
+pub async fn read_json<T: serde::de::DeserializeOwned>(
+    req: http::Request<hyper::body::Incoming>,
+    limit: usize,
+    what: &str,
+) -> Result<T, ApiError> {
+    let bytes = http_body_util::Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| ApiError::invalid(format!("cannot read the {what}: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::invalid(format!("the {what} is not valid: {e}")))
+}
+
 /// The API's response body.
 pub type Body = BoxBody<Bytes, Infallible>;
 

@@ -10,7 +10,10 @@
 mod auth;
 mod body;
 mod bounce;
+mod certificates;
 mod error;
+#[cfg(feature = "faults")]
+mod faults;
 mod logs;
 mod ports;
 mod services;
@@ -58,6 +61,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/services/{name}/stop"),
     ("GET", "/v1/services/{name}/logs"),
     ("POST", "/v1/bounce"),
+    ("POST", "/v1/certificates/renew"),
 ];
 
 /// The inner container's state, as the API reports it.
@@ -105,6 +109,8 @@ pub struct Parts {
     pub inner_cgroup: std::path::PathBuf,
     /// What became of the VM's disks at boot (empty outside a VM).
     pub disks: Vec<crate::disk::DiskReport>,
+    /// The ingress's handles, when its certificates come from ACME.
+    pub acme: Option<nestbox_ingress::serve::Handles>,
 }
 
 /// The API; cheap to clone.
@@ -191,6 +197,11 @@ impl Api {
             ));
         }
         let path = req.uri().path().to_owned();
+        // Not part of the API's document: test builds only.
+        #[cfg(feature = "faults")]
+        if path == "/v1/faults" {
+            return faults::handle(req).await;
+        }
         let (index, name) = route(req.method(), &path)?;
         let name = name.map(str::to_owned);
         let name = || name.clone().expect("the route has a {name} segment");
@@ -206,6 +217,7 @@ impl Api {
             "/v1/services/{name}/stop" => services::stop(p, &name()).await,
             "/v1/services/{name}/logs" => logs::get(p, &name(), req.uri().query()).await,
             "/v1/bounce" => bounce::post(p).await,
+            "/v1/certificates/renew" => certificates::renew(p),
             other => Err(ApiError::internal(format!("route {other} has no handler"))),
         }
     }

@@ -3,7 +3,6 @@
 #![deny(clippy::disallowed_methods)]
 
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use super::body::{self, Body};
@@ -43,13 +42,7 @@ pub(super) fn get(p: &Parts, name: &str) -> Result<Response<Body>, ApiError> {
 }
 
 pub(super) async fn create(p: &Parts, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let bytes = Limited::new(req.into_body(), MAX_SPEC)
-        .collect()
-        .await
-        .map_err(|e| ApiError::invalid(format!("cannot read the service definition: {e}")))?
-        .to_bytes();
-    let spec: ServiceSpec = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::invalid(format!("the service definition is not valid: {e}")))?;
+    let spec: ServiceSpec = body::read_json(req, MAX_SPEC, "service definition").await?;
     let status = p.services.create(spec).await.map_err(|e| api_error(&e))?;
     Ok(body::json(StatusCode::CREATED, &status))
 }

@@ -196,6 +196,11 @@ impl Writer {
     /// `fsync`s every file written since the last sync (and the directory
     /// if names changed), then publishes how far lines are durable.
     fn sync(&mut self) {
+        if !self.dirty.is_empty() {
+            // Lines written, not yet on the disk.
+            let services: Vec<&str> = self.dirty.iter().map(|s| &**s).collect();
+            crate::faults::point("logs.sync", &services.join(" "));
+        }
         let mut ok = true;
         for service in std::mem::take(&mut self.dirty) {
             if let Some(open) = self.files.get(&service)

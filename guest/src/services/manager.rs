@@ -132,17 +132,16 @@ impl Manager {
     ) -> Result<Self, ServiceError> {
         let dir = state_dir.join("services");
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        // Writes that a crash interrupted: each definition they were
+        // replacing is still whole under its own name.
+        let torn = nestbox_durable::remove_leftovers(&dir).map_err(|e| io_err(&dir)(e.into()))?;
+        if torn > 0 {
+            tracing::warn!(torn, "interrupted definition writes removed");
+        }
         let mut entries = BTreeMap::new();
         let mut view = BTreeMap::new();
         for item in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
             let path = item.map_err(io_err(&dir))?.path();
-            let name = path.file_name().unwrap_or_default().to_string_lossy();
-            if nestbox_durable::is_leftover(&name) {
-                // A write that a crash interrupted: the definition it was
-                // replacing is still whole under its own name.
-                let _ = std::fs::remove_file(&path);
-                continue;
-            }
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }

@@ -219,11 +219,12 @@ impl Manager {
         Ok(manager)
     }
 
-    /// A handle that makes the manager renew every certificate now (an
-    /// operator's "renew", and the tests' forced renewal).
+    /// The manager renews every certificate now whenever `renew` is
+    /// notified (an operator's "renew", and the tests' forced renewal).
     #[must_use]
-    pub fn renew_handle(&self) -> Arc<Notify> {
-        self.renew_now.clone()
+    pub fn renew_on(mut self, renew: Arc<Notify>) -> Self {
+        self.renew_now = renew;
+        self
     }
 
     fn publish(&self) {

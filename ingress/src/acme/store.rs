@@ -131,6 +131,13 @@ impl CertStore {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
                 .map_err(io_err(d))?;
         }
+        // Pairs whose replacement a crash interrupted are whole under their
+        // own names; the half-written temporaries (keys among them) go.
+        let torn =
+            nestbox_durable::remove_leftovers(&certs).map_err(|e| io_err(&certs)(e.into()))?;
+        if torn > 0 {
+            tracing::warn!(torn, "interrupted certificate writes removed");
+        }
         Ok(Self {
             dir: dir.to_owned(),
         })

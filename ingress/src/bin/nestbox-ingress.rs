@@ -77,10 +77,8 @@ fn main() -> ExitCode {
                     _ = term.recv() => break,
                     _ = tokio::signal::ctrl_c() => break,
                     _ = usr1.recv() => {
-                        if let Some(r) = &handles.renew {
-                            tracing::info!("SIGUSR1: renewing every certificate");
-                            r.notify_one();
-                        }
+                        tracing::info!("SIGUSR1: renewing every certificate");
+                        handles.renew.notify_one();
                     }
                     _ = hup.recv() => match Config::load(&path) {
                         Ok(new) => {

@@ -33,9 +33,14 @@ const VERSION_FILE: &str = "etc/nestbox/image-version";
 
 #[derive(clap::Args, Default)]
 pub struct Args {
-    /// Image directory (default: <workspace>/target/image).
+    /// Image directory (default: <workspace>/target/image, or
+    /// target/image-faults with --faults).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// The fault-injection suite's image: the guest is built with its
+    /// crash points (the `faults` feature). Never one to ship.
+    #[arg(long)]
+    pub faults: bool,
 }
 
 /// `manifest.json`: what the launcher reads. File names are relative to
@@ -62,14 +67,15 @@ pub fn run(args: &Args) -> Result<()> {
 pub fn build(args: &Args) -> Result<PathBuf> {
     let started = Instant::now();
     let target = util::root().join("target");
-    let out = args.out.clone().unwrap_or_else(|| target.join("image"));
+    let default_dir = if args.faults { "image-faults" } else { "image" };
+    let out = args.out.clone().unwrap_or_else(|| target.join(default_dir));
     let cache = target.join("image-cache");
     deps::ensure(&deps::BUILD)?;
     deps::ensure(&deps::IMAGE)?;
     std::fs::create_dir_all(&cache).with_context(|| format!("create {}", cache.display()))?;
     std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
 
-    let guest = guest_binary(&target, &cache)?;
+    let guest = guest_binary(&cache, args.faults)?;
     let kernel = kernel::fetch(&cache)?;
 
     let mut tree = Tree::default();
@@ -159,12 +165,14 @@ pub fn build(args: &Args) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// Builds `nestbox-guest` as it ships and returns a copy without debug
-/// information: `--profile guest` keeps line tables (as release does),
-/// which would triple the size of an initramfs that lives in the VM's RAM.
-/// The symbol table stays, so backtraces still name functions.
-fn guest_binary(target: &Path, cache: &Path) -> Result<PathBuf> {
-    util::run(util::cargo().args([
+/// Builds `nestbox-guest` as it ships (with `faults`, plus its crash
+/// points) and returns a copy without debug information: `--profile guest`
+/// keeps line tables (as release does), which would triple the size of an
+/// initramfs that lives in the VM's RAM. The symbol table stays, so
+/// backtraces still name functions.
+fn guest_binary(cache: &Path, faults: bool) -> Result<PathBuf> {
+    let mut cargo = util::cargo();
+    cargo.args([
         "build",
         "--profile",
         "guest",
@@ -172,14 +180,26 @@ fn guest_binary(target: &Path, cache: &Path) -> Result<PathBuf> {
         "nestbox-guest",
         "--bin",
         "nestbox-guest",
-    ]))?;
-    let stripped = cache.join("nestbox-guest");
+        "--message-format",
+        "json-render-diagnostics",
+    ]);
+    if faults {
+        cargo.args(["--features", "faults"]);
+    }
+    // The two variants share `target/guest/nestbox-guest`; cargo names the
+    // one it built.
+    let executable = util::artifact(&mut cargo, "nestbox-guest")?;
+    let stripped = cache.join(if faults {
+        "nestbox-guest-faults"
+    } else {
+        "nestbox-guest"
+    });
     util::run(
         Command::new("strip")
             .arg("--strip-debug")
             .arg("-o")
             .arg(&stripped)
-            .arg(target.join("guest/nestbox-guest")),
+            .arg(executable),
     )?;
     Ok(stripped)
 }
