@@ -51,9 +51,31 @@ fn hint(err: &std::io::Error) -> &'static str {
     }
 }
 
+/// How long a tap that is still attached (`EBUSY`) is waited for: a VMM
+/// that was just killed, or exited, lets go of it a moment after it is seen
+/// dead (its leader is a zombie while its other threads still exit, and
+/// they hold its descriptors).
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Attaches to the tap `name` (making it, not persistent, if it does not
-/// exist) and returns the descriptor.
+/// exist) and returns the descriptor; waits up to [`BUSY_WAIT`] while
+/// another process still holds it.
 fn attach(name: &str) -> Result<std::fs::File, TapError> {
+    let deadline = std::time::Instant::now() + BUSY_WAIT;
+    loop {
+        match attach_once(name) {
+            Err(e)
+                if e.source.raw_os_error() == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn attach_once(name: &str) -> Result<std::fs::File, TapError> {
     let fail = |source: std::io::Error| TapError {
         tap: name.to_owned(),
         hint: hint(&source),
