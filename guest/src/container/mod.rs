@@ -219,6 +219,35 @@ pub struct Container {
     jobs: Option<mpsc::Sender<Job>>,
 }
 
+/// What the container's init says as it starts: two lines, in either
+/// order — the parent's `pid N` as it forks, and PID 1's `ready` (or
+/// `error: …`) once the root is built (PID 1 may be quicker than its
+/// parent). Returns PID 1's pid.
+fn read_start(out: &mut impl BufRead) -> Result<u32, ContainerError> {
+    let first = read_line(out)?;
+    if let Some(why) = first.strip_prefix("error: ") {
+        // The fork failed, or PID 1 did before its parent spoke.
+        return Err(ContainerError::Init(why.to_owned()));
+    }
+    let lines = [first, read_line(out)?];
+    let pid1 = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("pid ").and_then(|p| p.parse::<u32>().ok()));
+    let outcome = lines
+        .iter()
+        .find(|l| !l.starts_with("pid "))
+        .map_or("", String::as_str);
+    match (pid1, outcome) {
+        (Some(pid1), "ready") => Ok(pid1),
+        _ => Err(ContainerError::Init(
+            outcome
+                .strip_prefix("error: ")
+                .unwrap_or(&lines.join("; "))
+                .to_owned(),
+        )),
+    }
+}
+
 fn read_line(out: &mut impl BufRead) -> Result<String, ContainerError> {
     let mut line = String::new();
     out.read_line(&mut line)
@@ -378,20 +407,7 @@ impl Container {
                 source,
             })?;
         let mut out = BufReader::new(File::from(init.stdout.take().expect("piped")));
-        let started = (|| {
-            let first = read_line(&mut out)?;
-            let pid1: u32 = first
-                .strip_prefix("pid ")
-                .and_then(|p| p.parse().ok())
-                .ok_or_else(|| ContainerError::Init(first.clone()))?;
-            let second = read_line(&mut out)?;
-            if second != "ready" {
-                return Err(ContainerError::Init(
-                    second.strip_prefix("error: ").unwrap_or(&second).to_owned(),
-                ));
-            }
-            Ok(pid1)
-        })();
+        let started = read_start(&mut out);
         // The init's parent process exits once PID 1 is forked.
         let status = init.wait_blocking();
         let pid1 = match started {
@@ -684,6 +700,19 @@ mod tests {
     use std::os::fd::AsFd;
 
     use super::*;
+
+    #[test]
+    fn the_start_lines_come_in_either_order() {
+        let start = |text: &str| read_start(&mut text.as_bytes());
+        assert_eq!(start("pid 7\nready\n").unwrap(), 7);
+        // PID 1 built its root before its parent wrote the pid.
+        assert_eq!(start("ready\npid 7\n").unwrap(), 7);
+        let err = |text: &str| start(text).unwrap_err().to_string();
+        assert!(err("pid 7\nerror: no overlay\n").contains("no overlay"));
+        assert!(err("error: fork PID 1: EAGAIN\n").contains("EAGAIN"));
+        assert!(err("ready\n").contains("exited before it was ready"));
+        assert!(err("pid x\nready\n").contains("pid x"));
+    }
 
     /// Root (CI): cgroups below this process's own.
     #[test]
