@@ -368,6 +368,64 @@ fn unauthenticated_api_requests_are_refused() {
 }
 
 #[test]
+fn every_documented_operation_is_served_and_errors_have_one_shape() {
+    let env = Env::new(31);
+    let raw = |method: &str, path: &str, token: &str, data: Option<&str>| {
+        let mut cmd = env.vm.command_in("curl", None);
+        cmd.args(["-sS", "-D", "-", "-X", method])
+            .args(["-H", &format!("Authorization: Bearer {token}")]);
+        if let Some(data) = data {
+            // No `Expect: 100-continue`: the answer is the first head.
+            cmd.args(["-H", "Content-Type: application/json", "-H", "Expect:"])
+                .args(["--data-binary", data]);
+        }
+        body(
+            &cmd.arg(format!("http://127.0.0.1:7070{path}"))
+                .output()
+                .unwrap(),
+        )
+    };
+    // Each operation of the document answers (401 without the token, not
+    // the 404 or 405 of a path or method the router does not know).
+    let doc: serde_json::Value =
+        serde_json::from_str(include_str!("../../guest/openapi.json")).unwrap();
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            let method = method.to_uppercase();
+            let concrete = path.replace("{name}", "web");
+            let text = raw(&method, &concrete, "wrong", None);
+            assert!(
+                text.starts_with("HTTP/1.1 401") && text.contains("\"code\":\"unauthorized\""),
+                "{method} {path}: {text}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 12, "{checked} operations");
+    // With the token: an unknown path, a method a path does not take, and a
+    // body over the limit, each as `{"error": {"code", "message"}}` with the
+    // version header.
+    let big = env.dir.join("big.json");
+    std::fs::write(&big, vec![b'x'; 2 << 20]).unwrap();
+    let big = format!("@{}", big.display());
+    for (method, path, data, status, code) in [
+        ("GET", "/v1/nothing", None, "404", "not_found"),
+        ("PUT", "/v1/status", None, "405", "method_not_allowed"),
+        ("POST", "/v1/services", Some(big), "400", "invalid"),
+    ] {
+        let text = raw(method, path, TOKEN, data.as_deref());
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {status}"))
+                && text.contains("nestbox-api-version: 1")
+                && text.contains(&format!("\"code\":\"{code}\"")),
+            "{method} {path}: {}",
+            &text[..text.len().min(400)]
+        );
+    }
+}
+
+#[test]
 fn a_panic_in_the_port_watcher_does_not_interrupt_requests() {
     let env = Env::new(26);
     env.create_service(WEB);

@@ -198,7 +198,10 @@ impl Hierarchy {
     /// Removes the VM's cgroup (its VMM must be gone); a missing one is
     /// fine. A VMM killed a moment ago stays in the cgroup until its new
     /// parent (the host's init, once the launcher that started it has
-    /// exited) reaps it, so a busy cgroup is retried for a while.
+    /// exited) reaps it, so a busy cgroup is retried for a while. Whatever
+    /// still runs in it is the VM's and is killed: a launcher killed
+    /// between forking its VMM and recording it leaves a child that goes
+    /// on to exec the VMM, found by nothing but its cgroup.
     ///
     /// # Errors
     /// [`CgroupError::Io`], e.g. when a process is still in it.
@@ -213,6 +216,7 @@ impl Hierarchy {
                         if e.raw_os_error() == Some(libc::EBUSY)
                             && std::time::Instant::now() < deadline =>
                     {
+                        kill_members(&dir);
                         std::thread::sleep(std::time::Duration::from_millis(20));
                     }
                     Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -223,6 +227,20 @@ impl Hierarchy {
             }
         }
         Ok(())
+    }
+}
+
+/// `SIGKILL` to every process in the cgroup `dir`.
+fn kill_members(dir: &Path) {
+    let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
+        return;
+    };
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        tracing::warn!(pid, cgroup = %dir.display(), "killing a process left in a VM's cgroup");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
