@@ -18,7 +18,7 @@ use super::error::ApiError;
 /// The JSON document of a request's body, of at most `limit` bytes;
 /// `what` names it in the error.
 pub async fn read_json<T: serde::de::DeserializeOwned>(
-    req: http::Request<hyper::body::Incoming>,
+    req: axum::extract::Request,
     limit: usize,
     what: &str,
 ) -> Result<T, ApiError> {
@@ -39,17 +39,6 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     let bytes = serde_json::to_vec(value).expect("API types serialize");
     let mut resp = Response::new(Full::new(Bytes::from(bytes)).boxed());
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
-}
-
-/// An error response.
-pub fn error(err: &ApiError) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(err.to_json())).boxed());
-    *resp.status_mut() = err.status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

@@ -5,6 +5,10 @@
 //! services. Every response carries the API version header; errors are
 //! `{"error": {"code", "message"}}`. The document `guest/openapi.json`
 //! describes it, and a test holds the two together.
+//!
+//! The routing is axum's; the stack around every route, outermost first:
+//! the version header, the token check, a limit on request bodies ([`MAX_BODY`]) and a deadline
+//! for the response head ([`DEADLINE`]; streams flow on after it).
 #![deny(clippy::disallowed_methods)]
 
 mod auth;
@@ -19,15 +23,16 @@ mod ports;
 mod services;
 mod status;
 
-use std::convert::Infallible;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use http::{HeaderValue, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
+use axum::Router;
+use axum::extract::{Path as Segment, RawQuery, Request, State};
+use axum::middleware::{self, Next};
+use axum::routing::{MethodRouter, delete, get, post};
+use http::{HeaderValue, StatusCode, Uri};
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
@@ -47,6 +52,11 @@ pub const API_VERSION: &str = "1";
 pub const VERSION_HEADER: &str = "nestbox-api-version";
 /// The guest's version.
 pub const GUEST_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The largest request body any operation takes.
+pub const MAX_BODY: usize = 1 << 20;
+/// How long an operation has to start its answer (a bounce waits for the
+/// services; a stream's head comes at once and its body flows on after).
+pub const DEADLINE: Duration = Duration::from_mins(2);
 
 /// Every operation: method, path template (`{name}` is one segment).
 pub const ROUTES: &[(&str, &str)] = &[
@@ -116,7 +126,7 @@ pub struct Parts {
 /// The API; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Api {
-    inner: Arc<Inner>,
+    router: Router,
 }
 
 #[derive(Debug)]
@@ -125,100 +135,16 @@ struct Inner {
     started: Instant,
 }
 
-/// Which route a request matched, with the `{name}` segment.
-fn route<'p>(method: &Method, path: &'p str) -> Result<(usize, Option<&'p str>), ApiError> {
-    let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-    let mut path_matched = false;
-    for (i, (m, template)) in ROUTES.iter().enumerate() {
-        let parts: Vec<&str> = template.split('/').collect();
-        if parts.len() != segments.len() {
-            continue;
-        }
-        let mut name = None;
-        let fits = parts.iter().zip(&segments).all(|(t, s)| {
-            if *t == "{name}" {
-                name = Some(*s);
-                !s.is_empty()
-            } else {
-                t == s
-            }
-        });
-        if !fits {
-            continue;
-        }
-        path_matched = true;
-        if method.as_str() == *m {
-            return Ok((i, name));
-        }
-    }
-    if path_matched {
-        Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("{method} is not allowed on {path}"),
-        ))
-    } else {
-        Err(ApiError::not_found(format!(
-            "no such API path: {path} (see /v1 in the API document)"
-        )))
-    }
-}
-
 impl Api {
     /// An API over `parts`.
     #[must_use]
     pub fn new(parts: Parts) -> Self {
+        let shared = Arc::new(Inner {
+            parts,
+            started: Instant::now(),
+        });
         Self {
-            inner: Arc::new(Inner {
-                parts,
-                started: Instant::now(),
-            }),
-        }
-    }
-
-    /// Answers one request.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        let mut resp = match self.dispatch(req).await {
-            Ok(resp) => resp,
-            Err(err) => body::error(&err),
-        };
-        resp.headers_mut()
-            .insert(VERSION_HEADER, HeaderValue::from_static(API_VERSION));
-        resp
-    }
-
-    async fn dispatch(&self, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-        let p = &self.inner.parts;
-        if !p.token.allows(req.headers()) {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "a valid token is needed: send `Authorization: Bearer <token>`",
-            ));
-        }
-        let path = req.uri().path().to_owned();
-        // Not part of the API's document: test builds only.
-        #[cfg(feature = "faults")]
-        if path == "/v1/faults" {
-            return faults::handle(req).await;
-        }
-        let (index, name) = route(req.method(), &path)?;
-        let name = name.map(str::to_owned);
-        let name = || name.clone().expect("the route has a {name} segment");
-        match ROUTES[index].1 {
-            "/v1/status" => Ok(status::get(p, self.inner.started).await),
-            "/v1/ports" => Ok(ports::list(p)),
-            "/v1/ports/events" => Ok(ports::events(p)),
-            "/v1/services" if req.method() == Method::GET => Ok(services::list(p)),
-            "/v1/services" => services::create(p, req).await,
-            "/v1/services/{name}" if req.method() == Method::GET => services::get(p, &name()),
-            "/v1/services/{name}" => services::delete(p, &name()).await,
-            "/v1/services/{name}/start" => services::start(p, &name()).await,
-            "/v1/services/{name}/stop" => services::stop(p, &name()).await,
-            "/v1/services/{name}/logs" => logs::get(p, &name(), req.uri().query()).await,
-            "/v1/bounce" => bounce::post(p).await,
-            "/v1/certificates/renew" => certificates::renew(p),
-            other => Err(ApiError::internal(format!("route {other} has no handler"))),
+            router: router(shared),
         }
     }
 
@@ -226,11 +152,7 @@ impl Api {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let api = self.clone();
-        let service = service_fn(move |req| {
-            let api = api.clone();
-            async move { Ok::<_, Infallible>(api.handle(req).await) }
-        });
+        let service = hyper_util::service::TowerToHyperService::new(self.router.clone());
         if let Err(err) = http1::Builder::new()
             .serve_connection(TokioIo::new(io), service)
             .await
@@ -275,6 +197,130 @@ impl Api {
     }
 }
 
+type Shared = Arc<Inner>;
+
+/// The handler of each operation in [`ROUTES`].
+fn operation(method: &str, path: &str) -> MethodRouter<Shared> {
+    match (method, path) {
+        ("GET", "/v1/status") => {
+            get(|State(s): State<Shared>| async move { status::get(&s.parts, s.started).await })
+        }
+        ("GET", "/v1/ports") => get(|State(s): State<Shared>| async move { ports::list(&s.parts) }),
+        ("GET", "/v1/ports/events") => {
+            get(|State(s): State<Shared>| async move { ports::events(&s.parts) })
+        }
+        ("GET", "/v1/services") => {
+            get(|State(s): State<Shared>| async move { services::list(&s.parts) })
+        }
+        ("POST", "/v1/services") => post(|State(s): State<Shared>, req: Request| async move {
+            services::create(&s.parts, req).await
+        }),
+        ("GET", "/v1/services/{name}") => get(
+            |State(s): State<Shared>, Segment(name): Segment<String>| async move {
+                services::get(&s.parts, &name)
+            },
+        ),
+        ("DELETE", "/v1/services/{name}") => delete(
+            |State(s): State<Shared>, Segment(name): Segment<String>| async move {
+                services::delete(&s.parts, &name).await
+            },
+        ),
+        ("POST", "/v1/services/{name}/start") => post(
+            |State(s): State<Shared>, Segment(name): Segment<String>| async move {
+                services::start(&s.parts, &name).await
+            },
+        ),
+        ("POST", "/v1/services/{name}/stop") => post(
+            |State(s): State<Shared>, Segment(name): Segment<String>| async move {
+                services::stop(&s.parts, &name).await
+            },
+        ),
+        ("GET", "/v1/services/{name}/logs") => get(
+            |State(s): State<Shared>, Segment(name): Segment<String>, RawQuery(q): RawQuery| async move {
+                logs::get(&s.parts, &name, q.as_deref()).await
+            },
+        ),
+        ("POST", "/v1/bounce") => {
+            post(|State(s): State<Shared>| async move { bounce::post(&s.parts).await })
+        }
+        ("POST", "/v1/certificates/renew") => {
+            post(|State(s): State<Shared>| async move { certificates::renew(&s.parts) })
+        }
+        (method, path) => panic!("no handler for {method} {path} in ROUTES"),
+    }
+}
+
+/// Every operation of [`ROUTES`] (the document's), behind the stack the
+/// module's documentation describes.
+fn router(shared: Shared) -> Router {
+    let mut router = Router::new();
+    for (method, path) in ROUTES {
+        router = router.route(path, operation(method, path));
+    }
+    // Not part of the API's document: test builds only.
+    #[cfg(feature = "faults")]
+    {
+        router = router.route("/v1/faults", get(faults::list).post(faults::arm));
+    }
+    router
+        .fallback(|uri: Uri| async move {
+            ApiError::not_found(format!(
+                "no such API path: {} (see /v1 in the API document)",
+                uri.path()
+            ))
+        })
+        .method_not_allowed_fallback(|method: http::Method, uri: Uri| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed on {}", uri.path()),
+            )
+        })
+        .layer(middleware::from_fn(deadline))
+        .layer(middleware::from_fn(limit_body))
+        .layer(middleware::from_fn_with_state(shared.clone(), authorize))
+        .layer(middleware::map_response(finish))
+        .with_state(shared)
+}
+
+async fn authorize(State(s): State<Shared>, req: Request, next: Next) -> axum::response::Response {
+    if !s.parts.token.allows(req.headers()) {
+        return axum::response::IntoResponse::into_response(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid token is needed: send `Authorization: Bearer <token>`",
+        ));
+    }
+    next.run(req).await
+}
+
+async fn limit_body(req: Request, next: Next) -> axum::response::Response {
+    let req = req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, MAX_BODY)));
+    next.run(req).await
+}
+
+async fn deadline(req: Request, next: Next) -> axum::response::Response {
+    let what = format!("{} {}", req.method(), req.uri().path());
+    match tokio::time::timeout(DEADLINE, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => axum::response::IntoResponse::into_response(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            format!(
+                "{what} did not answer within {} s; try again",
+                DEADLINE.as_secs()
+            ),
+        )),
+    }
+}
+
+/// The version header on every answer.
+async fn finish(mut resp: axum::response::Response) -> axum::response::Response {
+    resp.headers_mut()
+        .insert(VERSION_HEADER, HeaderValue::from_static(API_VERSION));
+    resp
+}
+
 /// Binds the API's Unix socket at `path` (replacing a stale one), writable
 /// by anyone who can reach the path: the token is still required.
 ///
@@ -301,26 +347,6 @@ pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn routes_match_templates() {
-        let get = Method::GET;
-        assert_eq!(route(&get, "/v1/status").unwrap(), (0, None));
-        assert_eq!(route(&get, "/v1/services/web").unwrap(), (5, Some("web")));
-        assert_eq!(
-            route(&Method::POST, "/v1/services/web/stop").unwrap(),
-            (8, Some("web"))
-        );
-        assert_eq!(route(&get, "/v1/nothing").unwrap_err().code, "not_found");
-        assert_eq!(
-            route(&Method::PUT, "/v1/status").unwrap_err().code,
-            "method_not_allowed"
-        );
-        assert_eq!(
-            route(&get, "/v1/services//logs").unwrap_err().code,
-            "not_found"
-        );
-    }
 
     /// The checked-in `OpenAPI` document describes exactly the routes served.
     #[test]
@@ -349,5 +375,9 @@ mod tests {
             assert!(op["responses"]["401"].is_object(), "{method} {path}: 401");
         }
         assert_eq!(doc["info"]["version"], API_VERSION);
+        // Each has its handler (the router is built from the same table).
+        for (method, path) in ROUTES {
+            let _ = operation(method, path);
+        }
     }
 }

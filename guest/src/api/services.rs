@@ -2,8 +2,7 @@
 //! services.
 #![deny(clippy::disallowed_methods)]
 
-use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
+use http::{Response, StatusCode};
 
 use super::body::{self, Body};
 use super::{ApiError, Parts};
@@ -41,7 +40,10 @@ pub(super) fn get(p: &Parts, name: &str) -> Result<Response<Body>, ApiError> {
     Ok(body::json(StatusCode::OK, &status))
 }
 
-pub(super) async fn create(p: &Parts, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub(super) async fn create(
+    p: &Parts,
+    req: axum::extract::Request,
+) -> Result<Response<Body>, ApiError> {
     let spec: ServiceSpec = body::read_json(req, MAX_SPEC, "service definition").await?;
     let status = p.services.create(spec).await.map_err(|e| api_error(&e))?;
     Ok(body::json(StatusCode::CREATED, &status))
