@@ -18,7 +18,6 @@
 use std::path::Path;
 
 use nix::mount::MsFlags;
-use serde::Serialize;
 
 /// How much of a disk's start [`is_blank`] reads: past the partition
 /// tables, the ext2/3/4 superblock (1 KiB in) and btrfs's (64 KiB in).
@@ -38,36 +37,7 @@ pub fn is_blank(device: &Path) -> std::io::Result<bool> {
     Ok(start.iter().all(|&b| b == 0))
 }
 
-/// What became of a disk at boot.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DiskState {
-    /// It mounted as it was.
-    Mounted,
-    /// It was blank and was formatted (a new VM).
-    Formatted,
-    /// It did not mount; `e2fsck -p` repaired it and it mounted.
-    Repaired,
-    /// It did not mount and could not be repaired without a decision: it
-    /// is left untouched and not mounted.
-    Refused,
-}
-
-/// One disk's state, as `GET /v1/status` shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct DiskReport {
-    /// `platform` or `user`.
-    pub role: &'static str,
-    /// The device (`virtio:SERIAL` as configured, or its path).
-    pub device: String,
-    /// Where it is (or would be) mounted.
-    pub mount: String,
-    /// What happened to it.
-    pub state: DiskState,
-    /// Why it was refused, or what the repair fixed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
-}
+pub use nestbox_api::types::{DiskReport, DiskState};
 
 /// What `e2fsck -p` ended with (its exit status is a bit set).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -217,7 +187,7 @@ impl DiskOps for System {
 #[must_use]
 pub fn bring_up(role: &'static str, spec: &Path, dir: &Path, mkfs_args: &[&str]) -> DiskReport {
     let mut report = DiskReport {
-        role,
+        role: role.to_owned(),
         device: spec.display().to_string(),
         mount: dir.display().to_string(),
         state: DiskState::Refused,

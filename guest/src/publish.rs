@@ -18,39 +18,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use nestbox_ingress::routes::Backend;
 use nestbox_ingress::serve::Handles;
 use parking_lot::Mutex;
-use serde::Serialize;
 use tokio::sync::broadcast;
 
 use crate::portwatch::PortEvent;
 
-/// An open port, as the API shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct PortInfo {
-    /// The TCP port.
-    pub port: u16,
-    /// The addresses its listeners are bound to.
-    pub addrs: Vec<IpAddr>,
-    /// The listening process (root pid namespace), when known.
-    pub pid: Option<u32>,
-    /// Its name (`comm`), when known.
-    pub process: Option<String>,
-    /// Its URL.
-    pub url: String,
-    /// Whether it is also the VM's primary URL.
-    pub primary: bool,
-}
-
-/// A change of the open ports.
-#[derive(Clone, Debug, Serialize)]
-pub struct PortChange {
-    /// `open` or `close`.
-    pub event: &'static str,
-    /// The port, as it was when the change happened.
-    #[serde(flatten)]
-    pub port: PortInfo,
-    /// When the guest learned of it (Unix ms).
-    pub ts_ms: u64,
-}
+pub use nestbox_api::types::{PortChange, PortChangeKind, PortInfo};
 
 /// The VM's names.
 #[derive(Clone, Debug)]
@@ -205,7 +177,7 @@ impl Publisher {
                 tracing::info!(port, url = %info.url, primary, "port published");
                 st.ports.insert(port, info.clone());
                 let _ = self.changes.send(PortChange {
-                    event: "open",
+                    event: PortChangeKind::Open,
                     port: info,
                     ts_ms: now_ms(),
                 });
@@ -225,7 +197,7 @@ impl Publisher {
         }
         tracing::info!(port = info.port, "port withdrawn");
         let _ = self.changes.send(PortChange {
-            event: "close",
+            event: PortChangeKind::Close,
             port: info.clone(),
             ts_ms: now_ms(),
         });
@@ -382,7 +354,7 @@ mod tests {
         assert!(ports[1].primary && !ports[0].primary);
         assert_eq!(ports[0].process.as_deref(), Some("server"));
         let first = changes.try_recv().unwrap();
-        assert_eq!((first.event, first.port.port), ("open", 8080));
+        assert_eq!((first.event, first.port.port), (PortChangeKind::Open, 8080));
 
         p.apply(&closed(8080));
         assert!(routes.get("vm1.test").is_none());
@@ -396,6 +368,13 @@ mod tests {
         let events: Vec<_> = std::iter::from_fn(|| changes.try_recv().ok())
             .map(|c| (c.event, c.port.port))
             .collect();
-        assert_eq!(events, [("open", 3000), ("close", 8080), ("close", 3000)]);
+        assert_eq!(
+            events,
+            [
+                (PortChangeKind::Open, 3000),
+                (PortChangeKind::Close, 8080),
+                (PortChangeKind::Close, 3000)
+            ]
+        );
     }
 }

@@ -17,7 +17,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::cgroup::CgroupError;
 
@@ -99,40 +99,7 @@ const CONTROLLERS: [&str; 4] = ["memory", "pids", "cpu", "io"];
 /// its reserve still runs a shell).
 const MIN_CONTAINER_BYTES: u64 = 32 << 20;
 
-/// The limits in force, as `GET /v1/status` reports them.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Applied {
-    /// The container's `memory.max`, in bytes.
-    pub memory_max: Option<u64>,
-    /// The container's `memory.high`, in bytes.
-    pub memory_high: Option<u64>,
-    /// The platform's `memory.min`, in bytes.
-    pub platform_memory_min: Option<u64>,
-    /// The container's `pids.max`.
-    pub pids_max: Option<u64>,
-    /// The container's `cpu.weight`.
-    pub cpu_weight: Option<u16>,
-    /// The container's `io.weight`.
-    pub io_weight: Option<u16>,
-    /// Limits that are not in force, each with the reason.
-    pub missing: Vec<String>,
-}
-
-/// What the container uses now, and how often it ran into its limits
-/// (`GET /v1/status`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Usage {
-    /// Its memory (`memory.current`), in bytes.
-    pub memory_bytes: Option<u64>,
-    /// Times it was over `memory.high` and throttled (`memory.events` high).
-    pub memory_high_events: Option<u64>,
-    /// Processes its own OOM killer killed (`memory.events` `oom_kill`).
-    pub oom_kills: Option<u64>,
-    /// Its processes and threads (`pids.current`).
-    pub pids: Option<u64>,
-    /// Forks refused at `pids.max` (`pids.events` max).
-    pub pids_max_events: Option<u64>,
-}
+pub use nestbox_api::types::{Applied, Usage};
 
 /// A number from a one-value cgroup file.
 fn read_number(path: &Path) -> Option<u64> {

@@ -217,7 +217,7 @@ async fn init_vm(config: &GuestConfig) -> Vec<DiskReport> {
         tokio::task::spawn_blocking(move || crate::disk::bring_up(role, &device, &dir, args))
             .await
             .unwrap_or_else(|e| DiskReport {
-                role,
+                role: role.to_owned(),
                 device: shown,
                 mount: String::new(),
                 state: DiskState::Refused,

@@ -17,7 +17,9 @@ pub(super) async fn post(p: &Parts) -> Result<Response<Body>, ApiError> {
     match rx.await {
         Ok(Ok(())) => Ok(body::json(
             StatusCode::OK,
-            &serde_json::json!({ "container": "running" }),
+            &nestbox_api::types::Bounced {
+                container: "running".to_owned(),
+            },
         )),
         Ok(Err(why)) => Err(ApiError::internal(format!("the bounce failed: {why}"))),
         Err(_) => Err(ApiError::internal("the supervisor dropped the bounce")),

@@ -19,6 +19,6 @@ pub(super) fn renew(p: &Parts) -> Result<Response<Body>, ApiError> {
     tracing::info!(?hosts, "renewing every certificate (API)");
     Ok(body::json(
         StatusCode::ACCEPTED,
-        &serde_json::json!({ "renewing": hosts }),
+        &nestbox_api::types::Renewing { renewing: hosts },
     ))
 }

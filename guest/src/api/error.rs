@@ -2,7 +2,6 @@
 #![deny(clippy::disallowed_methods)]
 
 use http::StatusCode;
-use serde::Serialize;
 
 /// An error answer: `{"error": {"code": "…", "message": "…"}}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,17 +12,6 @@ pub struct ApiError {
     pub code: &'static str,
     /// What went wrong and what to do, for a person.
     pub message: String,
-}
-
-#[derive(Serialize)]
-struct Wire<'a> {
-    error: Inner<'a>,
-}
-
-#[derive(Serialize)]
-struct Inner<'a> {
-    code: &'a str,
-    message: &'a str,
 }
 
 impl ApiError {
@@ -46,6 +34,11 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid", message)
     }
 
+    /// 400 with a code more precise than `invalid`.
+    pub fn invalid_code(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
     /// 500 for a failure of the guest itself.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
@@ -54,13 +47,8 @@ impl ApiError {
     /// The JSON body.
     #[must_use]
     pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(&Wire {
-            error: Inner {
-                code: self.code,
-                message: &self.message,
-            },
-        })
-        .expect("an error serializes")
+        serde_json::to_vec(&nestbox_api::ErrorBody::new(self.code, &*self.message))
+            .expect("an error serializes")
     }
 }
 

@@ -34,7 +34,6 @@ use axum::routing::{MethodRouter, delete, get, post};
 use http::{HeaderValue, StatusCode, Uri};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -46,10 +45,7 @@ use crate::logs::Logs;
 use crate::publish::Publisher;
 use crate::services::Manager;
 
-/// The API version this guest serves.
-pub const API_VERSION: &str = "1";
-/// The header that carries it on every response.
-pub const VERSION_HEADER: &str = "nestbox-api-version";
+pub use nestbox_api::{API_VERSION, CAPABILITIES_HEADER, VERSION_HEADER};
 /// The guest's version.
 pub const GUEST_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The largest request body any operation takes.
@@ -74,19 +70,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/certificates/renew"),
 ];
 
-/// The inner container's state, as the API reports it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case", tag = "state", content = "detail")]
-pub enum ContainerState {
-    /// Being built.
-    Starting,
-    /// Up; services run in it.
-    Running,
-    /// Being torn down and built again.
-    Bouncing,
-    /// Could not be built (why).
-    Failed(String),
-}
+pub use nestbox_api::types::ContainerState;
 
 /// Requests the API passes to the guest's supervisor.
 #[derive(Debug)]
@@ -279,7 +263,7 @@ fn router(shared: Shared) -> Router {
         .layer(middleware::from_fn(deadline))
         .layer(middleware::from_fn(limit_body))
         .layer(middleware::from_fn_with_state(shared.clone(), authorize))
-        .layer(middleware::map_response(finish))
+        .layer(middleware::from_fn(version))
         .with_state(shared)
 }
 
@@ -314,11 +298,37 @@ async fn deadline(req: Request, next: Next) -> axum::response::Response {
     }
 }
 
-/// The version header on every answer.
-async fn finish(mut resp: axum::response::Response) -> axum::response::Response {
-    resp.headers_mut()
-        .insert(VERSION_HEADER, HeaderValue::from_static(API_VERSION));
+/// The version both sides speak ([`nestbox_api::version::negotiate`]) on
+/// every answer, and the extensions this guest serves; a client older than
+/// N−1 is refused before anything else.
+async fn version(req: Request, next: Next) -> axum::response::Response {
+    let offered = req
+        .headers()
+        .get(VERSION_HEADER)
+        .map(|v| v.to_str().unwrap_or("?"));
+    let (version, mut resp) = match nestbox_api::version::negotiate(offered) {
+        Ok(v) => (v, next.run(req).await),
+        Err(err) => (
+            API_VERSION,
+            axum::response::IntoResponse::into_response(ApiError::invalid_code(
+                "unsupported_version",
+                err.to_string(),
+            )),
+        ),
+    };
+    let headers = resp.headers_mut();
+    headers.insert(VERSION_HEADER, HeaderValue::from(version));
+    headers.insert(
+        CAPABILITIES_HEADER,
+        HeaderValue::from_static(capabilities()),
+    );
     resp
+}
+
+/// [`nestbox_api::version::CAPABILITIES`], comma-separated.
+fn capabilities() -> &'static str {
+    static LIST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    LIST.get_or_init(|| nestbox_api::version::CAPABILITIES.join(", "))
 }
 
 /// Binds the API's Unix socket at `path` (replacing a stale one), writable
@@ -374,7 +384,7 @@ mod tests {
             let op = &doc["paths"][path][method.to_lowercase()];
             assert!(op["responses"]["401"].is_object(), "{method} {path}: 401");
         }
-        assert_eq!(doc["info"]["version"], API_VERSION);
+        assert_eq!(doc["info"]["version"], API_VERSION.to_string());
         // Each has its handler (the router is built from the same table).
         for (method, path) in ROUTES {
             let _ = operation(method, path);

@@ -22,7 +22,7 @@ pub(super) fn events(p: &Parts) -> Response<Body> {
         .ports()
         .into_iter()
         .map(|port| PortChange {
-            event: "open",
+            event: crate::publish::PortChangeKind::Open,
             port,
             ts_ms: 0,
         })

@@ -5,49 +5,10 @@
 use std::time::Instant;
 
 use http::{Response, StatusCode};
-use serde::Serialize;
+use nestbox_api::types::{DiskUsage, Status};
 
 use super::body::{self, Body};
-use super::{API_VERSION, ContainerState, GUEST_VERSION, Parts};
-use crate::resources::{Applied, Usage};
-
-#[derive(Serialize)]
-struct Status<'a> {
-    version: &'static str,
-    /// The VM image this guest booted from (`None` outside a VM image).
-    image: Option<&'static str>,
-    api_version: &'static str,
-    name: String,
-    url: String,
-    uptime_s: u64,
-    container: ContainerState,
-    services: usize,
-    ports: usize,
-    /// The container's resource limits (and those not in force, why).
-    limits: Applied,
-    /// What the container uses now, and how often it met its limits.
-    usage: Usage,
-    /// The filesystem of the container's writable layer.
-    user_disk: Option<DiskUsage>,
-    /// Each disk's state at boot: mounted, formatted, repaired, or refused
-    /// (untouched, with the reason).
-    disks: &'a [crate::disk::DiskReport],
-    /// The services' logs: how far they are on the disk, what was dropped.
-    logs: crate::logs::LogStats,
-}
-
-/// Space on a filesystem, in bytes.
-#[derive(Serialize)]
-pub struct DiskUsage {
-    /// Where it is mounted (the container's writable layer).
-    path: String,
-    /// Its size.
-    total_bytes: u64,
-    /// Used.
-    used_bytes: u64,
-    /// What the container may still write.
-    available_bytes: u64,
-}
+use super::{API_VERSION, GUEST_VERSION, Parts};
 
 /// The usage of the filesystem holding `path` (`statvfs`, blocking).
 fn disk_usage(path: &std::path::Path) -> Option<DiskUsage> {
@@ -99,9 +60,9 @@ pub(super) async fn get(p: &Parts, started: Instant) -> Response<Body> {
     body::json(
         StatusCode::OK,
         &Status {
-            version: GUEST_VERSION,
-            image,
-            api_version: API_VERSION,
+            version: GUEST_VERSION.to_owned(),
+            image: image.map(str::to_owned),
+            api_version: API_VERSION.to_string(),
             name: names.name.clone(),
             url: format!("https://{}/", names.vm_host()),
             uptime_s: started.elapsed().as_secs(),
@@ -111,7 +72,7 @@ pub(super) async fn get(p: &Parts, started: Instant) -> Response<Body> {
             limits: p.limits.clone(),
             usage,
             user_disk,
-            disks: &p.disks,
+            disks: p.disks.clone(),
             logs: p.logs.stats(),
         },
     )

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{Launcher, ServiceError, ServiceSpec, ServiceStatus, State, start_order};
+use super::{Check, Launcher, ServiceError, ServiceSpec, ServiceStatus, State, start_order};
 use crate::logs::{Logs, Stream};
 
 /// The wait before a restart: 100 ms, doubled per quick exit, up to 30 s.

@@ -10,12 +10,10 @@ mod spec;
 
 use std::path::PathBuf;
 
-use serde::Serialize;
-
 use crate::spawn::{Process, Spawn, Stdio};
 
 pub use manager::Manager;
-pub use spec::{Restart, ServiceSpec, start_order};
+pub use spec::{Check, Restart, ServiceSpec, start_order};
 
 /// A started process, or why it did not start, some time later.
 pub type Spawning<'a> =
@@ -64,42 +62,7 @@ impl Launcher for HostLauncher {
     }
 }
 
-/// A service's state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    /// Its process runs.
-    Running,
-    /// Being started.
-    Starting,
-    /// Waiting to be started again after it exited.
-    Backoff,
-    /// Not running, on request (or the container is down).
-    Stopped,
-    /// Its process ended and its restart policy does not start it again
-    /// (until the container is rebuilt, or it is started on request).
-    Exited,
-}
-
-/// A service as the API shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct ServiceStatus {
-    /// Its name.
-    pub name: String,
-    /// Its definition.
-    pub spec: ServiceSpec,
-    /// Its state.
-    pub state: State,
-    /// Its process id (as the VM sees it) while running.
-    pub pid: Option<u32>,
-    /// How many times it was started again after exiting.
-    pub restarts: u32,
-    /// How its last run ended.
-    pub last_exit: Option<String>,
-    /// Its log lines dropped since the guest started (over the rate, or
-    /// with the disk behind).
-    pub logs_dropped: u64,
-}
+pub use nestbox_api::types::{ServiceState as State, ServiceStatus};
 
 /// Errors of the service manager.
 #[derive(Debug, thiserror::Error)]

@@ -2,67 +2,18 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
-
 use super::ServiceError;
 use crate::config::is_dns_label;
 
-/// A user service, as registered through the API.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServiceSpec {
-    /// Its name, a DNS label.
-    pub name: String,
-    /// The program (absolute, or found through `PATH` in the container).
-    pub cmd: String,
-    /// Its arguments.
-    #[serde(default)]
-    pub args: Vec<String>,
-    /// Its environment (nothing else is inherited; `PATH` defaults to the
-    /// usual directories).
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// Its working directory in the container (default `/`).
-    #[serde(default)]
-    pub dir: Option<String>,
-    /// Services started before this one.
-    #[serde(default)]
-    pub needs: Vec<String>,
-    /// The port this service serves HTTP on: the VM's primary URL
-    /// (`https://<vm>.<domain>/`) goes to it.
-    #[serde(default)]
-    pub http_port: Option<u16>,
-    /// When it is started again after its process ends.
-    #[serde(default)]
-    pub restart: Restart,
-}
+pub use nestbox_api::types::{Restart, ServiceSpec};
 
-/// When a service is started again after its process ends (with a backoff
-/// that grows while it keeps exiting quickly). Whatever the policy, every
-/// service not stopped on request starts again when the container is
-/// rebuilt (a bounce).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Restart {
-    /// Always (a server).
-    #[default]
-    Always,
-    /// Only if it failed: a non-zero exit, a signal, or no start at all.
-    OnFailure,
-    /// Never: a one-shot task; it shows as `exited`.
-    Never,
-}
-
-impl Restart {
-    /// Whether a run that ended `successfully` is followed by another.
-    #[must_use]
-    pub fn again(self, successfully: bool) -> bool {
-        match self {
-            Self::Always => true,
-            Self::OnFailure => !successfully,
-            Self::Never => false,
-        }
-    }
+/// The checks of a definition the guest makes before it stores one.
+pub trait Check {
+    /// Checks the fields that stand alone.
+    ///
+    /// # Errors
+    /// [`ServiceError::Invalid`] naming the field.
+    fn check(&self) -> Result<(), ServiceError>;
 }
 
 fn invalid(field: &'static str, why: impl Into<String>) -> ServiceError {
@@ -72,12 +23,8 @@ fn invalid(field: &'static str, why: impl Into<String>) -> ServiceError {
     }
 }
 
-impl ServiceSpec {
-    /// Checks the fields that stand alone.
-    ///
-    /// # Errors
-    /// [`ServiceError::Invalid`] naming the field.
-    pub fn check(&self) -> Result<(), ServiceError> {
+impl Check for ServiceSpec {
+    fn check(&self) -> Result<(), ServiceError> {
         if !is_dns_label(&self.name) {
             return Err(invalid(
                 "name",

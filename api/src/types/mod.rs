@@ -1,0 +1,14 @@
+//! The JSON bodies of the API's plain (non-WebSocket) operations, one
+//! module per resource.
+
+mod logs;
+mod ports;
+mod services;
+mod status;
+
+pub use logs::{LogLine, LogStats, Stream};
+pub use ports::{PortChange, PortChangeKind, PortInfo};
+pub use services::{Restart, ServiceSpec, ServiceState, ServiceStatus};
+pub use status::{
+    Applied, Bounced, ContainerState, DiskReport, DiskState, DiskUsage, Renewing, Status, Usage,
+};
