@@ -15,6 +15,9 @@ pub mod exec;
 pub mod types;
 pub mod version;
 
+#[cfg(feature = "client")]
+pub mod client;
+
 pub use error::{ErrorBody, ErrorDetail};
 pub use version::{API_VERSION, CAPABILITIES_HEADER, VERSION_HEADER};
 

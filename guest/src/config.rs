@@ -109,6 +109,10 @@ pub struct GuestConfig {
     /// synced to the disk.
     #[serde(default)]
     pub logs: crate::logs::LogLimits,
+    /// Exec sessions: how much of their output is kept for a reattach, how
+    /// long ended ones stay, how many at once.
+    #[serde(default)]
+    pub exec: crate::exec::ExecSettings,
     /// The HTTPS proxy: listeners, certificates (ACME or files), limits.
     /// Routes are made by the guest as ports open; static ones may be
     /// added here too.

@@ -36,6 +36,7 @@ pub mod cgroup;
 pub mod config;
 pub mod container;
 pub mod disk;
+pub mod exec;
 pub mod faults;
 pub mod graveyard;
 pub mod init;

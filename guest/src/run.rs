@@ -302,6 +302,18 @@ fn start_ingress(config: &GuestConfig, handles: &Handles, shutdown: &watch::Rece
     });
 }
 
+/// The exec sessions, their ring files on the data disk.
+fn exec_sessions(
+    config: &GuestConfig,
+    data: &Path,
+    layout: &CgroupLayout,
+    current: &Current,
+) -> Result<crate::exec::Sessions, RunError> {
+    let dir = data.join("exec");
+    crate::exec::Sessions::new(config.exec.clone(), &dir, &layout.inner, current.clone())
+        .map_err(|source| RunError::DataDir { path: dir, source })
+}
+
 /// Runs the guest until `shutdown` turns true.
 ///
 /// # Errors
@@ -359,6 +371,7 @@ pub async fn run(
         inner_cgroup: layout.inner.clone(),
         disks,
         acme: config.ingress.acme.is_some().then(|| handles.clone()),
+        exec: exec_sessions(&config, &data, &layout, &current)?,
     });
     serve_api(&config, &api, &api_dir)?;
 

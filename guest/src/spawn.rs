@@ -189,9 +189,13 @@ pub struct Spawn {
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     dir: Option<OsString>,
+    stdin: Stdio,
     stdout: Stdio,
     stderr: Stdio,
     process_group: bool,
+    /// A terminal's slave side: the child's stdin, stdout and stderr, and
+    /// its controlling terminal in a session of its own.
+    terminal: Option<OwnedFd>,
     unshare: libc::c_int,
     confine: Option<Confinement>,
 }
@@ -203,6 +207,8 @@ pub struct Process {
     watch: Option<AsyncFd<OwnedFd>>,
     pidfd: Option<OwnedFd>,
     status: Option<ExitStatus>,
+    /// The write end of its stdin, when piped.
+    pub stdin: Option<OwnedFd>,
     /// The read end of its stdout, when piped.
     pub stdout: Option<OwnedFd>,
     /// The read end of its stderr, when piped.
@@ -256,9 +262,12 @@ struct Prepared {
     fds: [Option<RawFd>; 3],
     /// Closed in the parent after the clone.
     _child_fds: [Option<OwnedFd>; 3],
-    /// Our ends of the piped stdout and stderr.
-    ours: [Option<OwnedFd>; 2],
+    /// Our ends of the piped stdin, stdout and stderr.
+    ours: [Option<OwnedFd>; 3],
     process_group: bool,
+    /// Whether the child leads a new session whose controlling terminal is
+    /// its stdin.
+    session: bool,
     unshare: libc::c_int,
     confine: Option<PreparedConfinement>,
     report: RawFd,
@@ -294,7 +303,11 @@ fn child(p: &Prepared) -> ! {
                 );
             }
         }
-        if p.process_group && libc::setpgid(0, 0) != 0 {
+        if p.session {
+            if libc::setsid() < 0 {
+                fail(1);
+            }
+        } else if p.process_group && libc::setpgid(0, 0) != 0 {
             fail(1);
         }
         for (target, fd) in (0..).zip(p.fds) {
@@ -307,6 +320,9 @@ fn child(p: &Prepared) -> ! {
             if !ok {
                 fail(2);
             }
+        }
+        if p.session && libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+            fail(12);
         }
         if let Some(c) = &p.confine
             && let Err(step) = confine(c)
@@ -413,7 +429,7 @@ unsafe fn confine(c: &PreparedConfinement) -> Result<(), i32> {
     Ok(())
 }
 
-const STEPS: [&str; 12] = [
+const STEPS: [&str; 13] = [
     "",
     "setpgid",
     "redirecting its output",
@@ -426,6 +442,7 @@ const STEPS: [&str; 12] = [
     "installing the seccomp filter",
     "setting its capabilities",
     "setting no_new_privs",
+    "taking its terminal",
 ];
 
 impl Spawn {
@@ -438,9 +455,11 @@ impl Spawn {
             args: Vec::new(),
             env: Vec::new(),
             dir: None,
+            stdin: Stdio::Null,
             stdout: Stdio::Inherit,
             stderr: Stdio::Inherit,
             process_group: false,
+            terminal: None,
             unshare: 0,
             confine: None,
         }
@@ -484,6 +503,20 @@ impl Spawn {
     /// The working directory.
     pub fn current_dir(&mut self, dir: impl AsRef<OsStr>) -> &mut Self {
         self.dir = Some(dir.as_ref().to_owned());
+        self
+    }
+
+    /// Where stdin comes from (`Null` unless set).
+    pub fn stdin(&mut self, how: Stdio) -> &mut Self {
+        self.stdin = how;
+        self
+    }
+
+    /// Gives the child the terminal whose slave side is `slave` as its
+    /// stdin, stdout, stderr and controlling terminal, in a new session
+    /// (which is also a new process group).
+    pub fn terminal(&mut self, slave: OwnedFd) -> &mut Self {
+        self.terminal = Some(slave);
         self
     }
 
@@ -561,9 +594,23 @@ impl Spawn {
                 cstring(&kv)
             })
             .collect::<io::Result<Vec<_>>>()?;
-        let child_in = Some(dev_null(false)?);
-        let (child_out, our_out) = output(self.stdout)?;
-        let (child_err, our_err) = output(self.stderr)?;
+        let (child_in, our_in, child_out, our_out, child_err, our_err) =
+            if let Some(slave) = &self.terminal {
+                let dup = || slave.try_clone().map(Some);
+                (dup()?, None, dup()?, None, dup()?, None)
+            } else {
+                let (child_in, our_in) = match self.stdin {
+                    Stdio::Inherit => (None, None),
+                    Stdio::Null => (Some(dev_null(false)?), None),
+                    Stdio::Piped => {
+                        let (read, write) = pipe()?;
+                        (Some(read), Some(write))
+                    }
+                };
+                let (child_out, our_out) = output(self.stdout)?;
+                let (child_err, our_err) = output(self.stderr)?;
+                (child_in, our_in, child_out, our_out, child_err, our_err)
+            };
         let pointers = |v: &[CString]| {
             v.iter()
                 .map(|a| a.as_ptr())
@@ -578,8 +625,9 @@ impl Spawn {
             dir: self.dir.as_deref().map(cstring).transpose()?,
             fds: [&child_in, &child_out, &child_err].map(|f| f.as_ref().map(AsRawFd::as_raw_fd)),
             _child_fds: [child_in, child_out, child_err],
-            ours: [our_out, our_err],
+            ours: [our_in, our_out, our_err],
             process_group: self.process_group,
+            session: self.terminal.is_some(),
             unshare: self.unshare,
             confine: self
                 .confine
@@ -633,7 +681,7 @@ impl Spawn {
             });
         }
         drop(report_write);
-        let [stdout, stderr] = std::mem::take(&mut prepared.ours);
+        let [stdin, stdout, stderr] = std::mem::take(&mut prepared.ours);
         drop(prepared);
         let mut process = Process {
             pid: u32::try_from(pid).map_err(io::Error::other)?,
@@ -641,6 +689,7 @@ impl Spawn {
             // SAFETY: CLONE_PIDFD stored a new descriptor for the child.
             pidfd: Some(unsafe { OwnedFd::from_raw_fd(pidfd) }),
             status: None,
+            stdin,
             stdout,
             stderr,
         };
@@ -774,6 +823,55 @@ impl Process {
         Ok(())
     }
 
+    /// Reaps it if it has exited, without waiting.
+    ///
+    /// # Errors
+    /// The error of `waitpid`.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        self.try_reap(libc::WNOHANG)
+    }
+
+    /// A second descriptor of its pidfd (readable once it has exited), to
+    /// wait on while the process itself stays where signals reach it.
+    ///
+    /// # Errors
+    /// The error of `dup`; once reaped, there is none.
+    pub fn pidfd_clone(&self) -> io::Result<OwnedFd> {
+        let fd = self
+            .pidfd()
+            .ok_or_else(|| io::Error::other("the process has been reaped"))?;
+        // SAFETY: the descriptor is ours and open while `self` lives.
+        unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()
+    }
+
+    /// Sends `signal` to its process group (it must lead one); nothing once
+    /// it has been reaped (until then its id cannot be reused, so the group
+    /// is its own).
+    ///
+    /// # Errors
+    /// The error of `kill`.
+    pub fn signal_group(&self, signal: libc::c_int) -> io::Result<()> {
+        if self.status.is_some() {
+            return Ok(());
+        }
+        nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.pid.cast_signed()),
+            nix::sys::signal::Signal::try_from(signal).map_err(io::Error::from)?,
+        )
+        .map_err(io::Error::from)
+    }
+
+    /// Its stdin as an async writer (when piped).
+    ///
+    /// # Errors
+    /// The error of registering the pipe with the runtime.
+    pub fn take_stdin(&mut self) -> io::Result<Option<tokio::net::unix::pipe::Sender>> {
+        self.stdin
+            .take()
+            .map(tokio::net::unix::pipe::Sender::from_owned_fd)
+            .transpose()
+    }
+
     /// Its stdout as an async reader (when piped).
     ///
     /// # Errors
@@ -809,6 +907,7 @@ impl Drop for Process {
             watch: self.watch.take(),
             pidfd: self.pidfd.take(),
             status: None,
+            stdin: None,
             stdout: None,
             stderr: None,
         };

@@ -879,3 +879,436 @@ fn a_services_http_port_moves_the_primary_url_at_once_and_back_on_delete() {
     assert!(ports.contains("\"primary\":true"), "{ports}");
     assert!(!ports.contains("3000"), "{ports}");
 }
+
+// ---- exec sessions (`/v1/exec`), through the ingress as a client would ----
+
+use nestbox_api::client::exec::{Event, Receiver};
+use nestbox_api::client::{Client, Transport};
+use nestbox_api::exec::{ExecParams, ExitStatus, KillEvent, KillRequest, StreamId};
+
+impl Env {
+    /// A client of the API at `https://api.vm1.test/`, through the ingress,
+    /// once its certificate is issued.
+    fn client(&self) -> Client {
+        let roots =
+            nestbox_api::client::roots_from_pem(&self.pebble.issuing_root().unwrap()).unwrap();
+        let client = Client::new(
+            Transport::Tls {
+                host: "api.vm1.test".into(),
+                addr: format!("10.202.{}.2:443", self.k).parse().unwrap(),
+                roots,
+            },
+            TOKEN,
+        );
+        let deadline = Instant::now() + Duration::from_mins(1);
+        runtime().block_on(async {
+            loop {
+                match client.status().await {
+                    Ok(_) => return,
+                    Err(err) => assert!(
+                        Instant::now() < deadline,
+                        "https://api.vm1.test/ did not answer in 60 s: {err}\n{}",
+                        self.log()
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        client
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn argv(words: &[&str]) -> ExecParams {
+    ExecParams {
+        cmd: words.iter().map(|w| (*w).to_owned()).collect(),
+        ..ExecParams::default()
+    }
+}
+
+/// Everything a connection gets until its end: stdout, stderr, the exit.
+async fn collect(rx: &mut Receiver) -> (Vec<u8>, Vec<u8>, Option<ExitStatus>) {
+    let (mut out, mut err, mut exit) = (Vec::new(), Vec::new(), None);
+    loop {
+        match tokio::time::timeout(Duration::from_mins(1), rx.next())
+            .await
+            .expect("a session's events stalled for 60 s")
+            .unwrap()
+        {
+            Event::Output(StreamId::Stderr, d) => err.extend(d),
+            Event::Output(_, d) => out.extend(d),
+            Event::Exit(s) => exit = Some(s),
+            Event::Closed => return (out, err, exit),
+            Event::Gap { from, to } => panic!("a gap from {from} to {to}"),
+            Event::Info(_) | Event::Screen(_) => {}
+        }
+    }
+}
+
+/// TTY output until it contains `want` (or 30 s pass).
+async fn read_until(rx: &mut Receiver, want: &str) -> String {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let event = tokio::time::timeout_at(deadline, rx.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{want:?} did not come within 30 s; the terminal showed {:?}",
+                    String::from_utf8_lossy(&seen)
+                )
+            })
+            .unwrap();
+        match event {
+            Event::Output(_, d) | Event::Screen(d) => seen.extend(d),
+            Event::Closed | Event::Exit(_) => panic!(
+                "the session ended before {want:?}: {:?}",
+                String::from_utf8_lossy(&seen)
+            ),
+            _ => {}
+        }
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        if text.contains(want) {
+            return text;
+        }
+    }
+}
+
+#[test]
+fn exec_passes_exit_codes_signals_stdin_streams_and_a_ttys_size() {
+    let env = Env::new(32);
+    let client = env.client();
+    runtime().block_on(async {
+        for code in [0, 1, 255] {
+            let (_tx, mut rx) = client
+                .exec(&argv(&["sh", "-c", &format!("exit {code}")]))
+                .await
+                .unwrap();
+            let (_, _, exit) = collect(&mut rx).await;
+            let exit = exit.expect("an exit frame");
+            assert_eq!((exit.exit_code, exit.signal.as_deref()), (code, None));
+        }
+        // Death by a signal: 128 + 9, and which signal.
+        let (_tx, mut rx) = client
+            .exec(&argv(&["sh", "-c", "kill -9 $$"]))
+            .await
+            .unwrap();
+        let exit = collect(&mut rx).await.2.unwrap();
+        assert_eq!(
+            (exit.exit_code, exit.signal.as_deref()),
+            (137, Some("KILL"))
+        );
+        assert!(!exit.oom_killed);
+        // stdout and stderr arrive as their own streams.
+        let (_tx, mut rx) = client
+            .exec(&argv(&["sh", "-c", "echo out; echo err >&2"]))
+            .await
+            .unwrap();
+        let (out, err, _) = collect(&mut rx).await;
+        assert_eq!((&out[..], &err[..]), (&b"out\n"[..], &b"err\n"[..]));
+        // Input, then its end: `cat` echoes and exits 0.
+        let mut params = argv(&["cat"]);
+        params.stdin = Some(true);
+        let (mut tx, mut rx) = client.exec(&params).await.unwrap();
+        tx.stdin(b"hello\nworld\n").await.unwrap();
+        tx.stdin_eof().await.unwrap();
+        let (out, _, exit) = collect(&mut rx).await;
+        assert_eq!(out, b"hello\nworld\n");
+        assert_eq!(exit.unwrap().exit_code, 0);
+        // Runs in the inner container: its hostname, its root.
+        let (_tx, mut rx) = client
+            .exec(&argv(&[
+                "sh",
+                "-c",
+                "hostname; cat /proc/1/cmdline | head -c 200; ls /.nestbox",
+            ]))
+            .await
+            .unwrap();
+        let out = String::from_utf8(collect(&mut rx).await.0).unwrap();
+        assert!(out.starts_with("vm1\n"), "{out}");
+        assert!(out.contains("api.sock"), "{out}");
+        // A TTY: its size, a resize, and an exit code through the terminal.
+        let params = ExecParams {
+            cmd: vec!["sh".into()],
+            tty: true,
+            rows: Some(24),
+            cols: Some(80),
+            ..ExecParams::default()
+        };
+        let (mut tx, mut rx) = client.exec(&params).await.unwrap();
+        tx.stdin(b"stty size; tty\n").await.unwrap();
+        let shown = read_until(&mut rx, "/dev/pts/").await;
+        assert!(shown.contains("24 80"), "{shown}");
+        tx.resize(40, 132).await.unwrap();
+        tx.stdin(b"stty size\n").await.unwrap();
+        read_until(&mut rx, "40 132").await;
+        tx.stdin(b"exit 3\n").await.unwrap();
+        let exit = collect(&mut rx).await.2.unwrap();
+        assert_eq!(exit.exit_code, 3);
+        // Bad input is refused before any upgrade, in the API's error shape.
+        let err = client
+            .exec(&ExecParams {
+                env: vec!["NOVALUE".into()],
+                ..argv(&["true"])
+            })
+            .await
+            .err()
+            .expect("an invalid env is refused");
+        assert!(err.to_string().contains("env"), "{err}");
+        let err = client
+            .attach("999", None)
+            .await
+            .err()
+            .expect("no such session");
+        assert!(err.to_string().contains("no exec session"), "{err}");
+    });
+}
+
+/// `seq 1 N`'s output, as busybox prints it.
+fn seq(n: u32) -> Vec<u8> {
+    (1..=n)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .collect()
+}
+
+#[test]
+fn a_detached_session_runs_on_and_a_reattach_replays_every_byte_or_says_gap() {
+    // 64 KiB in memory, 2 MiB in all: a 1 MiB replay comes from the disk.
+    let env = Env::with_tables(33, "", "[exec]\nmemory_kib = 64\nbuffer_mib = 2\n");
+    let client = env.client();
+    runtime().block_on(async {
+        let want = seq(200_000);
+        assert!(want.len() > 1 << 20);
+        let mut params = argv(&["sh", "-c", "sleep 1; seq 1 200000"]);
+        params.max_run_after_disconnect = Some("60s".into());
+        let (tx, rx) = client.exec(&params).await.unwrap();
+        // Detach at once: the output comes while nobody is attached.
+        tx.close().await.unwrap();
+        drop(rx);
+        let id = wait_session(&client, |s| s.exit.is_some()).await;
+        let listed = client.sessions().await.unwrap();
+        let s = listed.sessions.iter().find(|s| s.id == id).unwrap();
+        assert_eq!(s.output_bytes, want.len() as u64);
+        assert_eq!(s.exit.as_ref().unwrap().exit_code, 0);
+        // From 0: every byte, in order, then the exit.
+        let (_tx, mut rx) = client.attach(&id, Some(0)).await.unwrap();
+        let (out, _, exit) = collect(&mut rx).await;
+        assert!(
+            out == want,
+            "{} bytes back, {} written",
+            out.len(),
+            want.len()
+        );
+        assert_eq!(exit.unwrap().exit_code, 0);
+        // From the middle: exactly the rest.
+        let (_tx, mut rx) = client.attach(&id, Some(500_000)).await.unwrap();
+        assert_eq!(collect(&mut rx).await.0, want[500_000..]);
+
+        // 3 MiB through a 2 MiB buffer: a reattach from 0 says what is lost.
+        let want = seq(450_000);
+        let (tx, rx) = client
+            .exec(&argv(&["sh", "-c", "seq 1 450000"]))
+            .await
+            .unwrap();
+        tx.close().await.unwrap();
+        drop(rx);
+        let id = wait_session(&client, |s| {
+            s.exit.is_some() && s.command.contains("450000")
+        })
+        .await;
+        let (_tx, mut rx) = client.attach(&id, Some(0)).await.unwrap();
+        let mut gap = None;
+        let mut out = Vec::new();
+        loop {
+            match rx.next().await.unwrap() {
+                Event::Gap { from, to } => gap = Some((from, to)),
+                Event::Output(_, d) => out.extend(d),
+                Event::Closed => break,
+                _ => {}
+            }
+        }
+        let (from, to) = gap.expect("a gap");
+        assert_eq!(from, 0);
+        assert_eq!(to, want.len() as u64 - (2 << 20));
+        assert!(
+            out == want[usize::try_from(to).unwrap()..],
+            "{} bytes after the gap",
+            out.len()
+        );
+
+        // A TTY reattach without an offset shows the screen at once.
+        let params = ExecParams {
+            cmd: vec!["sh".into()],
+            tty: true,
+            ..ExecParams::default()
+        };
+        let (mut tx, mut rx) = client.exec(&params).await.unwrap();
+        let id = match client.sessions().await.unwrap().sessions.last() {
+            Some(s) => s.id.clone(),
+            None => panic!("no session listed"),
+        };
+        tx.stdin(b"echo marker-$((40+2))\n").await.unwrap();
+        read_until(&mut rx, "marker-42").await;
+        tx.close().await.unwrap();
+        drop(rx);
+        let (mut tx, mut rx) = client.attach(&id, None).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), rx.next()).await {
+            Ok(Ok(Event::Screen(screen))) => {
+                let text = String::from_utf8_lossy(&screen);
+                assert!(text.contains("marker-42"), "{text}");
+            }
+            other => panic!("no screen first: {other:?}"),
+        }
+        // It goes on: the shell still answers, and the owner's exit ends it.
+        tx.stdin(b"exit 7\n").await.unwrap();
+        assert_eq!(collect(&mut rx).await.2.unwrap().exit_code, 7);
+    });
+}
+
+/// The id of the newest session that `pred` accepts, waiting up to 60 s.
+async fn wait_session(
+    client: &Client,
+    pred: impl Fn(&nestbox_api::exec::Session) -> bool,
+) -> String {
+    let deadline = Instant::now() + Duration::from_mins(1);
+    loop {
+        let list = client.sessions().await.unwrap();
+        if let Some(s) = list.sessions.iter().rev().find(|s| pred(s)) {
+            return s.id.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no such session in 60 s: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn sessions_are_killed_on_request_and_when_nobody_comes_back() {
+    let env = Env::new(34);
+    let client = env.client();
+    runtime().block_on(async {
+        // TERM is enough for sleep.
+        let (_tx, _rx) = client.exec(&argv(&["sleep", "1000"])).await.unwrap();
+        let id = wait_session(&client, |s| s.command == "sleep 1000" && s.exit.is_none()).await;
+        let events = client
+            .kill(
+                &id,
+                &KillRequest {
+                    signal: None,
+                    grace_ms: Some(5000),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(events.first(), Some(KillEvent::Signal { signal, .. }) if signal == "TERM"),
+            "{events:?}"
+        );
+        assert!(
+            events.iter().any(|e| matches!(e, KillEvent::Exited { .. })),
+            "{events:?}"
+        );
+        match events.last() {
+            Some(KillEvent::Complete {
+                exit_code: 143,
+                exit,
+            }) => {
+                assert_eq!(exit.signal.as_deref(), Some("TERM"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // One that ignores TERM: killed with everything it started.
+        let (_tx, _rx) = client
+            .exec(&argv(&[
+                "sh",
+                "-c",
+                "trap '' TERM; sleep 1000 & sleep 1000; wait",
+            ]))
+            .await
+            .unwrap();
+        let id = wait_session(&client, |s| s.command.contains("trap") && s.exit.is_none()).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let events = client
+            .kill(
+                &id,
+                &KillRequest {
+                    signal: Some("TERM".into()),
+                    grace_ms: Some(300),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(
+            events.iter().any(|e| matches!(e, KillEvent::Killed { .. })),
+            "{events:?}"
+        );
+        assert!(
+            matches!(
+                events.last(),
+                Some(KillEvent::Complete { exit_code: 137, .. })
+            ),
+            "{events:?}"
+        );
+        // Nothing of it is left in the container.
+        let (_tx, mut rx) = client
+            .exec(&argv(&[
+                "sh",
+                "-c",
+                "ps -o args | grep -c '^sleep 1000' || true",
+            ]))
+            .await
+            .unwrap();
+        let out = String::from_utf8(collect(&mut rx).await.0).unwrap();
+        assert_eq!(out.trim(), "0", "sleep 1000 survived the kill");
+    });
+}
+
+#[test]
+fn a_detached_session_ends_after_its_linger_a_ttys_does_not_and_a_bounce_ends_all() {
+    let env = Env::new(35);
+    let client = env.client();
+    runtime().block_on(async {
+        // Detached with max_run_after_disconnect = 1s: gone a moment later.
+        let mut params = argv(&["sleep", "999"]);
+        params.max_run_after_disconnect = Some("1s".into());
+        let (tx, rx) = client.exec(&params).await.unwrap();
+        tx.close().await.unwrap();
+        drop(rx);
+        let id = wait_session(&client, |s| s.command == "sleep 999").await;
+        let ended = wait_session(&client, |s| s.id == id && s.exit.is_some()).await;
+        let list = client.sessions().await.unwrap();
+        let s = list.sessions.iter().find(|s| s.id == ended).unwrap();
+        assert_eq!(s.exit.as_ref().unwrap().signal.as_deref(), Some("KILL"));
+        // A TTY session is not killed by a disconnect (default: forever).
+        let params = ExecParams {
+            cmd: vec!["sleep".into(), "998".into()],
+            tty: true,
+            ..ExecParams::default()
+        };
+        let (tx, rx) = client.exec(&params).await.unwrap();
+        tx.close().await.unwrap();
+        drop(rx);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let list = client.sessions().await.unwrap();
+        let s = list
+            .sessions
+            .iter()
+            .find(|s| s.command == "sleep 998")
+            .unwrap();
+        assert!(s.exit.is_none() && s.pid.is_some(), "{s:?}");
+        // A bounce ends every session with the container.
+        let out = env.api("POST", "/v1/bounce", None);
+        assert!(out.status.success(), "{}", body(&out));
+        let id = s.id.clone();
+        wait_session(&client, |s| s.id == id && s.exit.is_some()).await;
+    });
+}

@@ -16,6 +16,7 @@ mod body;
 mod bounce;
 mod certificates;
 mod error;
+mod exec;
 #[cfg(feature = "faults")]
 mod faults;
 mod logs;
@@ -68,6 +69,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/services/{name}/logs"),
     ("POST", "/v1/bounce"),
     ("POST", "/v1/certificates/renew"),
+    ("GET", "/v1/exec"),
+    ("GET", "/v1/exec/{id}"),
+    ("POST", "/v1/exec/{id}/kill"),
 ];
 
 pub use nestbox_api::types::ContainerState;
@@ -105,6 +109,8 @@ pub struct Parts {
     pub disks: Vec<crate::disk::DiskReport>,
     /// The ingress's handles, when its certificates come from ACME.
     pub acme: Option<nestbox_ingress::serve::Handles>,
+    /// Exec sessions.
+    pub exec: crate::exec::Sessions,
 }
 
 /// The API; cheap to clone.
@@ -139,6 +145,7 @@ impl Api {
         let service = hyper_util::service::TowerToHyperService::new(self.router.clone());
         if let Err(err) = http1::Builder::new()
             .serve_connection(TokioIo::new(io), service)
+            .with_upgrades()
             .await
         {
             tracing::debug!(?err, "API connection ended with an error");
@@ -230,6 +237,19 @@ fn operation(method: &str, path: &str) -> MethodRouter<Shared> {
         ("POST", "/v1/certificates/renew") => {
             post(|State(s): State<Shared>| async move { certificates::renew(&s.parts) })
         }
+        ("GET", "/v1/exec") => get(|State(s): State<Shared>, req: Request| async move {
+            exec::list_or_start(&s.parts, req).await
+        }),
+        ("GET", "/v1/exec/{id}") => get(
+            |State(s): State<Shared>, Segment(id): Segment<String>, req: Request| async move {
+                exec::attach(&s.parts, &id, req).await
+            },
+        ),
+        ("POST", "/v1/exec/{id}/kill") => post(
+            |State(s): State<Shared>, Segment(id): Segment<String>, req: Request| async move {
+                exec::kill(&s.parts, &id, req).await
+            },
+        ),
         (method, path) => panic!("no handler for {method} {path} in ROUTES"),
     }
 }

@@ -512,9 +512,23 @@ impl Container {
             .await
             .map_err(std::io::Error::other)?
             .map_err(std::io::Error::other)?;
+        self.run_inside(move || cmd.spawn(Some(dir.as_fd())))
+            .await?
+    }
+
+    /// Runs `f` on the container's own thread, which is in its namespaces
+    /// (its `/dev/ptmx` is the container's), and gives what it returns.
+    ///
+    /// # Errors
+    /// Why the container cannot take it (stopping).
+    pub async fn run_inside<T, F>(&self, f: F) -> std::io::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
-            let _ = tx.send(cmd.spawn(Some(dir.as_fd())));
+            let _ = tx.send(f());
         });
         self.jobs
             .as_ref()
@@ -522,7 +536,22 @@ impl Container {
             .send(job)
             .map_err(|_| std::io::Error::other("the container's thread is gone"))?;
         rx.await
-            .map_err(|_| std::io::Error::other("the container's thread dropped the request"))?
+            .map_err(|_| std::io::Error::other("the container's thread dropped the request"))
+    }
+
+    /// The directory of the cgroup `group` of this build (made if new).
+    ///
+    /// # Errors
+    /// Why it cannot be made.
+    pub async fn group_path(&self, group: &str) -> std::io::Result<PathBuf> {
+        let (leaf, group) = (self.leaf.clone(), group.to_owned());
+        tokio::task::spawn_blocking(move || {
+            group_dir(&leaf, &group)
+                .map(|_| leaf.join(&group))
+                .map_err(std::io::Error::other)
+        })
+        .await
+        .map_err(std::io::Error::other)?
     }
 
     /// Kills everything in the container and waits until its cgroup is
