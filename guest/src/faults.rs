@@ -23,8 +23,9 @@
 //! The points: `durable.written`, `durable.synced` and `durable.renamed`
 //! (each step of every atomic file replacement: service definitions,
 //! certificates; the subject is the file), `logs.sync` (log lines written,
-//! not yet synced; the subject is the services) and `portwatch` (the port
-//! watcher's event loop; only `panic`).
+//! not yet synced; the subject is the services), `portwatch` (the port
+//! watcher's event loop; only `panic`) and `api` (the API's listeners: a
+//! `panic` restarts the API, dropping its connections; only `panic`).
 
 #[cfg(feature = "faults")]
 pub use enabled::{Fault, arm, armed, install, list, point};
@@ -83,6 +84,7 @@ mod enabled {
         "durable.renamed",
         "logs.sync",
         "portwatch",
+        "api",
     ];
 
     static ARMED: Mutex<Vec<Fault>> = Mutex::new(Vec::new());

@@ -175,36 +175,63 @@ fn start_portwatch(
     });
 }
 
-/// Serves the API on its loopback port, on the container's gateway
-/// address (with egress) and on the Unix socket mounted into the container.
-fn serve_api(config: &GuestConfig, api: &Api, api_dir: &Path) -> Result<(), RunError> {
-    let tcp = std::net::TcpListener::bind(config.api.listen)
+/// Binds the API's listeners: its loopback port, the container's gateway
+/// address (with egress) and the Unix socket mounted into the container.
+fn bind_api(
+    listen: std::net::SocketAddr,
+    gateway: Option<std::net::SocketAddr>,
+    api_dir: &Path,
+) -> Result<api::Listeners, RunError> {
+    use api::Listener;
+    let tcp = std::net::TcpListener::bind(listen)
         .and_then(|l| {
             l.set_nonblocking(true)?;
             tokio::net::TcpListener::from_std(l)
         })
         .map_err(|source| RunError::ApiListen {
-            what: config.api.listen.to_string(),
+            what: listen.to_string(),
             source,
         })?;
+    let mut listeners = vec![Listener::Tcp(Arc::new(tcp))];
+    if let Some(addr) = gateway {
+        // The container reaches the API over TCP at its gateway (the token
+        // is still needed); bound before the address exists.
+        let gateway = bind_freebind(addr).map_err(|source| RunError::ApiListen {
+            what: addr.to_string(),
+            source,
+        })?;
+        listeners.push(Listener::Tcp(Arc::new(gateway)));
+    }
     let socket = api_dir.join("api.sock");
     let unix = api::bind_unix(&socket).map_err(|source| RunError::ApiListen {
         what: socket.display().to_string(),
         source,
     })?;
-    tokio::spawn(api.clone().serve_tcp(tcp));
-    if config.egress.enabled {
-        // The container reaches the API over TCP at its gateway (the token
-        // is still needed); bound before the address exists.
-        let addr = std::net::SocketAddr::from((config.egress.root_addr, config.api.listen.port()));
-        let gateway = bind_freebind(addr).map_err(|source| RunError::ApiListen {
-            what: addr.to_string(),
-            source,
-        })?;
-        tokio::spawn(api.clone().serve_tcp(gateway));
-    }
-    tokio::spawn(api.clone().serve_unix(unix));
+    listeners.push(Listener::Unix(Arc::new(unix)));
+    Ok(api::Listeners(listeners))
+}
 
+/// Serves the API as a platform service: bound here (a failure stops the
+/// start), bound again by each restart after a panic.
+fn serve_api(config: &GuestConfig, api: &Api, api_dir: &Path) -> Result<(), RunError> {
+    let listen = config.api.listen;
+    let gateway = config
+        .egress
+        .enabled
+        .then(|| std::net::SocketAddr::from((config.egress.root_addr, listen.port())));
+    let first = parking_lot::Mutex::new(Some(bind_api(listen, gateway, api_dir)?));
+    let (api, api_dir) = (api.clone(), api_dir.to_owned());
+    supervise("api", move || {
+        let listeners = first.lock().take();
+        let (api, api_dir) = (api.clone(), api_dir.clone());
+        async move {
+            let listeners = match listeners {
+                Some(l) => l,
+                None => bind_api(listen, gateway, &api_dir).map_err(|e| e.to_string())?,
+            };
+            api.serve(listeners).await.map_err(|e| e.to_string())
+        }
+    });
     Ok(())
 }
 

@@ -1312,3 +1312,58 @@ fn a_detached_session_ends_after_its_linger_a_ttys_does_not_and_a_bounce_ends_al
         wait_session(&client, |s| s.id == id && s.exit.is_some()).await;
     });
 }
+
+#[test]
+fn a_session_runs_on_across_a_restart_of_the_api_and_misses_nothing() {
+    let env = Env::new(36);
+    let client = env.client();
+    runtime().block_on(async {
+        // Prints a numbered line every 50 ms; its stdin stays open.
+        let mut params = argv(&[
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 100 ]; do echo line-$i; i=$((i+1)); sleep 0.05; done",
+        ]);
+        params.max_run_after_disconnect = Some("0".into());
+        let (tx, mut rx) = client.exec(&params).await.unwrap();
+        let first = read_until(&mut rx, "line-3\n").await;
+        let offset = rx.offset();
+        assert_eq!(offset, first.len() as u64);
+        let id = wait_session(&client, |s| {
+            s.exit.is_none() && s.command.starts_with("sh -c i=0")
+        })
+        .await;
+        tx.close().await.unwrap();
+        drop(rx);
+        // The API restarts: its listeners and plain connections go.
+        env.arm_fault(r#"{"point": "api", "action": "panic"}"#);
+        // The fault fires when the API next runs its loop: poke it.
+        let _ = env.api("GET", "/v1/status", None);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !env.log().contains("injected fault at api") {
+            assert!(
+                Instant::now() < deadline,
+                "the API did not restart:\n{}",
+                env.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        while client.status().await.is_err() {
+            assert!(Instant::now() < deadline, "the API did not come back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Everything from where the connection left off, and the exit.
+        let (_tx, mut rx) = client.attach(&id, Some(offset)).await.unwrap();
+        let (rest, _, exit) = collect(&mut rx).await;
+        let mut all = first.into_bytes();
+        all.extend(rest);
+        let want: Vec<u8> = (0..100)
+            .flat_map(|i| format!("line-{i}\n").into_bytes())
+            .collect();
+        assert_eq!(
+            String::from_utf8_lossy(&all),
+            String::from_utf8_lossy(&want)
+        );
+        assert_eq!(exit.unwrap().exit_code, 0);
+    });
+}

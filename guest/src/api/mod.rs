@@ -152,41 +152,79 @@ impl Api {
         }
     }
 
-    /// Serves the API on `listener` (TCP) until the task is dropped.
-    pub async fn serve_tcp(self, listener: TcpListener) {
-        self.serve_accepted(|| async { listener.accept().await.map(|(s, _)| s) })
-            .await;
+    /// Serves the API on every listener of `listeners` until the future
+    /// is dropped — which also drops every connection it accepted (a
+    /// restart of the API): only upgraded connections (exec WebSockets),
+    /// which run on tasks of their own, go on. In the tests' builds the
+    /// crash point `api` makes it panic, for the supervisor to restart it.
+    ///
+    /// # Errors
+    /// None so far: it serves until dropped.
+    pub async fn serve(self, listeners: Listeners) -> Result<(), std::io::Error> {
+        let mut loops = tokio::task::JoinSet::new();
+        for listener in listeners.0 {
+            let api = self.clone();
+            match listener {
+                Listener::Tcp(l) => {
+                    loops.spawn(api.serve_accepted(move || {
+                        let l = l.clone();
+                        async move { l.accept().await.map(|(s, _)| s) }
+                    }));
+                }
+                Listener::Unix(l) => {
+                    loops.spawn(api.serve_accepted(move || {
+                        let l = l.clone();
+                        async move { l.accept().await.map(|(s, _)| s) }
+                    }));
+                }
+            }
+        }
+        tokio::select! {
+            () = crate::faults::armed("api") => panic!("injected fault at api"),
+            _ = loops.join_next() => Err(std::io::Error::other("an API accept loop ended")),
+        }
     }
 
-    /// Serves the API on the Unix socket `listener` until the task is
-    /// dropped.
-    pub async fn serve_unix(self, listener: UnixListener) {
-        self.serve_accepted(|| async { listener.accept().await.map(|(s, _)| s) })
-            .await;
-    }
-
-    /// The accept loop, whatever the listener: each connection on its task;
-    /// a failed accept (EMFILE …) backs off instead of spinning.
+    /// The accept loop, whatever the listener: each connection on a task of
+    /// the loop's own (dropped with it); a failed accept (EMFILE …) backs
+    /// off instead of spinning.
     async fn serve_accepted<S, F, Fut>(self, mut accept: F)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = std::io::Result<S>>,
     {
+        let mut connections = tokio::task::JoinSet::new();
         loop {
-            match accept().await {
-                Ok(stream) => {
-                    let api = self.clone();
-                    tokio::spawn(async move { api.serve_connection(stream).await });
-                }
-                Err(err) => {
-                    tracing::warn!(?err, "API accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
+            tokio::select! {
+                accepted = accept() => match accepted {
+                    Ok(stream) => {
+                        let api = self.clone();
+                        connections.spawn(async move { api.serve_connection(stream).await });
+                    }
+                    Err(err) => {
+                        tracing::warn!(?err, "API accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = connections.join_next() => {}
             }
         }
     }
 }
+
+/// A listener of the API.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP (loopback, or the container's gateway).
+    Tcp(Arc<TcpListener>),
+    /// The Unix socket mounted into the container.
+    Unix(Arc<UnixListener>),
+}
+
+/// The API's listeners.
+#[derive(Debug, Default)]
+pub struct Listeners(pub Vec<Listener>);
 
 type Shared = Arc<Inner>;
 
