@@ -154,7 +154,7 @@ impl Api {
 
     /// Serves the API on every listener of `listeners` until the future
     /// is dropped — which also drops every connection it accepted (a
-    /// restart of the API): only upgraded connections (exec WebSockets),
+    /// restart of the API): only upgraded connections (exec sessions),
     /// which run on tasks of their own, go on. In the tests' builds the
     /// crash point `api` makes it panic, for the supervisor to restart it.
     ///
