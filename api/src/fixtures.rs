@@ -69,6 +69,9 @@ fn every_fixture_of_v1_round_trips() {
         "exec_sessions" => exec::Sessions,
         "exec_kill" => exec::KillRequest,
         "exec_kill_complete" => exec::KillEvent,
+        "proxy_init" => crate::proxy::ProxyInit,
+        "proxy_connected" => crate::proxy::ProxyStatus,
+        "proxy_error" => crate::proxy::ProxyStatus,
     );
     // A fixture nobody reads proves nothing: every file is in the list.
     let mut files: Vec<String> = std::fs::read_dir(dir(1))

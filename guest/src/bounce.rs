@@ -20,11 +20,13 @@ use crate::run::RunError;
 use crate::services::{Launcher, Manager, ServiceSpec};
 
 /// The running inner container, replaced on bounce.
-#[derive(Clone, Default)]
-pub(crate) struct Current(Arc<Mutex<Option<Arc<Container>>>>);
+#[derive(Clone, Default, Debug)]
+pub struct Current(Arc<Mutex<Option<Arc<Container>>>>);
 
 impl Current {
-    pub(crate) fn get(&self) -> Option<Arc<Container>> {
+    /// The container now, if one runs.
+    #[must_use]
+    pub fn get(&self) -> Option<Arc<Container>> {
         self.0.lock().clone()
     }
 

@@ -399,6 +399,8 @@ pub async fn run(
         disks,
         acme: config.ingress.acme.is_some().then(|| handles.clone()),
         exec: exec_sessions(&config, &data, &layout, &current)?,
+        current: current.clone(),
+        dialers: Arc::default(),
     });
     serve_api(&config, &api, &api_dir)?;
 

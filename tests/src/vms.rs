@@ -150,6 +150,26 @@ impl Host {
         }
     }
 
+    /// The root VMs' certificates chain to (Pebble's issuing root).
+    #[must_use]
+    pub fn ca(&self) -> &Path {
+        &self.root
+    }
+
+    /// Makes the DNS answer VM `name`'s names with `ip`, and destroys it
+    /// with the host (a VM made by something else than [`Host::create`]:
+    /// the `nestbox` CLI).
+    pub fn adopt(&mut self, name: &str, ip: &str) {
+        self.created.push(name.to_owned());
+        for host in [
+            format!("{name}.test"),
+            format!("api.{name}.test"),
+            format!("8080.{name}.test"),
+        ] {
+            self.pebble.add_a(&host, ip).unwrap();
+        }
+    }
+
     pub fn launcher(&self, args: &[&str]) -> Output {
         Command::new(crate::workspace_binary("nestbox-launcher"))
             .arg("--state-dir")

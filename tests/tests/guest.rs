@@ -1367,3 +1367,72 @@ fn a_session_runs_on_across_a_restart_of_the_api_and_misses_nothing() {
         assert_eq!(exit.unwrap().exit_code, 0);
     });
 }
+
+#[test]
+fn tunnels_reach_a_loopback_only_listener_in_the_container_byte_for_byte() {
+    let env = Env::new(37);
+    env.create_service(
+        r#"{"name": "echo", "cmd": "/nb-escape", "args": ["echo", "3000"], "restart": "always"}"#,
+    );
+    let client = env.client();
+    runtime().block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let tunnel = loop {
+            match client.proxy("localhost", 3000).await {
+                Ok(t) => break t,
+                Err(err) => {
+                    assert!(Instant::now() < deadline, "no tunnel: {err}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        assert_eq!(tunnel.target, "127.0.0.1:3000");
+        // 20 at once, each its own WebSocket and TCP connection.
+        let mut tasks = Vec::new();
+        for i in 0..20u8 {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let tunnel = client.proxy("127.0.0.1", 3000).await.unwrap();
+                let data: Vec<u8> = (0..300_000u32)
+                    .map(|j| j.to_le_bytes()[0].wrapping_mul(7) ^ i)
+                    .collect();
+                let (mut ours, theirs) = tokio::io::duplex(1 << 16);
+                let (r, w) = tokio::io::split(theirs);
+                let pipe = tokio::spawn(tunnel.pipe(r, w));
+                let (mut rd, mut wr) = tokio::io::split(&mut ours);
+                let send = async {
+                    tokio::io::AsyncWriteExt::write_all(&mut wr, &data)
+                        .await
+                        .unwrap();
+                };
+                let mut back = vec![0; data.len()];
+                let recv = async {
+                    tokio::io::AsyncReadExt::read_exact(&mut rd, &mut back)
+                        .await
+                        .unwrap();
+                };
+                tokio::join!(send, recv);
+                assert!(back == data, "tunnel {i} changed the bytes");
+                drop(ours);
+                let _ = pipe.await;
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // Refusals say why.
+        let err = client.proxy("localhost", 3001).await.err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("nothing listens on 127.0.0.1:3001"),
+            "{err}"
+        );
+        let err = client.proxy("db.internal", 5432).await.err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("is not localhost or an IP address"),
+            "{err}"
+        );
+    });
+    drop(env);
+}

@@ -5,15 +5,10 @@
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use super::{Client, ClientError, Io, api_error};
+use super::{Client, ClientError, Ws};
 use crate::exec::{Control, ExecParams, ExitStatus, SessionInfo, StreamId};
-use crate::version::{self, VERSION_HEADER};
-
-type Ws = WebSocketStream<Box<dyn Io>>;
 
 /// What comes from a session.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +40,7 @@ pub struct Receiver {
     offset: u64,
     screen_next: bool,
     exit: Option<ExitStatus>,
+    info: Option<SessionInfo>,
 }
 
 /// Sends input and control frames to a session.
@@ -56,32 +52,7 @@ pub struct Sender {
 impl Client {
     /// Opens the exec WebSocket at `path_and_query`.
     async fn websocket(&self, path_and_query: &str) -> Result<(Sender, Receiver), ClientError> {
-        let io = self.connect().await?;
-        let mut req = format!("ws://{}{path_and_query}", self.authority())
-            .into_client_request()
-            .map_err(|e| ClientError::WebSocket(e.to_string()))?;
-        let headers = req.headers_mut();
-        headers.insert(
-            http::header::AUTHORIZATION,
-            format!("Bearer {}", self.token)
-                .parse()
-                .map_err(|_| ClientError::WebSocket("the token is not a valid header".into()))?,
-        );
-        headers.insert(VERSION_HEADER, http::HeaderValue::from(crate::API_VERSION));
-        let (ws, resp) = match tokio_tungstenite::client_async(req, io).await {
-            Ok(ok) => ok,
-            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                let status = resp.status();
-                let body = resp.into_body().unwrap_or_default();
-                return Err(api_error(status, &body));
-            }
-            Err(e) => return Err(ClientError::WebSocket(e.to_string())),
-        };
-        version::accept(
-            resp.headers()
-                .get(VERSION_HEADER)
-                .and_then(|v| v.to_str().ok()),
-        )?;
+        let ws = self.upgrade(path_and_query).await?;
         let (tx, rx) = ws.split();
         let mut receiver = Receiver {
             rx,
@@ -89,6 +60,7 @@ impl Client {
             offset: 0,
             screen_next: false,
             exit: None,
+            info: None,
         };
         // The first text frame says what the session is.
         let info = match receiver.next().await? {
@@ -153,6 +125,7 @@ impl Receiver {
                             self.tty = info.tty;
                             self.offset = info.offset;
                             self.screen_next = info.screen;
+                            self.info = Some(info.clone());
                             return Ok(Event::Info(info));
                         }
                         Control::Gap { from, to } => {
@@ -204,6 +177,12 @@ impl Receiver {
     #[must_use]
     pub fn offset(&self) -> u64 {
         self.offset
+    }
+
+    /// The session, as the last `session_info` said.
+    #[must_use]
+    pub fn info(&self) -> Option<&SessionInfo> {
+        self.info.as_ref()
     }
 
     /// How it ended, once [`Event::Exit`] came.

@@ -7,6 +7,7 @@
 //! never finds a connection the guest closed meanwhile.
 
 pub mod exec;
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -90,6 +91,9 @@ pub enum Transport {
     /// The API's Unix socket (inside the VM's container: `/.nestbox/api.sock`).
     Unix(PathBuf),
 }
+
+/// A WebSocket to the API.
+pub(crate) type Ws = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
 
 /// A stream to the API.
 pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -201,6 +205,39 @@ impl Client {
             .header(VERSION_HEADER, HeaderValue::from(crate::API_VERSION))
     }
 
+    /// Opens a WebSocket at `path_and_query` (with the token and the
+    /// version header); the guest's refusal is its error.
+    pub(crate) async fn upgrade(&self, path_and_query: &str) -> Result<Ws, ClientError> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let io = self.connect().await?;
+        let mut req = format!("ws://{}{path_and_query}", self.authority())
+            .into_client_request()
+            .map_err(|e| ClientError::WebSocket(e.to_string()))?;
+        let headers = req.headers_mut();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", self.token)
+                .parse()
+                .map_err(|_| ClientError::WebSocket("the token is not a valid header".into()))?,
+        );
+        headers.insert(VERSION_HEADER, HeaderValue::from(crate::API_VERSION));
+        let (ws, resp) = match tokio_tungstenite::client_async(req, io).await {
+            Ok(ok) => ok,
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let status = resp.status();
+                let body = resp.into_body().unwrap_or_default();
+                return Err(api_error(status, &body));
+            }
+            Err(e) => return Err(ClientError::WebSocket(e.to_string())),
+        };
+        version::accept(
+            resp.headers()
+                .get(VERSION_HEADER)
+                .and_then(|v| v.to_str().ok()),
+        )?;
+        Ok(ws)
+    }
+
     /// Sends a request; answers the status and the whole body, or the
     /// guest's error.
     ///
@@ -288,6 +325,70 @@ impl Client {
                 })
             })
             .collect()
+    }
+
+    /// A streaming request whose answer is NDJSON: `each` gets every line
+    /// as it comes, until it answers `false` or the stream ends.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn follow<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        mut each: impl FnMut(T) -> bool,
+    ) -> Result<(), ClientError> {
+        let io = self.connect().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = self
+            .request(Method::GET, path)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let status = resp.status();
+        version::accept(
+            resp.headers()
+                .get(VERSION_HEADER)
+                .and_then(|v| v.to_str().ok()),
+        )?;
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| ClientError::Http(e.to_string()))?
+                .to_bytes();
+            return Err(api_error(status, &bytes));
+        }
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ClientError::Http(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=i).collect();
+                if line.len() <= 1 {
+                    continue;
+                }
+                let value = serde_json::from_slice(&line).map_err(|e| ClientError::Decode {
+                    what: format!("GET {path}"),
+                    why: e.to_string(),
+                })?;
+                if !each(value) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `GET /v1/status`.

@@ -21,6 +21,7 @@ mod exec;
 mod faults;
 mod logs;
 mod ports;
+mod proxy;
 mod services;
 mod status;
 
@@ -72,6 +73,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/exec"),
     ("GET", "/v1/exec/{id}"),
     ("POST", "/v1/exec/{id}/kill"),
+    ("GET", "/v1/proxy"),
 ];
 
 pub use nestbox_api::types::ContainerState;
@@ -111,6 +113,10 @@ pub struct Parts {
     pub acme: Option<nestbox_ingress::serve::Handles>,
     /// Exec sessions.
     pub exec: crate::exec::Sessions,
+    /// The container now (tunnels dial in its network namespace).
+    pub current: crate::bounce::Current,
+    /// Socket threads of the container's network namespaces, for tunnels.
+    pub dialers: Arc<nestbox_ingress::dial::Dialers>,
 }
 
 /// The API; cheap to clone.
@@ -288,6 +294,11 @@ fn operation(method: &str, path: &str) -> MethodRouter<Shared> {
                 exec::kill(&s.parts, &id, req).await
             },
         ),
+        ("GET", "/v1/proxy") => {
+            get(
+                |State(s): State<Shared>, req: Request| async move { proxy::open(&s.parts, req).await },
+            )
+        }
         (method, path) => panic!("no handler for {method} {path} in ROUTES"),
     }
 }

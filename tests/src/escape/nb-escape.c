@@ -37,6 +37,7 @@
 #include <sys/time.h>
 #include <sys/un.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <arpa/inet.h>
 #include <signal.h>
 #include <time.h>
@@ -252,6 +253,55 @@ static int serve(int port)
 	}
 }
 
+/*
+ * `echo PORT`: an echo server on the container's loopback only (127.0.0.1),
+ * for the tunnel tests: one process, poll(2) over every client, each byte
+ * read written back.
+ */
+static int echo(int port)
+{
+	int s = socket(AF_INET, SOCK_STREAM, 0);
+	int one = 1;
+	setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	struct sockaddr_in addr = { .sin_family = AF_INET, .sin_port = htons(port),
+				    .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	if (bind(s, (struct sockaddr *)&addr, sizeof(addr)) != 0 || listen(s, 4096) != 0) {
+		perror("nb-escape echo");
+		return 1;
+	}
+	printf("echoing on 127.0.0.1:%d\n", port);
+	enum { MAX = 1024 };
+	static struct pollfd fds[MAX];
+	int n = 1;
+	fds[0] = (struct pollfd){ .fd = s, .events = POLLIN };
+	for (;;) {
+		if (poll(fds, n, -1) < 0)
+			continue;
+		if ((fds[0].revents & POLLIN) && n < MAX) {
+			int c = accept(s, NULL, NULL);
+			if (c >= 0)
+				fds[n++] = (struct pollfd){ .fd = c, .events = POLLIN };
+		}
+		for (int i = 1; i < n; i++) {
+			if (!fds[i].revents)
+				continue;
+			char buf[65536];
+			ssize_t r = read(fds[i].fd, buf, sizeof buf);
+			ssize_t off = 0;
+			while (r > 0 && off < r) {
+				ssize_t w = write(fds[i].fd, buf + off, (size_t)(r - off));
+				if (w <= 0)
+					break;
+				off += w;
+			}
+			if (r <= 0 || off < r) {
+				close(fds[i].fd);
+				fds[i--] = fds[--n];
+			}
+		}
+	}
+}
+
 static double now_ns(void)
 {
 	struct timespec t;
@@ -319,6 +369,8 @@ int main(int argc, char **argv)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (!strcmp(what, "serve"))
 		return serve(argc > 2 ? atoi(argv[2]) : 8080);
+	if (!strcmp(what, "echo"))
+		return echo(argc > 2 ? atoi(argv[2]) : 3000);
 	if (!strcmp(what, "syscalls"))
 		return syscalls(argc > 2 ? atol(argv[2]) : 1000000);
 	int all = strcmp(what, "all") == 0;

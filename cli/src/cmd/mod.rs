@@ -1,0 +1,8 @@
+//! One module per group of commands.
+
+pub mod exec;
+pub mod info;
+pub mod proxy;
+pub mod services;
+pub mod sessions;
+pub mod vm;

@@ -1,0 +1,263 @@
+//! The `nestbox` CLI against a real VM (root; QEMU): the user's journey —
+//! create, exec (exit codes, pipes), a console under a terminal with a
+//! detach and a reattach, tunnels (20 connections at once to a
+//! loopback-only listener, and `-W` over stdio), destroy.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nestbox_tests::vms::{Host, body};
+
+struct Cli {
+    config: PathBuf,
+    state: PathBuf,
+}
+
+impl Cli {
+    fn new(host: &Host) -> Self {
+        let config = host.dir.join("cli-config");
+        Self {
+            config,
+            state: host.dir.clone(),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(nestbox_tests::workspace_binary("nestbox"));
+        cmd.arg("--config-dir")
+            .arg(&self.config)
+            .arg("--state-dir")
+            .arg(&self.state);
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "nestbox {args:?}: {}{}",
+            body(&out),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        body(&out)
+    }
+}
+
+/// Waits until `nestbox status VM` answers with a running container.
+fn wait_running(cli: &Cli, vm: &str) {
+    let deadline = Instant::now() + Duration::from_mins(3);
+    loop {
+        let out = cli.run(&["status", vm, "--json"]);
+        if out.status.success() && body(&out).contains("\"running\"") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{vm} did not come up: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn the_users_journey_create_exec_console_tunnels_destroy() {
+    let mut host = Host::new(44);
+    let cli = Cli::new(&host);
+    let ca = host.ca().display().to_string();
+    // create: the launcher on this host, the API remembered.
+    let out = cli.ok(&["create", "web", "--ca", &ca, "--no-wait"]);
+    assert!(out.contains("https://web.test/"), "{out}");
+    let ip = host.address("web");
+    host.adopt("web", &ip);
+    wait_running(&cli, "web");
+    let listed: serde_json::Value = serde_json::from_str(&cli.ok(&["list", "--json"])).unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "web")
+    );
+
+    exec(&cli);
+    console(&cli);
+    tunnels(&mut host, &cli);
+    // destroy: gone from the host and from the configuration.
+    cli.ok(&["destroy", "web"]);
+    host.created.retain(|n| n != "web");
+    let out = cli.run(&["exec", "web", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no VM named \"web\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// exec: output, exit codes, a pipe both ways.
+fn exec(cli: &Cli) {
+    let uname = cli.ok(&["exec", "web", "--", "uname", "-a"]);
+    assert!(uname.starts_with("Linux web "), "{uname}");
+    for code in [0, 1, 255] {
+        let out = cli.run(&["exec", "web", "--", "sh", "-c", &format!("exit {code}")]);
+        assert_eq!(out.status.code(), Some(code), "{out:?}");
+    }
+    let out = cli.run(&["exec", "web", "--", "sh", "-c", "kill -9 $$"]);
+    assert_eq!(out.status.code(), Some(137));
+    let mut child = cli
+        .command()
+        .args(["exec", "web", "--", "sh", "-c", "tr a-z A-Z; echo done >&2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"piped through\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(body(&out), "PIPED THROUGH\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "done\n");
+    assert!(out.status.success());
+}
+
+/// console: a shell under a terminal; `Ctrl-]` detaches, attach resumes
+/// with the screen.
+fn console(cli: &Cli) {
+    let mut console = rexpect::session::spawn_command(
+        {
+            let mut c = cli.command();
+            c.args(["console", "web"]);
+            c
+        },
+        Some(30_000),
+    )
+    .unwrap();
+    console.exp_string("Ctrl-] detaches").unwrap();
+    console.send_line("echo answer-$((6*7))").unwrap();
+    console.exp_string("answer-42").unwrap();
+    console.send_control(']').unwrap();
+    let (_, detached) = console.exp_regex(r"detached from session (\d+)").unwrap();
+    let id = detached.rsplit(' ').next().unwrap().trim().to_owned();
+    console.exp_eof().unwrap();
+    let sessions = cli.ok(&["sessions", "list", "web"]);
+    assert!(
+        sessions
+            .lines()
+            .any(|l| l.starts_with(&format!("{id} ")) && l.contains("running")),
+        "{sessions}"
+    );
+    let mut attached = rexpect::session::spawn_command(
+        {
+            let mut c = cli.command();
+            c.args(["sessions", "attach", "web", &id]);
+            c
+        },
+        Some(30_000),
+    )
+    .unwrap();
+    // The screen first: the last answer is on it.
+    attached.exp_string("answer-42").unwrap();
+    attached.send_line("exit 5").unwrap();
+    attached.exp_eof().unwrap();
+    match attached.process().wait().unwrap() {
+        rexpect::process::WaitStatus::Exited(_, code) => assert_eq!(code, 5),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Tunnels: 20 connections at once to an echo server on the container's
+/// loopback only, `-W` over stdio, and a clear error when nothing listens.
+fn tunnels(host: &mut Host, cli: &Cli) {
+    host.install_helper("web");
+    cli.ok(&[
+        "services",
+        "create",
+        "web",
+        "echo",
+        "--",
+        "/nb-escape",
+        "echo",
+        "3000",
+    ]);
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while !cli
+        .ok(&["ports", "web"])
+        .lines()
+        .any(|l| l.starts_with("3000 "))
+    {
+        assert!(Instant::now() < deadline, "the echo server did not listen");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let local = 23044;
+    let mut proxy = cli
+        .command()
+        .args(["proxy", "web", &format!("{local}:3000")])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", local)).is_err() {
+        assert!(Instant::now() < deadline, "nestbox proxy did not listen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let workers: Vec<_> = (0..20u8)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", local)).unwrap();
+                s.set_read_timeout(Some(Duration::from_mins(1))).unwrap();
+                let data: Vec<u8> = (0..200_000u32)
+                    .map(|j| j.to_le_bytes()[0].wrapping_mul(31) ^ i)
+                    .collect();
+                let writer = {
+                    let mut w = s.try_clone().unwrap();
+                    let data = data.clone();
+                    std::thread::spawn(move || w.write_all(&data).unwrap())
+                };
+                let mut back = vec![0; data.len()];
+                s.read_exact(&mut back).unwrap();
+                writer.join().unwrap();
+                assert!(back == data, "connection {i}: the bytes came back changed");
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    // -W: stdin and stdout, as ssh's ProxyCommand uses it.
+    let mut stdio = cli
+        .command()
+        .args(["proxy", "web", "-W", "localhost:3000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = stdio.stdin.take().unwrap();
+    input.write_all(b"through stdio\n").unwrap();
+    let mut output = stdio.stdout.take().unwrap();
+    let mut got = [0u8; 14];
+    output.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"through stdio\n");
+    drop(input);
+    let _ = stdio.wait();
+    // Nothing listens on 3001: a clear error.
+    let out = cli.run(&["proxy", "web", "-W", "localhost:3001"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing listens on 127.0.0.1:3001"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
