@@ -104,7 +104,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Create(args) => cmd::vm::create(&mut ctx, &args).await,
         Command::List { json } => cmd::vm::list(&mut ctx, json),
-        Command::Destroy { vm } => cmd::vm::destroy(&mut ctx, &vm),
+        Command::Destroy { vm } => cmd::vm::destroy(&mut ctx, &vm).await,
         Command::Login(args) => cmd::vm::login(&mut ctx, &args).await,
         Command::Exec(args) => cmd::exec::exec(&mut ctx, &args).await,
         Command::Console(args) => cmd::exec::console(&mut ctx, &args).await,

@@ -139,9 +139,12 @@ pub fn list(ctx: &mut Context, json: bool) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-pub fn destroy(ctx: &mut Context, name: &str) -> anyhow::Result<u8> {
-    ctx.launcher()?
-        .destroy(name)
+pub async fn destroy(ctx: &mut Context, name: &str) -> anyhow::Result<u8> {
+    // The launcher runs its own runtime for netlink: off this one.
+    let launcher = ctx.launcher()?;
+    let vm = name.to_owned();
+    tokio::task::spawn_blocking(move || launcher.destroy(&vm))
+        .await?
         .with_context(|| format!("destroying {name}"))?;
     ctx.forget(name)?;
     println!("{name}: destroyed");
