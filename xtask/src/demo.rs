@@ -31,6 +31,8 @@ pub fn run(args: &Args) -> Result<()> {
         "-p",
         "nestbox-launcher",
         "-p",
+        "nestbox-cli",
+        "-p",
         "nestbox-tests",
         "--bins",
     ]))?;

@@ -142,6 +142,8 @@ fn main() -> Result<()> {
         .trim()
         .to_owned();
     let root = pebble.issuing_root()?;
+    let token_file = work.join("token");
+    std::fs::write(&token_file, &token)?;
     let client = Client {
         root: root.clone(),
         ip: ip.clone(),
@@ -153,20 +155,11 @@ fn main() -> Result<()> {
         "the VM's API is up {:.1} s after create",
         started.elapsed().as_secs_f64()
     );
+    let nestbox = bin.join("nestbox");
+    cli_login(&nestbox, &demo.name, &ip, &vm, &token_file, &root)?;
     let mut events = client.stream("/v1/ports/events")?;
     client.post("/v1/services", WEB)?;
-    println!();
-    println!("your app: https://{vm}/");
-    println!(
-        "try:      curl --cacert {} --resolve {vm}:443:{ip} https://{vm}/",
-        root.display()
-    );
-    println!(
-        "console:  {} --state-dir {} logs {}",
-        demo.launcher.display(),
-        work.join("state").display(),
-        demo.name
-    );
+    print_how(&vm, &ip, &root, &nestbox, &demo);
     println!();
     println!("port events (Ctrl-C destroys the VM):");
     let lines = events.stdout.take().context("event stream")?;
@@ -190,6 +183,61 @@ fn main() -> Result<()> {
     drop(demo);
     drop(pebble);
     let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// The URL, and the commands that reach the VM, as printed.
+fn print_how(vm: &str, ip: &str, root: &std::path::Path, nestbox: &std::path::Path, demo: &Demo) {
+    println!();
+    println!("your app: https://{vm}/");
+    println!(
+        "try:      curl --cacert {} --resolve {vm}:443:{ip} https://{vm}/",
+        root.display()
+    );
+    println!("shell:    {} console {}", nestbox.display(), demo.name);
+    println!(
+        "run:      {} exec {} -- uname -a",
+        nestbox.display(),
+        demo.name
+    );
+    println!(
+        "boot log: {} --state-dir {} logs {}",
+        demo.launcher.display(),
+        demo.work.join("state").display(),
+        demo.name
+    );
+}
+
+/// Has the CLI remember the VM (its address, the CA, the token), so the
+/// commands the demo prints work as printed.
+fn cli_login(
+    nestbox: &std::path::Path,
+    name: &str,
+    ip: &str,
+    vm: &str,
+    token_file: &std::path::Path,
+    root: &std::path::Path,
+) -> Result<()> {
+    let login = Command::new(nestbox)
+        .args([
+            "login",
+            name,
+            "--address",
+            ip,
+            "--host",
+            &format!("api.{vm}"),
+        ])
+        .arg("--token-file")
+        .arg(token_file)
+        .arg("--ca")
+        .arg(root)
+        .output()
+        .context("run nestbox login")?;
+    anyhow::ensure!(
+        login.status.success(),
+        "nestbox login: {}",
+        String::from_utf8_lossy(&login.stderr)
+    );
     Ok(())
 }
 
