@@ -72,6 +72,16 @@ fn every_fixture_of_v1_round_trips() {
         "proxy_init" => crate::proxy::ProxyInit,
         "proxy_connected" => crate::proxy::ProxyStatus,
         "proxy_error" => crate::proxy::ProxyStatus,
+        "fs_listing" => crate::fs::Listing,
+        "fs_written" => crate::fs::Written,
+        "fs_deleted" => crate::fs::Deleted,
+        "fs_move" => crate::fs::Move,
+        "fs_copied" => crate::fs::Copied,
+        "fs_chmod" => crate::fs::Chmod,
+        "fs_chmodded" => crate::fs::Chmodded,
+        "fs_extracted" => crate::fs::Extracted,
+        "fs_watch_event" => crate::fs::WatchEvent,
+        "fs_watch_overflow" => crate::fs::WatchEvent,
     );
     // A fixture nobody reads proves nothing: every file is in the list.
     let mut files: Vec<String> = std::fs::read_dir(dir(1))

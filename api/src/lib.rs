@@ -12,6 +12,7 @@
 
 pub mod error;
 pub mod exec;
+pub mod fs;
 pub mod proxy;
 pub mod types;
 pub mod version;

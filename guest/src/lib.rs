@@ -38,6 +38,7 @@ pub mod container;
 pub mod disk;
 pub mod exec;
 pub mod faults;
+pub mod files;
 pub mod graveyard;
 pub mod init;
 pub mod logs;

@@ -1436,3 +1436,310 @@ fn tunnels_reach_a_loopback_only_listener_in_the_container_byte_for_byte() {
     });
     drop(env);
 }
+
+// ---- files (`/v1/fs/…`) ----
+
+/// A deterministic stream of `len` pseudo-random bytes, hashed as it goes.
+struct Generated {
+    left: u64,
+    state: u64,
+    digest: std::sync::Arc<parking_lot::Mutex<ring::digest::Context>>,
+}
+
+impl Generated {
+    fn new(
+        len: u64,
+    ) -> (
+        Self,
+        std::sync::Arc<parking_lot::Mutex<ring::digest::Context>>,
+    ) {
+        let digest = std::sync::Arc::new(parking_lot::Mutex::new(ring::digest::Context::new(
+            &ring::digest::SHA256,
+        )));
+        (
+            Self {
+                left: len,
+                state: 0x9e37_79b9_7f4a_7c15,
+                digest: digest.clone(),
+            },
+            digest,
+        )
+    }
+}
+
+impl tokio::io::AsyncRead for Generated {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let n = usize::try_from(self.left.min(buf.remaining() as u64)).unwrap();
+        let mut chunk = vec![0u8; n];
+        for b in &mut chunk {
+            // xorshift64
+            self.state ^= self.state << 13;
+            self.state ^= self.state >> 7;
+            self.state ^= self.state << 17;
+            *b = self.state.to_le_bytes()[0];
+        }
+        self.digest.lock().update(&chunk);
+        self.left -= n as u64;
+        buf.put_slice(&chunk);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// A sink that hashes what it is given.
+struct Hashing(ring::digest::Context, u64);
+
+impl tokio::io::AsyncWrite for Hashing {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.0.update(data);
+        self.1 += data.len() as u64;
+        std::task::Poll::Ready(Ok(data.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+fn hex(d: ring::digest::Digest) -> String {
+    d.as_ref().iter().fold(String::new(), |mut s, b| {
+        use std::fmt::Write as _;
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+async fn put(client: &Client, path: &str, data: &'static [u8]) {
+    client.fs_write(path, "0644", true, data).await.unwrap();
+}
+
+async fn get(client: &Client, path: &str) -> Result<Vec<u8>, nestbox_api::client::ClientError> {
+    let mut out = Vec::new();
+    client.fs_read(path, None, &mut out).await?;
+    Ok(out)
+}
+
+async fn sh(client: &Client, script: &str) -> String {
+    let (_tx, mut rx) = client.exec(&argv(&["sh", "-c", script])).await.unwrap();
+    let (out, err, exit) = collect(&mut rx).await;
+    assert_eq!(
+        exit.map(|e| e.exit_code),
+        Some(0),
+        "{script}: {}",
+        String::from_utf8_lossy(&err)
+    );
+    String::from_utf8(out).unwrap()
+}
+
+#[test]
+fn files_stream_a_gibibyte_both_ways_serve_ranges_round_trip_tar_and_watch() {
+    let env = Env::new(38);
+    let client = env.client();
+    runtime().block_on(async {
+        // 1 GiB up and down, hashed on both sides, never whole in memory.
+        let (source, digest) = Generated::new(1 << 30);
+        let written = client.fs_write("/big.bin", "0600", false, source).await.unwrap();
+        let want = hex(std::sync::Arc::try_unwrap(digest).ok().unwrap().into_inner().finish());
+        assert_eq!((written.size, written.sha256.as_str(), written.mode.as_str()), (1 << 30, want.as_str(), "0600"));
+        let mut sink = Hashing(ring::digest::Context::new(&ring::digest::SHA256), 0);
+        let (status, _, n) = client.fs_read("/big.bin", None, &mut sink).await.unwrap();
+        assert_eq!((status.as_u16(), n), (200, 1 << 30));
+        assert_eq!(hex(sink.0.finish()), want);
+        // The container sees it, owned by its root.
+        assert_eq!(sh(&client, "stat -c '%s %u %a' /big.bin").await.trim(), "1073741824 0 600");
+        client.fs_delete("/big.bin", false).await.unwrap();
+
+        // A range, and the tag.
+        put(&client, "/srv/alphabet.txt", b"abcdefghijklmnopqrstuvwxyz").await;
+        let mut part = Vec::new();
+        let (status, headers, _) = client.fs_read("/srv/alphabet.txt", Some("bytes=3-5"), &mut part).await.unwrap();
+        assert_eq!((status.as_u16(), &part[..]), (206, &b"def"[..]));
+        assert_eq!(headers["content-range"], "bytes 3-5/26");
+        assert!(headers.contains_key("etag"));
+        let err = client.fs_read("/srv/alphabet.txt", Some("bytes=40-"), &mut Vec::new()).await.unwrap_err();
+        assert!(err.to_string().contains("416"), "{err}");
+
+        // A tree through tar (gzipped) and back into another directory.
+        put(&client, "/src/a/b.txt", b"bee\n").await;
+        put(&client, "/src/c.txt", b"sea\n").await;
+        sh(&client, "ln -s a/b.txt /src/link && chmod 755 /src/c.txt").await;
+        let mut tarball = Vec::new();
+        client.fs_archive_get("/src", true, &mut tarball).await.unwrap();
+        let extracted = client.fs_archive_put("/dst", true, std::io::Cursor::new(tarball)).await.unwrap();
+        assert_eq!(extracted.skipped, 0);
+        assert_eq!(get(&client, "/dst/src/a/b.txt").await.unwrap(), b"bee\n");
+        assert_eq!(get(&client, "/dst/src/link").await.unwrap(), b"bee\n");
+        let listing = client.fs_list("/dst/src").await.unwrap();
+        let names: Vec<(&str, &str, &str)> = listing
+            .entries
+            .iter()
+            .map(|e| (e.name.as_str(), e.kind.as_str(), e.mode.as_str()))
+            .collect();
+        assert_eq!(names[0], ("a", "directory", "0755"));
+        assert_eq!(names[1], ("c.txt", "file", "0755"));
+        assert_eq!((names[2].0, names[2].1), ("link", "symlink"));
+        assert_eq!(listing.entries[2].target.as_deref(), Some("a/b.txt"));
+
+        // A watch sees a file made, changed and removed.
+        put(&client, "/w/.keep", b"").await;
+        let watcher = client.clone();
+        let seen = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(30),
+                watcher.fs_watch("/w", true, |e| {
+                    if let nestbox_api::fs::WatchEvent::Event { event, path, .. } = e {
+                        seen.push(format!("{event} {path}"));
+                    }
+                    !seen.iter().any(|s| s.starts_with("deleted /w/sub/f"))
+                }),
+            )
+            .await;
+            seen
+        });
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        sh(&client, "mkdir /w/sub; sleep 0.3; echo a > /w/sub/f; echo b >> /w/sub/f; mv /w/sub/f /w/sub/g; mv /w/sub/g /w/sub/f; rm /w/sub/f").await;
+        let seen = seen.await.unwrap();
+        for want in ["created /w/sub", "created /w/sub/f", "modified /w/sub/f", "renamed /w/sub/g", "deleted /w/sub/f"] {
+            assert!(seen.iter().any(|s| s == want), "no {want:?} in {seen:?}");
+        }
+    });
+}
+
+#[test]
+fn file_paths_cannot_reach_the_root_namespace() {
+    let env = Env::new(39);
+    let client = env.client();
+    // A file of the VM's root namespace (here: the test host's).
+    let secret = env.dir.join("secret.txt");
+    std::fs::write(&secret, "the platform's secret").unwrap();
+    let secret = secret.display().to_string();
+    runtime().block_on(async {
+        sh(
+            &client,
+            &format!("ln -s {secret} /abs; ln -s ../../../../../../..{secret} /rel"),
+        )
+        .await;
+        for path in [
+            secret.clone(),
+            format!("../../../../../../..{secret}"),
+            "/abs".to_owned(),
+            "/rel".to_owned(),
+            format!("/proc/1/root{secret}"),
+            format!("/proc/self/root{secret}"),
+            format!("/proc/{}/root{secret}", std::process::id()),
+        ] {
+            match get(&client, &path).await {
+                Ok(bytes) => assert!(
+                    !String::from_utf8_lossy(&bytes).contains("secret"),
+                    "{path} read the root namespace's file"
+                ),
+                Err(err) => assert!(
+                    err.to_string().contains("404") || err.to_string().contains("400"),
+                    "{path}: {err}"
+                ),
+            }
+        }
+        // A write goes in as the container's root, not the VM's: the
+        // platform's directory mounted into the container refuses it.
+        let err = client
+            .fs_write("/.nestbox/planted", "0644", false, &b"x"[..])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("403"), "{err}");
+        // …and a write through a symlink that points out lands inside.
+        sh(&client, &format!("mkdir -p $(dirname {secret})")).await;
+        client
+            .fs_write("/abs", "0644", false, &b"overwritten"[..])
+            .await
+            .unwrap();
+    });
+    assert_eq!(
+        std::fs::read_to_string(env.dir.join("secret.txt")).unwrap(),
+        "the platform's secret"
+    );
+}
+
+/// A tmpfs mounted for a test, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn new(path: PathBuf, size: &str) -> Self {
+        let _ = Command::new("umount")
+            .arg(&path)
+            .stderr(Stdio::null())
+            .status();
+        std::fs::create_dir_all(&path).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount tmpfs at {}", path.display());
+        Self(path)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn a_full_user_disk_answers_507_and_leaves_nothing_behind() {
+    let disk = Tmpfs::new(
+        std::env::temp_dir().join(format!("nestbox-userdisk-{}", std::process::id())),
+        "40m",
+    );
+    let env = Env::with(40, &format!("user_dir = \"{}\"", disk.0.display()));
+    let client = env.client();
+    runtime().block_on(async {
+        let (source, _) = Generated::new(64 << 20);
+        let err = client
+            .fs_write("/fill.bin", "0644", false, source)
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("507") && text.contains("insufficient_storage"),
+            "{text}"
+        );
+        let listing = client.fs_list("/").await.unwrap();
+        assert!(
+            listing
+                .entries
+                .iter()
+                .all(|e| !e.name.contains("fill") && !e.name.contains("nestbox-upload")),
+            "a partial file was left: {:?}",
+            listing.entries
+        );
+        let used = sh(&client, "df -k / | tail -1 | awk '{print $3}'").await;
+        assert!(
+            used.trim().parse::<u64>().unwrap() < 8 << 10,
+            "the space did not come back: {used} KiB used"
+        );
+        // The disk still takes a small file.
+        put(&client, "/after.txt", b"still works").await;
+        assert_eq!(get(&client, "/after.txt").await.unwrap(), b"still works");
+    });
+    drop(env);
+    drop(disk);
+}

@@ -7,6 +7,7 @@
 //! never finds a connection the guest closed meanwhile.
 
 pub mod exec;
+pub mod fs;
 pub mod proxy;
 
 use std::net::SocketAddr;

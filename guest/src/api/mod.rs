@@ -19,6 +19,7 @@ mod error;
 mod exec;
 #[cfg(feature = "faults")]
 mod faults;
+mod fs;
 mod logs;
 mod ports;
 mod proxy;
@@ -32,7 +33,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::{Path as Segment, RawQuery, Request, State};
 use axum::middleware::{self, Next};
-use axum::routing::{MethodRouter, delete, get, post};
+use axum::routing::{MethodRouter, delete, get, post, put};
 use http::{HeaderValue, StatusCode, Uri};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -74,7 +75,27 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/exec/{id}"),
     ("POST", "/v1/exec/{id}/kill"),
     ("GET", "/v1/proxy"),
+    ("GET", "/v1/fs/read"),
+    ("PUT", "/v1/fs/write"),
+    ("GET", "/v1/fs/list"),
+    ("DELETE", "/v1/fs/delete"),
+    ("POST", "/v1/fs/rename"),
+    ("POST", "/v1/fs/copy"),
+    ("POST", "/v1/fs/chmod"),
+    ("GET", "/v1/fs/archive"),
+    ("PUT", "/v1/fs/archive"),
+    ("GET", "/v1/fs/watch"),
 ];
+
+/// Operations whose request body is a stream of any size (no body limit,
+/// no deadline: the answer comes when the upload has ended).
+const UPLOADS: &[(&str, &str)] = &[("PUT", "/v1/fs/write"), ("PUT", "/v1/fs/archive")];
+
+fn is_upload(req: &Request) -> bool {
+    UPLOADS
+        .iter()
+        .any(|(m, p)| req.method().as_str() == *m && req.uri().path() == *p)
+}
 
 pub use nestbox_api::types::ContainerState;
 
@@ -234,8 +255,66 @@ pub struct Listeners(pub Vec<Listener>);
 
 type Shared = Arc<Inner>;
 
+/// The handler of each file operation in [`ROUTES`].
+fn fs_operation(method: &str, path: &str) -> Option<MethodRouter<Shared>> {
+    Some(match (method, path) {
+        ("GET", "/v1/fs/read") => {
+            get(
+                |State(s): State<Shared>, req: Request| async move { fs::read(&s.parts, req).await },
+            )
+        }
+        ("PUT", "/v1/fs/write") => {
+            put(
+                |State(s): State<Shared>, req: Request| async move { fs::write(&s.parts, req).await },
+            )
+        }
+        ("GET", "/v1/fs/list") => {
+            get(
+                |State(s): State<Shared>, req: Request| async move { fs::list(&s.parts, req).await },
+            )
+        }
+        ("DELETE", "/v1/fs/delete") => delete(|State(s): State<Shared>, req: Request| async move {
+            fs::delete(&s.parts, req).await
+        }),
+        ("POST", "/v1/fs/rename") => {
+            post(
+                |State(s): State<Shared>, req: Request| async move { fs::rename(&s.parts, req).await },
+            )
+        }
+        ("POST", "/v1/fs/copy") => {
+            post(
+                |State(s): State<Shared>, req: Request| async move { fs::copy(&s.parts, req).await },
+            )
+        }
+        ("POST", "/v1/fs/chmod") => {
+            post(
+                |State(s): State<Shared>, req: Request| async move { fs::chmod(&s.parts, req).await },
+            )
+        }
+        ("GET", "/v1/fs/archive") => {
+            get(
+                |State(s): State<Shared>, req: Request| async move { fs::pack(&s.parts, req).await },
+            )
+        }
+        ("PUT", "/v1/fs/archive") => {
+            put(
+                |State(s): State<Shared>, req: Request| async move { fs::unpack(&s.parts, req).await },
+            )
+        }
+        ("GET", "/v1/fs/watch") => {
+            get(
+                |State(s): State<Shared>, req: Request| async move { fs::watch(&s.parts, req).await },
+            )
+        }
+        _ => return None,
+    })
+}
+
 /// The handler of each operation in [`ROUTES`].
 fn operation(method: &str, path: &str) -> MethodRouter<Shared> {
+    if let Some(op) = fs_operation(method, path) {
+        return op;
+    }
     match (method, path) {
         ("GET", "/v1/status") => {
             get(|State(s): State<Shared>| async move { status::get(&s.parts, s.started).await })
@@ -348,11 +427,17 @@ async fn authorize(State(s): State<Shared>, req: Request, next: Next) -> axum::r
 }
 
 async fn limit_body(req: Request, next: Next) -> axum::response::Response {
+    if is_upload(&req) {
+        return next.run(req).await;
+    }
     let req = req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, MAX_BODY)));
     next.run(req).await
 }
 
 async fn deadline(req: Request, next: Next) -> axum::response::Response {
+    if is_upload(&req) {
+        return next.run(req).await;
+    }
     let what = format!("{} {}", req.method(), req.uri().path());
     match tokio::time::timeout(DEADLINE, next.run(req)).await {
         Ok(resp) => resp,
