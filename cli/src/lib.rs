@@ -56,6 +56,11 @@ enum Command {
     /// An interactive shell in a VM's container (`Ctrl-]` detaches; the
     /// shell goes on: `nestbox sessions attach`).
     Console(cmd::exec::ConsoleArgs),
+    /// Copy files and directories: `nestbox cp ./site web:/srv/`,
+    /// `nestbox cp web:/var/log/app.log .`.
+    Cp(cmd::files::CpArgs),
+    /// List a directory of a VM's container: `nestbox ls web:/srv`.
+    Ls(cmd::files::LsArgs),
     /// Exec sessions: list, attach, kill.
     Sessions {
         #[command(subcommand)]
@@ -108,6 +113,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Login(args) => cmd::vm::login(&mut ctx, &args).await,
         Command::Exec(args) => cmd::exec::exec(&mut ctx, &args).await,
         Command::Console(args) => cmd::exec::console(&mut ctx, &args).await,
+        Command::Cp(args) => cmd::files::cp(&mut ctx, &args).await,
+        Command::Ls(args) => cmd::files::ls(&mut ctx, &args).await,
         Command::Sessions { command } => cmd::sessions::run(&mut ctx, command).await,
         Command::Proxy(args) => cmd::proxy::run(&mut ctx, &args).await,
         Command::Status { vm, json } => cmd::info::status(&mut ctx, &vm, json).await,

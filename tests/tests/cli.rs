@@ -87,6 +87,7 @@ fn the_users_journey_create_exec_console_tunnels_destroy() {
     );
 
     exec(&cli);
+    files(&host, &cli);
     console(&cli);
     tunnels(&mut host, &cli);
     // destroy: gone from the host and from the configuration.
@@ -129,6 +130,58 @@ fn exec(cli: &Cli) {
     assert_eq!(body(&out), "PIPED THROUGH\n");
     assert_eq!(String::from_utf8_lossy(&out.stderr), "done\n");
     assert!(out.status.success());
+}
+
+/// cp and ls: a file and a directory tree there and back, byte for byte.
+fn files(host: &Host, cli: &Cli) {
+    let local = host.dir.join("cp");
+    std::fs::create_dir_all(local.join("site/css")).unwrap();
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| i.to_le_bytes()[1] ^ 0x5a)
+        .collect();
+    std::fs::write(local.join("site/index.html"), "<h1>hi</h1>\n").unwrap();
+    std::fs::write(local.join("site/css/big.bin"), &big).unwrap();
+    std::os::unix::fs::symlink("index.html", local.join("site/home.html")).unwrap();
+    let out = cli.ok(&[
+        "cp",
+        local.join("site/css/big.bin").to_str().unwrap(),
+        "web:/data/",
+    ]);
+    assert!(out.contains("3000000 bytes"), "{out}");
+    let listing = cli.ok(&["ls", "web:/data"]);
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.ends_with(" big.bin") && l.contains("3000000")),
+        "{listing}"
+    );
+    cli.ok(&[
+        "cp",
+        "web:/data/big.bin",
+        local.join("back.bin").to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::read(local.join("back.bin")).unwrap() == big,
+        "the file came back changed"
+    );
+    // A directory goes as a tar stream, and comes back the same way.
+    cli.ok(&["cp", local.join("site").to_str().unwrap(), "web:/srv"]);
+    let index = cli.ok(&["exec", "web", "--", "cat", "/srv/site/home.html"]);
+    assert_eq!(index, "<h1>hi</h1>\n");
+    cli.ok(&["cp", "web:/srv/site", local.join("again").to_str().unwrap()]);
+    assert!(std::fs::read(local.join("again/site/css/big.bin")).unwrap() == big);
+    assert_eq!(
+        std::fs::read_link(local.join("again/site/home.html")).unwrap(),
+        std::path::Path::new("index.html")
+    );
+    // A missing remote file: a clear error, exit 2.
+    let out = cli.run(&["cp", "web:/no/such", local.join("x").to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// console: a shell under a terminal; `Ctrl-]` detaches, attach resumes

@@ -1,6 +1,7 @@
 //! One module per group of commands.
 
 pub mod exec;
+pub mod files;
 pub mod info;
 pub mod proxy;
 pub mod services;
