@@ -8,6 +8,7 @@ mod build_ebpf;
 mod demo;
 mod deps;
 mod image;
+mod install;
 mod test;
 mod util;
 
@@ -34,6 +35,9 @@ enum Task {
     Test(test::Args),
     /// Build the VM image (kernel, initramfs, manifest) into target/image/.
     Image(image::Args),
+    /// Install the guest image (/usr/share/nestbox/image) and the `nestbox`
+    /// and `nestbox-launcher` binaries (/usr/local/bin).
+    Install(install::Args),
     /// Run the platform live on the embedded defaults.
     Demo(demo::Args),
     /// Run a benchmark and print its table.
@@ -47,6 +51,7 @@ fn main() -> std::process::ExitCode {
         Task::BuildEbpf => build_ebpf::run(),
         Task::Image(args) => image::run(&args),
         Task::Test(args) => test::run(&args),
+        Task::Install(args) => install::run(&args),
         Task::Demo(args) => demo::run(&args),
         Task::Bench(args) => bench::run(&args),
     };
