@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod benchvm;
 pub mod owner;
 pub mod pebble;
 pub mod sandbox;

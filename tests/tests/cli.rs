@@ -112,6 +112,28 @@ fn exec(cli: &Cli) {
     }
     let out = cli.run(&["exec", "web", "--", "sh", "-c", "kill -9 $$"]);
     assert_eq!(out.status.code(), Some(137));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("killed by SIGKILL"));
+    // A memory hog meets the container's limit: the kernel's OOM killer,
+    // and the exit says so.
+    let out = cli.run(&[
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "x=0123456789; while :; do x=$x$x; done",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("OOM killer"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut child = cli
         .command()
         .args(["exec", "web", "--", "sh", "-c", "tr a-z A-Z; echo done >&2"])

@@ -31,6 +31,9 @@ enum Bench {
     /// The ingress's own backend client against hyper's, isolated: req/s,
     /// body throughput, memory per connection.
     Client,
+    /// The user's surface: exec round trip, TTY reattach, 1 GiB up and down
+    /// through the ingress vs nginx, 20 tunnels at once.
+    Surface,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -44,6 +47,10 @@ pub fn run(args: &Args) -> Result<()> {
         }
         Bench::Guest => "guest",
         Bench::Client => "client",
+        Bench::Surface => {
+            deps::ensure(&deps::BENCH)?;
+            "surface"
+        }
         Bench::Launcher => {
             deps::ensure(&deps::VM)?;
             "launcher"
@@ -68,7 +75,7 @@ pub fn run(args: &Args) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     let mut bench = std::process::Command::new(root.join(format!("target/perf/nb-bench-{name}")));
     bench.arg("--json").arg(out.join(format!("{name}.json")));
-    if matches!(args.what, Bench::Guest) {
+    if matches!(args.what, Bench::Guest | Bench::Surface) {
         // The guest as it ships: the size-optimized `guest` profile.
         util::run(util::cargo().args(["build", "--profile", "guest", "-p", "nestbox-guest"]))?;
         bench

@@ -157,6 +157,11 @@ pub async fn attach_loop(
                 }
                 Event::Exit(status) => {
                     drop(raw);
+                    if status.oom_killed {
+                        eprintln!("nestbox: the kernel's OOM killer ended it: the container reached its memory limit (see `nestbox status`)");
+                    } else if let Some(signal) = &status.signal {
+                        eprintln!("nestbox: killed by SIG{signal}");
+                    }
                     return Ok(Some(status.exit_code));
                 }
                 Event::Closed => {
