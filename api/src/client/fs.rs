@@ -5,13 +5,11 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderMap, Method, StatusCode};
 use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Client, ClientError, api_error};
+use super::{Client, ClientError, api_error, collect};
 use crate::fs::{Extracted, Listing, WatchEvent, Written};
-use crate::version::{self, VERSION_HEADER};
 
 /// The size of each chunk sent.
 const CHUNK: usize = 64 << 10;
@@ -40,13 +38,6 @@ impl Client {
     where
         R: AsyncRead + Send + Unpin + 'static,
     {
-        let io = self.connect().await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
         let stream = futures_util::stream::unfold(
             (reader, vec![0u8; CHUNK]),
             |(mut r, mut buf)| async move {
@@ -62,26 +53,13 @@ impl Client {
         );
         let frames: Frames = Box::pin(stream);
         let req = self
-            .request(method.clone(), path_and_query)
+            .request(method, path_and_query)
             .header(http::header::CONTENT_TYPE, "application/octet-stream")
             .body(http_body_util::StreamBody::new(frames))
             .map_err(|e| ClientError::Http(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = self.round_trip(req).await?;
         let status = resp.status();
-        version::accept(
-            resp.headers()
-                .get(VERSION_HEADER)
-                .and_then(|v| v.to_str().ok()),
-        )?;
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?
-            .to_bytes();
+        let body = collect(resp.into_body()).await?;
         if !status.is_success() {
             return Err(api_error(status, &body));
         }
@@ -99,13 +77,6 @@ impl Client {
     where
         W: AsyncWrite + Unpin,
     {
-        let io = self.connect().await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
         let mut req = self.request(Method::GET, path_and_query);
         for (k, v) in headers {
             req = req.header(k, v);
@@ -113,25 +84,12 @@ impl Client {
         let req = req
             .body(http_body_util::Full::new(Bytes::new()))
             .map_err(|e| ClientError::Http(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = self.round_trip(req).await?;
         let status = resp.status();
-        version::accept(
-            resp.headers()
-                .get(VERSION_HEADER)
-                .and_then(|v| v.to_str().ok()),
-        )?;
         let head = resp.headers().clone();
         let mut body = resp.into_body();
         if !status.is_success() {
-            let bytes = body
-                .collect()
-                .await
-                .map_err(|e| ClientError::Http(e.to_string()))?
-                .to_bytes();
-            return Err(api_error(status, &bytes));
+            return Err(api_error(status, &collect(body).await?));
         }
         let mut n = 0u64;
         while let Some(frame) = body.frame().await {

@@ -239,6 +239,36 @@ impl Client {
         Ok(ws)
     }
 
+    /// Sends `req` on a new connection and checks the answer's version;
+    /// answers the response, its body still to be read.
+    pub(crate) async fn round_trip<B>(
+        &self,
+        req: Request<B>,
+    ) -> Result<http::Response<hyper::body::Incoming>, ClientError>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let io = self.connect().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        version::accept(
+            resp.headers()
+                .get(VERSION_HEADER)
+                .and_then(|v| v.to_str().ok()),
+        )?;
+        Ok(resp)
+    }
+
     /// Sends a request; answers the status and the whole body, or the
     /// guest's error.
     ///
@@ -250,13 +280,6 @@ impl Client {
         path_and_query: &str,
         json: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
-        let io = self.connect().await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
         let mut req = self.request(method.clone(), path_and_query);
         if json.is_some() {
             req = req.header(http::header::CONTENT_TYPE, "application/json");
@@ -264,22 +287,9 @@ impl Client {
         let req = req
             .body(Full::new(Bytes::from(json.unwrap_or_default())))
             .map_err(|e| ClientError::Http(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = self.round_trip(req).await?;
         let status = resp.status();
-        version::accept(
-            resp.headers()
-                .get(VERSION_HEADER)
-                .and_then(|v| v.to_str().ok()),
-        )?;
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?
-            .to_bytes();
+        let body = collect(resp.into_body()).await?;
         if !status.is_success() {
             return Err(api_error(status, &body));
         }
@@ -338,35 +348,15 @@ impl Client {
         path: &str,
         mut each: impl FnMut(T) -> bool,
     ) -> Result<(), ClientError> {
-        let io = self.connect().await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
         let req = self
             .request(Method::GET, path)
             .body(Full::new(Bytes::new()))
             .map_err(|e| ClientError::Http(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = self.round_trip(req).await?;
         let status = resp.status();
-        version::accept(
-            resp.headers()
-                .get(VERSION_HEADER)
-                .and_then(|v| v.to_str().ok()),
-        )?;
         let mut body = resp.into_body();
         if !status.is_success() {
-            let bytes = body
-                .collect()
-                .await
-                .map_err(|e| ClientError::Http(e.to_string()))?
-                .to_bytes();
-            return Err(api_error(status, &bytes));
+            return Err(api_error(status, &collect(body).await?));
         }
         let mut pending = Vec::new();
         while let Some(frame) = body.frame().await {
@@ -420,6 +410,15 @@ impl Client {
         self.ndjson(Method::POST, &format!("/v1/exec/{id}/kill"), Some(request))
             .await
     }
+}
+
+/// A whole (small) body.
+pub(crate) async fn collect(body: hyper::body::Incoming) -> Result<Bytes, ClientError> {
+    Ok(body
+        .collect()
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?
+        .to_bytes())
 }
 
 /// The guest's error from an answer's body (or the body as the message).

@@ -133,14 +133,7 @@ fn add<W: Write>(
                 .append_data(&mut header, format!("{name}/"), std::io::empty())
                 .map_err(io(path))?;
             let fd = open(root, path, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0)?;
-            let mut dir = nix::dir::Dir::from_fd(fd).map_err(|e| FsError::os(path, e))?;
-            let mut names: Vec<String> = dir
-                .iter()
-                .filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n != "." && n != "..")
-                .collect();
-            names.sort();
+            let names = super::ops::names(&fd, path)?;
             for n in names {
                 let sub = if path == "/" {
                     format!("/{n}")

@@ -97,7 +97,7 @@ fn join(dir: &str, name: &str) -> String {
 }
 
 /// The names in the directory `fd` (without `.` and `..`), sorted.
-fn names(fd: &OwnedFd, path: &str) -> Result<Vec<String>, FsError> {
+pub(crate) fn names(fd: &OwnedFd, path: &str) -> Result<Vec<String>, FsError> {
     let dup = fd.try_clone().map_err(|e| FsError::os(path, e))?;
     let mut dir = nix::dir::Dir::from_fd(dup).map_err(|e| FsError::os(path, e))?;
     let mut names: Vec<String> = dir
