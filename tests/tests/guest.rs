@@ -1743,3 +1743,35 @@ fn a_full_user_disk_answers_507_and_leaves_nothing_behind() {
     drop(env);
     drop(disk);
 }
+
+#[test]
+fn only_running_sessions_count_toward_the_limit_and_old_ended_ones_are_forgotten() {
+    let env = Env::with_tables(41, "", "[exec]\nmax_sessions = 3\n");
+    let client = env.client();
+    runtime().block_on(async {
+        // Ten quick commands in a row: none is refused.
+        for i in 0..10 {
+            let (_tx, mut rx) = client
+                .exec(&argv(&["sh", "-c", &format!("echo {i}")]))
+                .await
+                .unwrap_or_else(|e| panic!("exec {i}: {e}"));
+            assert_eq!(collect(&mut rx).await.0, format!("{i}\n").into_bytes());
+        }
+        let listed = client.sessions().await.unwrap();
+        assert!(
+            listed.count <= 3,
+            "ended sessions pile up: {}",
+            listed.count
+        );
+        assert!(listed.sessions.iter().any(|s| s.command == "sh -c echo 9"));
+        // Three running: a fourth is refused, and says why.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut p = argv(&["sleep", "100"]);
+            p.max_run_after_disconnect = Some("0".into());
+            held.push(client.exec(&p).await.unwrap());
+        }
+        let err = client.exec(&argv(&["true"])).await.err().unwrap();
+        assert!(err.to_string().contains("sessions are running"), "{err}");
+    });
+}

@@ -45,7 +45,8 @@ pub struct ExecSettings {
     /// How long an ended session stays listed and attachable (its output
     /// and exit status), in seconds.
     pub keep_exited_secs: u64,
-    /// Sessions at once (ended ones still kept count).
+    /// Running sessions at once; as many ended ones are kept besides (the
+    /// oldest forgotten first).
     pub max_sessions: usize,
 }
 
@@ -73,7 +74,7 @@ pub enum ExecError {
     NoContainer,
     /// Too many sessions.
     #[error(
-        "{0} sessions exist ([exec] max_sessions): end some (POST /v1/exec/ID/kill) and try again"
+        "{0} sessions are running ([exec] max_sessions): end some (POST /v1/exec/ID/kill) and try again"
     )]
     TooMany(usize),
     /// No such session.
@@ -151,8 +152,25 @@ impl Sessions {
     pub async fn start(&self, params: ExecParams) -> Result<Arc<Session>, ExecError> {
         let linger = linger(&params)?;
         let max = self.inner.settings.max_sessions;
-        if self.inner.sessions.lock().len() >= max {
-            return Err(ExecError::TooMany(max));
+        let forgotten = {
+            let mut sessions = self.inner.sessions.lock();
+            if sessions.values().filter(|s| s.is_running()).count() >= max {
+                return Err(ExecError::TooMany(max));
+            }
+            // Ended sessions are kept up to as many: the oldest go first.
+            let ended: Vec<u64> = sessions
+                .iter()
+                .filter(|(_, s)| !s.is_running())
+                .map(|(id, _)| *id)
+                .collect();
+            let extra = (ended.len() + 1).saturating_sub(max);
+            ended[..extra]
+                .iter()
+                .filter_map(|id| sessions.remove(id))
+                .collect::<Vec<_>>()
+        };
+        for old in forgotten {
+            old.forget().await;
         }
         let container = self.inner.current.get().ok_or(ExecError::NoContainer)?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);

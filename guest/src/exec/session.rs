@@ -669,6 +669,12 @@ impl Session {
         !matches!(*self.input.lock().await, Input::Closed)
     }
 
+    /// Whether its process still runs.
+    #[must_use]
+    pub fn is_running(&self) -> bool {
+        self.exit.borrow().is_none()
+    }
+
     /// Whether it has a TTY.
     #[must_use]
     pub fn tty(&self) -> bool {
