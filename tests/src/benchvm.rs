@@ -51,7 +51,8 @@ impl Drop for Vm {
 /// A failed `mkfs.ext4` or mount.
 pub fn user_disk(dir: &Path) -> Result<()> {
     let image = dir.join("user.img");
-    std::fs::File::create(&image)?.set_len(1 << 30)?;
+    // Room for the surface bench's 1 GiB transfer (a sparse file).
+    std::fs::File::create(&image)?.set_len(4 << 30)?;
     let run = |cmd: &mut Command| -> Result<()> {
         let out = cmd.output()?;
         if !out.status.success() {

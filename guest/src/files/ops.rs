@@ -26,6 +26,9 @@ fn kind(st: &FileStat) -> &'static str {
     }
 }
 
+/// The size of the writes of an upload.
+const WRITE_BLOCK: usize = 1 << 20;
+
 /// Bytes as lowercase hex.
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
@@ -243,17 +246,21 @@ pub fn write(
         Mode::from_bits_truncate(0o600),
     )
     .map_err(|e| FsError::os(path, e))?;
-    let mut file = std::fs::File::from(fd);
+    let file = std::fs::File::from(fd);
     let result = (|| {
         let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
         let mut size = 0u64;
+        // The body comes in small frames: written in large blocks.
+        let mut out = std::io::BufWriter::with_capacity(WRITE_BLOCK, &file);
         while let Some(chunk) = rx.blocking_recv() {
             let chunk =
                 chunk.map_err(|why| FsError::Invalid(format!("the upload broke off: {why}")))?;
-            file.write_all(&chunk).map_err(|e| FsError::os(path, e))?;
+            out.write_all(&chunk).map_err(|e| FsError::os(path, e))?;
             digest.update(&chunk);
             size += chunk.len() as u64;
         }
+        out.flush().map_err(|e| FsError::os(path, e))?;
+        drop(out);
         file.sync_all().map_err(|e| FsError::os(path, e))?;
         nix::sys::stat::fchmod(file.as_fd(), Mode::from_bits_truncate(mode))
             .map_err(|e| FsError::os(path, e))?;

@@ -73,6 +73,22 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// The `nestbox-guest` process among `pid` and its descendants.
+fn guest_pid(pid: u32) -> u32 {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() == "nestbox-guest" {
+        return pid;
+    }
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .map(guest_pid)
+        .find(|p| *p != 0)
+        .unwrap_or(0)
+}
+
 /// The guest's highest RSS (KiB) while `running` is set.
 fn sample_rss(pid: u32, running: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
@@ -281,7 +297,8 @@ fn transfers(vm: &Vm, args: &Args, results: &mut Results) -> Result<()> {
     let mib = u64_f64(args.mib);
     let file_arg = file.display().to_string();
     let running = Arc::new(AtomicBool::new(true));
-    let sampler = sample_rss(vm.guest.id(), running.clone());
+    let pid = guest_pid(vm.guest.id());
+    let sampler = sample_rss(pid, running.clone());
     let up = curl(
         VM_IP,
         "api.vm1.test",
@@ -293,7 +310,7 @@ fn transfers(vm: &Vm, args: &Args, results: &mut Results) -> Result<()> {
     results.upload_peak_rss_kib = sampler.join().unwrap_or(0);
     results.upload_mib_s = mib / up;
     let running = Arc::new(AtomicBool::new(true));
-    let sampler = sample_rss(vm.guest.id(), running.clone());
+    let sampler = sample_rss(pid, running.clone());
     let down = curl(
         VM_IP,
         "api.vm1.test",
