@@ -94,7 +94,7 @@ fn sample_rss(pid: u32, running: Arc<AtomicBool>) -> std::thread::JoinHandle<u64
     std::thread::spawn(move || {
         let mut peak = 0;
         while running.load(Ordering::Relaxed) {
-            peak = peak.max(nestbox_tests::status_kib(pid, "VmRSS"));
+            peak = peak.max(nestbox_tests::status_kib(pid, "VmRSS:"));
             std::thread::sleep(Duration::from_millis(20));
         }
         peak
