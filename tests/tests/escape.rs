@@ -439,3 +439,70 @@ fn a_full_user_disk_stops_only_the_user() {
     let out = host.api(VM, "GET", "/v1/services", None);
     assert!(out.status.success(), "{}", body(&out));
 }
+
+/// The file API (`/v1/fs/…`) from outside: every path it takes is the
+/// container's. The target is a file of the VM's root namespace,
+/// `/etc/nestbox/image-version` (the container has no `/etc/nestbox`).
+#[test]
+fn the_file_api_reaches_only_the_containers_files_as_its_root() {
+    let host = victim(45);
+    let status: serde_json::Value =
+        serde_json::from_str(&body(&host.api(VM, "GET", "/v1/status", None))).unwrap();
+    let version = status["image"]
+        .as_str()
+        .expect("an image version")
+        .to_owned();
+    let target = "/etc/nestbox/image-version";
+    attack(
+        &host,
+        &format!("ln -s {target} /abs; ln -s ../../../../../..{target} /rel; echo linked"),
+    );
+    for path in [
+        target.to_owned(),
+        format!("../../../../../..{target}"),
+        "/abs".to_owned(),
+        "/rel".to_owned(),
+        format!("/proc/1/root{target}"),
+        format!("/proc/self/root{target}"),
+    ] {
+        let out = host.api(VM, "GET", &format!("/v1/fs/read?path={path}"), None);
+        let got = body(&out);
+        assert!(
+            !got.contains(&version),
+            "{path} read the VM's own file: {got}"
+        );
+        assert!(
+            got.contains("\"not_found\"") || got.contains("\"invalid\""),
+            "{path}: {got}"
+        );
+    }
+    // A write is the container root's: the platform's directory mounted in
+    // the container refuses it; one through an escaping symlink lands inside.
+    let put = |path: &str| {
+        let api = format!("api.{VM}.test");
+        let out = host
+            .curl(VM, &api)
+            .args(["-X", "PUT", "--data-binary", "planted"])
+            .args(["-H", &format!("Authorization: Bearer {}", host.token(VM))])
+            .arg(format!(
+                "https://{api}/v1/fs/write?path={path}&mkdirParents=true"
+            ))
+            .output()
+            .unwrap();
+        body(&out)
+    };
+    let refused = put("/.nestbox/planted");
+    assert!(refused.contains("\"forbidden\""), "{refused}");
+    let inside = put("/abs");
+    assert!(inside.contains("\"sha256\""), "{inside}");
+    // Inside: a write replaces the symlink itself (the file goes where the
+    // name is, in the container); nothing was planted beside the API socket.
+    let lines = attack(&host, "cat /abs; echo; ls /.nestbox");
+    assert!(said(&lines, "planted"), "{lines:#?}");
+    assert!(said(&lines, "api.sock"), "{lines:#?}");
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("planted")).count(),
+        1,
+        "{lines:#?}"
+    );
+}
