@@ -106,8 +106,9 @@ fn read_number(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-/// The value of `key` in a flat-keyed cgroup file (`memory.events`).
-fn read_key(path: &Path, key: &str) -> Option<u64> {
+/// The value of `key` in a flat-keyed cgroup file (`memory.events`);
+/// blocking.
+pub(crate) fn read_key(path: &Path, key: &str) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.lines().find_map(|l| {
         let (k, v) = l.split_once(' ')?;
         (k == key).then(|| v.trim().parse().ok()).flatten()

@@ -140,27 +140,12 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-/// The number in a flat-keyed cgroup file (`memory.events` `oom_kill`).
-#[allow(
-    clippy::disallowed_methods,
-    reason = "a small cgroup file, read on the blocking pool"
-)]
-fn cgroup_key(path: &Path, key: &str) -> u64 {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| {
-            text.lines().find_map(|l| {
-                let (k, v) = l.split_once(' ')?;
-                (k == key).then(|| v.trim().parse().ok()).flatten()
-            })
-        })
-        .unwrap_or(0)
-}
-
 async fn oom_kills(inner_cgroup: &Path) -> u64 {
     let path = inner_cgroup.join("memory.events");
-    tokio::task::spawn_blocking(move || cgroup_key(&path, "oom_kill"))
+    tokio::task::spawn_blocking(move || crate::resources::read_key(&path, "oom_kill"))
         .await
+        .ok()
+        .flatten()
         .unwrap_or(0)
 }
 
@@ -359,28 +344,23 @@ impl Session {
         let watched = unsafe {
             tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
         };
-        let status = match watched {
-            Ok(fd) => loop {
-                if let Ok(Some(status)) = self.process.lock().try_wait() {
-                    break Some(status);
-                }
-                match fd.readable().await {
-                    Ok(mut ready) => ready.clear_ready(),
-                    Err(_) => break None,
-                }
-            },
-            Err(_) => None,
-        };
-        let status = match status {
-            Some(s) => s,
-            None => {
-                // Not watchable: poll.
-                loop {
-                    if let Ok(Some(status)) = self.process.lock().try_wait() {
-                        break status;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+        // Woken by the pidfd; polled if it cannot be watched.
+        let mut watched = watched.ok();
+        let status = loop {
+            if let Ok(Some(status)) = self.process.lock().try_wait() {
+                break status;
+            }
+            let woken = match &watched {
+                Some(fd) => fd
+                    .readable()
+                    .await
+                    .map(|mut ready| ready.clear_ready())
+                    .is_ok(),
+                None => false,
+            };
+            if !woken {
+                watched = None;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };
         let drained = futures_util::future::join_all(pumps);
