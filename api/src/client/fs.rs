@@ -8,7 +8,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Client, ClientError, api_error, collect};
+use super::{Client, ClientError, api_error, collect, whole};
 use crate::fs::{Extracted, Listing, WatchEvent, Written};
 
 /// The size of each chunk sent.
@@ -57,13 +57,7 @@ impl Client {
             .header(http::header::CONTENT_TYPE, "application/octet-stream")
             .body(http_body_util::StreamBody::new(frames))
             .map_err(|e| ClientError::Http(e.to_string()))?;
-        let resp = self.round_trip(req).await?;
-        let status = resp.status();
-        let body = collect(resp.into_body()).await?;
-        if !status.is_success() {
-            return Err(api_error(status, &body));
-        }
-        Ok(body)
+        whole(self.round_trip(req).await?).await
     }
 
     /// A GET whose answer body is streamed into `writer`; answers the

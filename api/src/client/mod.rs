@@ -289,11 +289,7 @@ impl Client {
             .map_err(|e| ClientError::Http(e.to_string()))?;
         let resp = self.round_trip(req).await?;
         let status = resp.status();
-        let body = collect(resp.into_body()).await?;
-        if !status.is_success() {
-            return Err(api_error(status, &body));
-        }
-        Ok((status, body))
+        Ok((status, whole(resp).await?))
     }
 
     /// A request whose answer is JSON of type `T`.
@@ -419,6 +415,18 @@ pub(crate) async fn collect(body: hyper::body::Incoming) -> Result<Bytes, Client
         .await
         .map_err(|e| ClientError::Http(e.to_string()))?
         .to_bytes())
+}
+
+/// A successful answer's whole (small) body, or the guest's error.
+pub(crate) async fn whole(
+    resp: http::Response<hyper::body::Incoming>,
+) -> Result<Bytes, ClientError> {
+    let status = resp.status();
+    let body = collect(resp.into_body()).await?;
+    if !status.is_success() {
+        return Err(api_error(status, &body));
+    }
+    Ok(body)
 }
 
 /// The guest's error from an answer's body (or the body as the message).
