@@ -82,6 +82,15 @@ fn every_fixture_of_v1_round_trips() {
         "fs_extracted" => crate::fs::Extracted,
         "fs_watch_event" => crate::fs::WatchEvent,
         "fs_watch_overflow" => crate::fs::WatchEvent,
+        "set_port_auth" => types::SetPortAuth,
+        "port_auth" => types::PortAuth,
+        "login_request" => types::LoginRequest,
+        "link" => types::Link,
+        "share_request" => types::ShareRequest,
+        "share" => types::Share,
+        "token_request" => types::TokenRequest,
+        "scoped_token" => types::ScopedToken,
+        "revoked" => types::Revoked,
     );
     // A fixture nobody reads proves nothing: every file is in the list.
     let mut files: Vec<String> = std::fs::read_dir(dir(1))

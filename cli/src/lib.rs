@@ -1,5 +1,6 @@
 //! The `nestbox` command line: VMs on this host (through the launcher),
-//! and each VM's own API — exec and shells, sessions, TCP tunnels,
+//! and each VM's own API — exec and shells, sessions, URLs and their auth,
+//! TCP tunnels,
 //! services, ports, status, bounce. One module per group of commands.
 #![forbid(unsafe_code)]
 
@@ -69,6 +70,10 @@ enum Command {
     /// A TCP tunnel to a port in a VM's container: `nestbox proxy VM 5432`,
     /// `nestbox proxy VM 3001:3000`, `nestbox proxy VM -W localhost:22`.
     Proxy(cmd::proxy::ProxyArgs),
+    /// A VM's URL and who may open it: `nestbox url VM [--port P] [--auth
+    /// private|public|token]` (a private URL comes with a browser login
+    /// link), `nestbox url share VM --ttl 1h`, `shares`, `revoke`, `token`.
+    Url(cmd::url::UrlArgs),
     /// A VM's status: its guest, container, limits, disks.
     Status {
         /// The VM.
@@ -117,6 +122,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Ls(args) => cmd::files::ls(&mut ctx, &args).await,
         Command::Sessions { command } => cmd::sessions::run(&mut ctx, command).await,
         Command::Proxy(args) => cmd::proxy::run(&mut ctx, &args).await,
+        Command::Url(args) => cmd::url::run(&mut ctx, args).await,
         Command::Status { vm, json } => cmd::info::status(&mut ctx, &vm, json).await,
         Command::Ports { vm, watch, json } => cmd::info::ports(&mut ctx, &vm, watch, json).await,
         Command::Bounce { vm } => cmd::info::bounce(&mut ctx, &vm).await,

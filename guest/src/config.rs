@@ -15,6 +15,9 @@
 //! [container]                  # how it is confined
 //! shm_mib = 64
 //!
+//! [urls]                      # URL auth (see urls.rs)
+//! default_auth = "private"     # private | public | token
+//!
 //! [api]
 //! token_sha256 = "…64 hex digits…"   # sha256 of the bearer token
 //!
@@ -113,6 +116,10 @@ pub struct GuestConfig {
     /// long ended ones stay, how many at once.
     #[serde(default)]
     pub exec: crate::exec::ExecSettings,
+    /// URL auth: the mode of a port nobody has set (private), where a
+    /// browser without credentials goes, how long a login lasts.
+    #[serde(default)]
+    pub urls: crate::urls::UrlSettings,
     /// The HTTPS proxy: listeners, certificates (ACME or files), limits.
     /// Routes are made by the guest as ports open; static ones may be
     /// added here too.
@@ -229,6 +236,11 @@ impl GuestConfig {
         }
         if let Err((field, why)) = self.limits.check() {
             return Err(invalid(field, why));
+        }
+        if let Some(url) = &self.urls.login_url
+            && !url.starts_with("https://")
+        {
+            return Err(invalid("urls.login_url", "must be an https:// URL"));
         }
         if self.container.shm_mib == 0 {
             return Err(invalid("container.shm_mib", "must be at least 1"));

@@ -22,6 +22,8 @@
 //! - [`services`]: user services, kept on the data disk, started in the
 //!   container, restarted when they crash;
 //! - [`logs`]: their output, on disk and followable;
+//! - [`urls`]: URL auth's state (each port's mode, tokens, share links,
+//!   the signing key), checked by the ingress;
 //! - [`supervisor`]: runs each platform service, restarting it on failure;
 //! - [`portwatch`]: the eBPF port watcher that turns listen/close in the inner
 //!   container into port events.
@@ -50,3 +52,4 @@ pub mod run;
 pub mod services;
 pub mod spawn;
 pub mod supervisor;
+pub mod urls;

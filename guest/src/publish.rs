@@ -22,7 +22,7 @@ use tokio::sync::broadcast;
 
 use crate::portwatch::PortEvent;
 
-pub use nestbox_api::types::{PortChange, PortChangeKind, PortInfo};
+pub use nestbox_api::types::{PortChange, PortChangeKind, PortInfo, UrlAuth};
 
 /// The VM's names.
 #[derive(Clone, Debug)]
@@ -115,6 +115,12 @@ impl Publisher {
         }
     }
 
+    /// The primary port.
+    #[must_use]
+    pub fn primary(&self) -> u16 {
+        self.state.lock().primary
+    }
+
     /// The VM's names.
     #[must_use]
     pub fn names(&self) -> &Names {
@@ -146,8 +152,16 @@ impl Publisher {
                 addr: dial_addr(&info.addrs, port),
                 netns: st.netns.clone(),
             };
-            self.handles.publish(&self.names.vm_host(), backend);
+            self.handles
+                .publish_gated(&self.names.vm_host(), backend, port);
         }
+    }
+
+    /// `port`'s URL auth mode now.
+    fn auth(&self, port: u16) -> UrlAuth {
+        self.handles
+            .access()
+            .map_or(UrlAuth::Private, |a| a.mode(port))
     }
 
     /// Applies one event from the port watcher.
@@ -162,9 +176,10 @@ impl Publisher {
                     netns: st.netns.clone(),
                 };
                 let host = self.names.port_host(port);
-                self.handles.publish(&host, backend.clone());
+                self.handles.publish_gated(&host, backend.clone(), port);
                 if primary {
-                    self.handles.publish(&self.names.vm_host(), backend);
+                    self.handles
+                        .publish_gated(&self.names.vm_host(), backend, port);
                 }
                 let info = PortInfo {
                     port,
@@ -173,6 +188,7 @@ impl Publisher {
                     process: process.as_ref().map(|p| p.comm.clone()),
                     url: format!("https://{host}/"),
                     primary,
+                    auth: self.auth(port),
                 };
                 tracing::info!(port, url = %info.url, primary, "port published");
                 st.ports.insert(port, info.clone());
@@ -196,9 +212,11 @@ impl Publisher {
             self.handles.unpublish(&self.names.vm_host());
         }
         tracing::info!(port = info.port, "port withdrawn");
+        let mut info = info.clone();
+        info.auth = self.auth(info.port);
         let _ = self.changes.send(PortChange {
             event: PortChangeKind::Close,
-            port: info.clone(),
+            port: info,
             ts_ms: now_ms(),
         });
     }
@@ -233,7 +251,13 @@ impl Publisher {
     #[must_use]
     pub fn ports(&self) -> Vec<PortInfo> {
         let st = self.state.lock();
-        st.ports.values().cloned().collect()
+        st.ports
+            .values()
+            .map(|info| PortInfo {
+                auth: self.auth(info.port),
+                ..info.clone()
+            })
+            .collect()
     }
 
     /// Live changes from now on.

@@ -329,6 +329,22 @@ fn start_ingress(config: &GuestConfig, handles: &Handles, shutdown: &watch::Rece
     });
 }
 
+/// URL auth's state, on the data disk.
+fn url_auth(
+    config: &GuestConfig,
+    data: &Path,
+    names: crate::publish::Names,
+) -> Result<crate::urls::Urls, RunError> {
+    let owner = TokenHash::from_hex(&config.api.token_sha256)
+        .expect("checked by the configuration")
+        .bytes();
+    let dir = data.join("urls");
+    crate::urls::Urls::open(&dir, &config.urls, names, owner).map_err(|e| RunError::DataDir {
+        path: dir,
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
 /// The exec sessions, their ring files on the data disk.
 fn exec_sessions(
     config: &GuestConfig,
@@ -356,7 +372,8 @@ pub async fn run(
     let isolation = crate::container::Isolation::new(&config.container)?;
     let data = data_dir(&config.data_dir)?;
     let names = config.names();
-    let handles = Handles::detached(RouteTable::new());
+    let urls = url_auth(&config, &data, names.clone())?;
+    let handles = Handles::detached(RouteTable::new()).with_access(urls.access().clone());
     let publisher = Publisher::new(handles.clone(), names, config.primary_port);
     handles.publish(
         &config.api_host(),
@@ -401,6 +418,7 @@ pub async fn run(
         exec: exec_sessions(&config, &data, &layout, &current)?,
         current: current.clone(),
         dialers: Arc::default(),
+        urls,
     });
     serve_api(&config, &api, &api_dir)?;
 

@@ -1,6 +1,8 @@
 //! The ingress of a nestbox VM: an HTTPS reverse proxy in the VM's root
 //! namespace that serves every published port of the inner container.
 //!
+//! - [`access`]: URL auth — each port's mode, tokens, login and share
+//!   links, the session cookie;
 //! - [`routes`]: the live route table, hostname → backend (lock-free reads);
 //! - [`backoff`]: the platform's one retry backoff;
 //! - [`netns`]: work inside another network namespace, on a thread that
@@ -22,6 +24,7 @@
 )]
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod acme;
 pub mod backoff;
 pub mod chunked;

@@ -92,3 +92,34 @@ pub fn too_slow(port: u16, secs: u64) -> Response<Body> {
 pub fn bad_request(why: &str) -> Response<Body> {
     page(StatusCode::BAD_REQUEST, "Bad request", &escape(why))
 }
+
+/// 401: a private URL asked for without (valid) credentials.
+#[must_use]
+pub fn unauthorized(host: &str, how: &str) -> Response<Body> {
+    let mut resp = page(
+        StatusCode::UNAUTHORIZED,
+        "This URL is private",
+        &format!("<b>{}</b> is private. {}", escape(host), escape(how)),
+    );
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"nestbox\""),
+    );
+    resp
+}
+
+/// 403: a login or share link that does not work (any more).
+#[must_use]
+pub fn auth_refused(why: &str) -> Response<Body> {
+    page(StatusCode::FORBIDDEN, "Link refused", &escape(why))
+}
+
+/// 500: a gated route with no URL auth to check it (fails closed).
+#[must_use]
+pub fn no_access() -> Response<Body> {
+    page(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "URL auth unavailable",
+        "This URL is private and the ingress has no URL auth configured to check who is calling.",
+    )
+}

@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 
+use crate::access::{Access, Decision};
 use crate::client::{BackendClient, ClientError};
 use crate::pages;
 use crate::routes::RouteTable;
@@ -50,6 +51,7 @@ pub struct Proxy {
     routes: RouteTable,
     client: BackendClient,
     limits: BackendLimits,
+    access: Option<Access>,
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
@@ -147,7 +149,15 @@ impl Proxy {
             routes,
             client,
             limits,
+            access: None,
         }
+    }
+
+    /// This proxy with `access` deciding who may use the gated routes.
+    #[must_use]
+    pub fn with_access(mut self, access: Option<Access>) -> Self {
+        self.access = access;
+        self
     }
 
     /// Proxies one request from `peer`.
@@ -167,6 +177,21 @@ impl Proxy {
             return pages::no_route(&shown);
         };
         let port = route.backend.addr.port();
+        if let Some(gate) = route.gate {
+            let Some(access) = &self.access else {
+                return pages::no_access();
+            };
+            let target = req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned();
+            if let Decision::Answer(resp) =
+                access.decide(&route.host, gate, &target, req.headers_mut())
+            {
+                return resp;
+            }
+        }
         let upgrade = is_upgrade(&req);
 
         // Rewrite for the backend: origin-form over HTTP/1.1 to b<id>.

@@ -46,6 +46,10 @@ pub struct Route {
     pub authority: http::uri::Authority,
     /// `host` as a header value (for `X-Forwarded-Host`), made once.
     pub host_header: http::HeaderValue,
+    /// The published port whose URL auth mode decides who may use this
+    /// route (see [`crate::access`]); `None`: no check here (the VM's API
+    /// checks its own token).
+    pub gate: Option<u16>,
 }
 
 #[derive(Debug, Default)]
@@ -104,8 +108,14 @@ impl RouteTable {
         Self::default()
     }
 
-    /// Adds or replaces the route for `host`.
+    /// Adds or replaces the route for `host`, with no URL auth check.
     pub fn insert(&self, host: &str, backend: Backend) {
+        self.insert_gated(host, backend, None);
+    }
+
+    /// Adds or replaces the route for `host`, checked by the URL auth mode
+    /// of port `gate`.
+    pub fn insert_gated(&self, host: &str, backend: Backend, gate: Option<u16>) {
         let host = normalize_host(host);
         let mut ids = self.ids.lock();
         let backend_id = if let Some(id) = ids.of.get(&backend) {
@@ -126,6 +136,7 @@ impl RouteTable {
             host: host.clone(),
             backend,
             backend_id,
+            gate,
         });
         let old = self.snapshot.load();
         let mut by_host = old.by_host.clone();

@@ -7,6 +7,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
 
+use crate::access::Access;
 use crate::acme::{self, Challenges, Manager};
 use crate::config::{Config, RouteConfig};
 use crate::proxy::{BackendLimits, Proxy};
@@ -44,6 +45,8 @@ pub struct Handles {
     pub renew: Arc<Notify>,
     /// The hostnames ACME keeps certificates for (follows the routes).
     hosts: Arc<watch::Sender<Vec<String>>>,
+    /// URL auth for gated routes (none: a gated route is refused).
+    access: Option<Access>,
 }
 
 impl Handles {
@@ -81,7 +84,28 @@ impl Handles {
             routes,
             renew: Arc::new(Notify::new()),
             hosts: Arc::new(watch::channel(Vec::new()).0),
+            access: None,
         }
+    }
+
+    /// These handles with `access` checking the gated routes.
+    #[must_use]
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = Some(access);
+        self
+    }
+
+    /// The URL auth of the gated routes.
+    #[must_use]
+    pub fn access(&self) -> Option<&Access> {
+        self.access.as_ref()
+    }
+
+    /// Publishes `host` → `backend` now, gated by the URL auth mode of
+    /// `port` (see [`crate::access`]).
+    pub fn publish_gated(&self, host: &str, backend: Backend, port: u16) {
+        self.routes.insert_gated(host, backend, Some(port));
+        self.hosts.send_replace(self.routes.hosts());
     }
 
     /// Publishes `host` → `backend` now (replacing any route for `host`);
@@ -181,8 +205,9 @@ pub async fn serve_with(
     let https = bind(config.https).await?;
     let http = bind(config.http).await?;
     tracing::info!(https = %config.https, http = %config.http, routes = ?routes.hosts(), "ingress listening");
+    let access = handles.access.clone();
     started(handles);
-    let proxy = Proxy::new(routes, BackendLimits::default());
+    let proxy = Proxy::new(routes, BackendLimits::default()).with_access(access);
     tokio::join!(
         server::serve_https(https, acceptor, proxy, config.limits, shutdown.clone()),
         server::serve_http(http, challenges, config.limits, shutdown),

@@ -264,6 +264,14 @@ impl Host {
         cmd
     }
 
+    /// [`Host::curl`] as the owner of VM `name` (its URLs are private by
+    /// default: the VM token opens them).
+    pub fn owner_curl(&self, name: &str, host: &str) -> Command {
+        let mut cmd = self.curl(name, host);
+        cmd.args(["-H", &format!("Authorization: Bearer {}", self.token(name))]);
+        cmd
+    }
+
     pub fn api(&self, name: &str, method: &str, path: &str, json: Option<&str>) -> Output {
         let host = format!("api.{name}.test");
         let mut cmd = self.curl(name, &host);
@@ -323,7 +331,7 @@ impl Host {
         let deadline = Instant::now() + Duration::from_mins(2);
         loop {
             let out = self
-                .curl(name, host)
+                .owner_curl(name, host)
                 .arg(format!("https://{host}{path}"))
                 .output()
                 .unwrap();
@@ -343,7 +351,7 @@ impl Host {
 
     pub fn get(&self, name: &str, host: &str, path: &str) -> String {
         let out = self
-            .curl(name, host)
+            .owner_curl(name, host)
             .arg("-f")
             .arg(format!("https://{host}{path}"))
             .output()

@@ -1,5 +1,6 @@
 //! The `nestbox` CLI against a real VM (root; QEMU): the user's journey —
-//! create, exec (exit codes, pipes), a console under a terminal with a
+//! create, exec (exit codes, pipes), cp, url (private, a login link, a
+//! share link, public), a console under a terminal with a
 //! detach and a reattach, tunnels (20 connections at once to a
 //! loopback-only listener, and `-W` over stdio), destroy.
 
@@ -88,6 +89,7 @@ fn the_users_journey_create_exec_console_tunnels_destroy() {
 
     exec(&cli);
     files(&host, &cli);
+    urls(&host, &cli);
     console(&cli);
     tunnels(&mut host, &cli);
     // destroy: gone from the host and from the configuration.
@@ -203,6 +205,109 @@ fn files(host: &Host, cli: &Cli) {
         Some(2),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `curl -i` of `https://web.test{target}` with `headers`: the whole answer.
+fn fetch(host: &Host, target: &str, headers: &[&str]) -> String {
+    let mut cmd = host.curl("web", "web.test");
+    cmd.arg("-i");
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    body(
+        &cmd.arg(format!("https://web.test{target}"))
+            .output()
+            .unwrap(),
+    )
+}
+
+/// The `__Host-nestbox=…` pair a link's answer sets.
+fn cookie_of(answer: &str) -> String {
+    let line = answer
+        .lines()
+        .find(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie: __host-nestbox=")
+        })
+        .unwrap_or_else(|| panic!("no cookie set: {answer}"));
+    line.split_once(": ")
+        .unwrap()
+        .1
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// A link's path and query.
+fn target_of(link: &str) -> String {
+    let link = link
+        .trim()
+        .strip_prefix("https://web.test")
+        .unwrap_or_else(|| panic!("{link}"));
+    link.to_owned()
+}
+
+/// url: private by default; a login link for the browser, a share link
+/// revoked, then public.
+fn urls(host: &Host, cli: &Cli) {
+    cli.ok(&[
+        "services",
+        "create",
+        "web",
+        "site",
+        "--http-port",
+        "8080",
+        "--",
+        "busybox",
+        "httpd",
+        "-f",
+        "-p",
+        "8080",
+        "-h",
+        "/srv/site",
+    ]);
+    host.wait_body("web", "web.test", "/", "<h1>hi</h1>\n");
+    let out = cli.run(&["url", "web"]);
+    assert!(out.status.success());
+    assert_eq!(body(&out), "https://web.test/\n");
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(said.contains("private"), "{said}");
+    let link = said
+        .lines()
+        .find(|l| l.contains("/__nestbox/auth?t="))
+        .unwrap_or_else(|| panic!("no login link: {said}"));
+    // A stranger is refused; the login link gives the browser its cookie.
+    let answer = fetch(host, "/", &[]);
+    assert!(
+        answer.starts_with("HTTP/1.1 401") || answer.starts_with("HTTP/2 401"),
+        "{answer}"
+    );
+    let opened = fetch(host, &target_of(link), &[]);
+    assert!(opened.contains(" 303"), "{opened}");
+    let cookie = format!("Cookie: {}", cookie_of(&opened));
+    assert!(fetch(host, "/", &[&cookie]).ends_with("<h1>hi</h1>\n"));
+    // A share link, listed, revoked.
+    let share = cli.ok(&["url", "share", "web", "--ttl", "10m"]);
+    let opened = fetch(host, &target_of(&share), &[]);
+    let shared = format!("Cookie: {}", cookie_of(&opened));
+    assert!(fetch(host, "/", &[&shared]).ends_with("<h1>hi</h1>\n"));
+    let listed = cli.ok(&["url", "shares", "web"]);
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    let out = cli.ok(&["url", "revoke", "web", "--all"]);
+    assert!(out.contains("1 share link(s) revoked"), "{out}");
+    assert!(fetch(host, "/", &[&shared]).contains(" 401"));
+    // Public: anyone, at once.
+    let out = cli.run(&["url", "web", "--auth", "public"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("public"));
+    assert!(fetch(host, "/", &[]).ends_with("<h1>hi</h1>\n"));
+    let ports = cli.ok(&["ports", "web"]);
+    assert!(
+        ports
+            .lines()
+            .any(|l| l.starts_with("8080 ") && l.contains(" public ")),
+        "{ports}"
     );
 }
 

@@ -167,15 +167,24 @@ impl Env {
         (child, lines)
     }
 
+    /// `GET https://{host}{path}` as the owner (URLs are private by
+    /// default: the VM token opens them).
     fn curl(&self, host: &str, path: &str) -> Output {
+        self.curl_as(host, path, &[&format!("Authorization: Bearer {TOKEN}")])
+    }
+
+    /// `GET https://{host}{path}` with `headers` (and `-i`: the answer's
+    /// head comes first when `headers` is empty).
+    fn curl_as(&self, host: &str, path: &str, headers: &[&str]) -> Output {
         let root = self.pebble.issuing_root().unwrap();
-        Command::new("curl")
-            .args(["-sS", "--max-time", "20", "--cacert"])
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "20", "--cacert"])
             .arg(root)
-            .args(["--resolve", &format!("{host}:443:10.202.{}.2", self.k)])
-            .arg(format!("https://{host}{path}"))
-            .output()
-            .unwrap()
+            .args(["--resolve", &format!("{host}:443:10.202.{}.2", self.k)]);
+        for h in headers {
+            cmd.args(["-H", h]);
+        }
+        cmd.arg(format!("https://{host}{path}")).output().unwrap()
     }
 
     /// Waits until `https://{host}{path}` answers `want`.
@@ -441,6 +450,7 @@ fn a_panic_in_the_port_watcher_does_not_interrupt_requests() {
         let out = Command::new("curl")
             .args(["-sS", "--max-time", "5", "--cacert"])
             .arg(&root)
+            .args(["-H", &format!("Authorization: Bearer {TOKEN}")])
             .args(["--resolve", "vm1.test:443:10.202.26.2", "https://vm1.test/"])
             .output()
             .unwrap();
@@ -675,24 +685,28 @@ fn raise_nofile(n: u64) {
     setrlimit(Resource::RLIMIT_NOFILE, n, hard).unwrap();
 }
 
-/// `n` HTTPS requests at once (a TLS handshake and a GET each); how many
-/// answered 200.
-fn concurrent_https(env: &Env, n: usize) -> usize {
-    use std::sync::Arc;
+/// A TLS client configuration that trusts the guest's ACME certificates.
+fn tls_config(env: &Env) -> std::sync::Arc<rustls::ClientConfig> {
     let root = env.pebble.issuing_root().unwrap();
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut &std::fs::read(root).unwrap()[..]) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let config = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth(),
-    );
+    )
+}
+
+/// `n` HTTPS requests at once (a TLS handshake and a GET each); how many
+/// answered 200.
+fn concurrent_https(env: &Env, n: usize) -> usize {
+    let config = tls_config(env);
     let addr = format!("10.202.{}.2:443", env.k);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -713,7 +727,7 @@ fn concurrent_https(env: &Env, n: usize) -> usize {
                         .connect("vm1.test".try_into().unwrap(), tcp)
                         .await
                         .map_err(|e| format!("handshake: {e}"))?;
-                    tls.write_all(b"GET / HTTP/1.1\r\nHost: vm1.test\r\nConnection: close\r\n\r\n")
+                    tls.write_all(format!("GET / HTTP/1.1\r\nHost: vm1.test\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n").as_bytes())
                         .await
                         .map_err(|e| format!("write: {e}"))?;
                     let mut head = [0u8; 12];
@@ -885,6 +899,7 @@ fn a_services_http_port_moves_the_primary_url_at_once_and_back_on_delete() {
 use nestbox_api::client::exec::{Event, Receiver};
 use nestbox_api::client::{Client, Transport};
 use nestbox_api::exec::{ExecParams, ExitStatus, KillEvent, KillRequest, StreamId};
+use nestbox_api::types::UrlAuth;
 
 impl Env {
     /// A client of the API at `https://api.vm1.test/`, through the ingress,
@@ -1720,4 +1735,396 @@ fn only_running_sessions_count_toward_the_limit_and_old_ended_ones_are_forgotten
         let err = client.exec(&argv(&["true"])).await.err().unwrap();
         assert!(err.to_string().contains("sessions are running"), "{err}");
     });
+}
+
+/// The app of the URL auth test: answers with the request head it got.
+const HEADERS_APP: &str =
+    r#"{"name": "hdr", "cmd": "/nb-escape", "args": ["headers", "8080"], "http_port": 8080}"#;
+
+/// One HTTP/1.1 exchange over TLS with `host` (SNI and `Host`), the
+/// request's head written as given (`Connection: close` is added): the
+/// whole answer, until the ingress closes.
+fn raw_https(env: &Env, host: &str, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = tls_config(env);
+    let addr = format!("10.202.{}.2:443", env.k);
+    let (host, request) = (host.to_owned(), request.to_owned());
+    runtime().block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(host.clone().try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        let (line, rest) = request.split_once("\r\n").unwrap_or((&request, ""));
+        let rest = rest.trim_end_matches("\r\n");
+        let sep = if rest.is_empty() { "" } else { "\r\n" };
+        let text = format!("{line}\r\nHost: {host}\r\nConnection: close\r\n{rest}{sep}\r\n");
+        tls.write_all(text.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(20), tls.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    })
+}
+
+/// The status code of a raw answer.
+fn status_of(answer: &str) -> &str {
+    answer.get(9..12).unwrap_or("")
+}
+
+/// The `Set-Cookie` of an answer, as a `Cookie` pair (`name=value`).
+fn cookie_pair(answer: &str) -> String {
+    let line = answer
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no Set-Cookie in {answer}"));
+    let value = line.split_once(':').unwrap().1.trim();
+    for attr in ["Secure", "HttpOnly", "SameSite=Lax", "Path=/"] {
+        assert!(value.contains(attr), "the cookie lacks {attr}: {value}");
+    }
+    assert!(!value.contains("Domain"), "a host-only cookie: {value}");
+    assert!(value.starts_with("__Host-nestbox="), "{value}");
+    value.split(';').next().unwrap().to_owned()
+}
+
+/// A link's path and query (what a browser asks its host for).
+fn link_target(url: &str) -> &str {
+    let rest = url.strip_prefix("https://").unwrap();
+    &rest[rest.find('/').unwrap()..]
+}
+
+#[test]
+fn urls_are_private_by_default_and_the_app_never_sees_our_credentials() {
+    let env = Env::new(42);
+    let client = env.client();
+    env.create_service(HEADERS_APP);
+    // Up, for the owner.
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while !body(&env.curl("vm1.test", "/")).starts_with("GET / HTTP/1.1") {
+        assert!(
+            Instant::now() < deadline,
+            "the app did not serve\n{}",
+            env.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A share link that will have expired by the end of the test.
+    let short = runtime().block_on(client.share(None, 60)).unwrap();
+    let short_open = raw_https(
+        &env,
+        "vm1.test",
+        &format!(
+            "GET {} HTTP/1.1",
+            link_target(short.url.as_deref().unwrap())
+        ),
+    );
+    assert_eq!(status_of(&short_open), "303", "{short_open}");
+    let short_cookie = cookie_pair(&short_open);
+    let t0 = Instant::now();
+
+    refusals_and_the_owner(&env);
+    let cookie = login_link(&env, &client);
+    share_links(&env, &client);
+    tokens_and_modes(&env, &client, &cookie);
+    // Kept across a restart of the guest; back to private at once.
+    let mut env = env;
+    env.stop_guest();
+    env.start_guest();
+    let client = env.client();
+    let mode = runtime()
+        .block_on(client.port_auth(Some(8080)))
+        .unwrap()
+        .mode;
+    assert_eq!(mode, UrlAuth::Public, "the mode survives a restart");
+    runtime()
+        .block_on(client.set_port_auth(None, UrlAuth::Private))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_mins(1);
+    loop {
+        let answer = raw_https(&env, "vm1.test", "GET / HTTP/1.1");
+        if status_of(&answer) == "401" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && status_of(&answer) != "200",
+            "private again: {answer}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The first share link has expired by now: it and its cookie are refused.
+    if let Some(left) = Duration::from_secs(62).checked_sub(t0.elapsed()) {
+        std::thread::sleep(left);
+    }
+    let answer = raw_https(
+        &env,
+        "vm1.test",
+        &format!("GET / HTTP/1.1\r\nCookie: {short_cookie}"),
+    );
+    assert_eq!(
+        status_of(&answer),
+        "401",
+        "an expired share's cookie: {answer}"
+    );
+    let answer = raw_https(
+        &env,
+        "vm1.test",
+        &format!(
+            "GET {} HTTP/1.1",
+            link_target(short.url.as_deref().unwrap())
+        ),
+    );
+    assert_eq!(status_of(&answer), "403", "{answer}");
+    assert!(answer.contains("expired"), "{answer}");
+}
+
+/// Strangers are refused; the owner's token opens the URL and the app sees
+/// neither it nor a spoofed caller.
+fn refusals_and_the_owner(env: &Env) {
+    // No credentials, a wrong token, a spoofed caller header: refused,
+    // with a page that says what to do.
+    for headers in [
+        &[][..],
+        &["Authorization: Bearer wrong"],
+        &["X-Nestbox-Caller: owner"],
+    ] {
+        let answer = raw_https(
+            env,
+            "vm1.test",
+            &format!(
+                "GET / HTTP/1.1\r\n{}",
+                headers.iter().fold(String::new(), |t, h| t + h + "\r\n")
+            ),
+        );
+        assert_eq!(status_of(&answer), "401", "{headers:?}: {answer}");
+        assert!(
+            answer.contains("is private") && answer.contains("nestbox url"),
+            "{answer}"
+        );
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
+            "{answer}"
+        );
+    }
+    // The VM token opens it; the app sees neither the token nor an
+    // Authorization header, and learns the caller from the ingress.
+    let seen = body(&env.curl_as(
+        "vm1.test",
+        "/",
+        &[
+            &format!("Authorization: Bearer {TOKEN}"),
+            "X-Nestbox-Caller: spoofed",
+        ],
+    ))
+    .to_ascii_lowercase();
+    assert!(seen.starts_with("get / http/1.1"), "{seen}");
+    assert!(
+        !seen.contains("authorization") && !seen.contains(TOKEN),
+        "{seen}"
+    );
+    assert!(
+        seen.contains("x-nestbox-caller: owner") && !seen.contains("spoofed"),
+        "{seen}"
+    );
+}
+
+/// A login link works once and gives a host-only cookie (a WebSocket
+/// upgrade passes with it); the cookie.
+fn login_link(env: &Env, client: &Client) -> String {
+    // A login link: once, to a cookie of this host only, then the clean URL.
+    let link = runtime()
+        .block_on(client.login_link(None, Some("/landing?x=1".into())))
+        .unwrap();
+    let target = link_target(&link.url).to_owned();
+    let opened = raw_https(env, "vm1.test", &format!("GET {target} HTTP/1.1"));
+    assert_eq!(status_of(&opened), "303", "{opened}");
+    assert!(
+        opened.contains("location: /landing?x=1") || opened.contains("Location: /landing?x=1"),
+        "{opened}"
+    );
+    let cookie = cookie_pair(&opened);
+    let again = raw_https(env, "vm1.test", &format!("GET {target} HTTP/1.1"));
+    assert_eq!(status_of(&again), "403", "a login link works once: {again}");
+    assert!(again.contains("already been used"), "{again}");
+    let seen = raw_https(
+        env,
+        "vm1.test",
+        &format!("GET /app HTTP/1.1\r\nCookie: theme=dark; {cookie}; lang=en"),
+    )
+    .to_ascii_lowercase();
+    assert_eq!(status_of(&seen), "200", "{seen}");
+    let app = &seen[seen.find("\r\n\r\n").unwrap()..];
+    assert!(
+        app.contains("cookie: theme=dark; lang=en"),
+        "the app's own cookies pass: {app}"
+    );
+    assert!(
+        !app.contains("__host-nestbox"),
+        "the app saw our cookie: {app}"
+    );
+    assert!(app.contains("x-nestbox-caller: owner"), "{app}");
+    // Host-only: the port's own name is another origin.
+    let other = raw_https(
+        env,
+        "8080.vm1.test",
+        &format!("GET / HTTP/1.1\r\nCookie: {cookie}"),
+    );
+    assert_eq!(status_of(&other), "401", "{other}");
+    // A WebSocket upgrade passes with the cookie (and without it, not).
+    let ws = "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==";
+    let upgraded =
+        raw_https(env, "vm1.test", &format!("{ws}\r\nCookie: {cookie}")).to_ascii_lowercase();
+    assert_eq!(status_of(&upgraded), "101", "{upgraded}");
+    let inside = &upgraded[upgraded.find("\r\n\r\n").unwrap()..];
+    assert!(
+        inside.contains("get /ws http/1.1") && inside.contains("x-nestbox-caller: owner"),
+        "{inside}"
+    );
+    assert!(!inside.contains("__host-nestbox"), "{inside}");
+    assert_eq!(status_of(&raw_https(env, "vm1.test", ws)), "401");
+
+    cookie
+}
+
+/// Share links: revoked one by one and all at once.
+fn share_links(env: &Env, client: &Client) {
+    // Share links: each opens the URL as `share:<id>` until revoked, with
+    // every cookie it gave; all at once.
+    let share = runtime().block_on(client.share(Some(8080), 3600)).unwrap();
+    let share_target = link_target(share.url.as_deref().unwrap()).to_owned();
+    let opened = raw_https(
+        env,
+        "8080.vm1.test",
+        &format!("GET {share_target} HTTP/1.1"),
+    );
+    let share_cookie = cookie_pair(&opened);
+    let seen = raw_https(
+        env,
+        "8080.vm1.test",
+        &format!("GET / HTTP/1.1\r\nCookie: {share_cookie}"),
+    )
+    .to_ascii_lowercase();
+    assert!(
+        seen.contains(&format!("x-nestbox-caller: share:{}", share.id)),
+        "{seen}"
+    );
+    let listed = runtime().block_on(client.shares()).unwrap();
+    assert!(
+        listed.iter().any(|s| s.id == share.id && s.url.is_none()),
+        "{listed:?}"
+    );
+    assert_eq!(
+        runtime()
+            .block_on(client.revoke_shares(Some(&share.id)))
+            .unwrap()
+            .revoked,
+        1
+    );
+    let after = raw_https(
+        env,
+        "8080.vm1.test",
+        &format!("GET / HTTP/1.1\r\nCookie: {share_cookie}"),
+    );
+    assert_eq!(
+        status_of(&after),
+        "401",
+        "a revoked share's cookie: {after}"
+    );
+    let relink = raw_https(
+        env,
+        "8080.vm1.test",
+        &format!("GET {share_target} HTTP/1.1"),
+    );
+    assert_eq!(status_of(&relink), "403", "{relink}");
+    assert!(relink.contains("revoked"), "{relink}");
+    let (a, b) = runtime().block_on(async {
+        (
+            client.share(None, 600).await.unwrap(),
+            client.share(Some(8080), 600).await.unwrap(),
+        )
+    });
+    let revoked = runtime()
+        .block_on(client.revoke_shares(None))
+        .unwrap()
+        .revoked;
+    assert!(revoked >= 2, "{revoked}");
+    for (host, s) in [("vm1.test", &a), ("8080.vm1.test", &b)] {
+        let answer = raw_https(
+            env,
+            host,
+            &format!("GET {} HTTP/1.1", link_target(s.url.as_deref().unwrap())),
+        );
+        assert_eq!(status_of(&answer), "403", "{answer}");
+    }
+    let err = runtime().block_on(client.share(None, 30)).err().unwrap();
+    assert!(err.to_string().contains("60 s to 24 h"), "{err}");
+}
+
+/// Scoped tokens, then the token and public modes.
+fn tokens_and_modes(env: &Env, client: &Client, cookie: &str) {
+    // Scoped tokens: their ports only, until revoked.
+    let scoped = runtime()
+        .block_on(client.scoped_token(vec![8080], 600))
+        .unwrap();
+    let bearer = format!("Authorization: Bearer {}", scoped.token.as_deref().unwrap());
+    let seen = body(&env.curl_as("8080.vm1.test", "/", &[&bearer])).to_ascii_lowercase();
+    assert!(
+        seen.contains(&format!("x-nestbox-caller: token:{}", scoped.id)),
+        "{seen}"
+    );
+    assert!(!seen.contains("authorization"), "{seen}");
+    let elsewhere = runtime()
+        .block_on(client.scoped_token(vec![9999], 600))
+        .unwrap();
+    let answer = raw_https(
+        env,
+        "vm1.test",
+        &format!(
+            "GET / HTTP/1.1\r\nAuthorization: Bearer {}",
+            elsewhere.token.unwrap()
+        ),
+    );
+    assert_eq!(status_of(&answer), "401", "{answer}");
+    assert!(answer.contains("for another URL"), "{answer}");
+    runtime().block_on(client.revoke_token(&scoped.id)).unwrap();
+    let answer = raw_https(env, "vm1.test", &format!("GET / HTTP/1.1\r\n{bearer}"));
+    assert_eq!(status_of(&answer), "401", "a revoked token: {answer}");
+
+    // Token mode: bearer tokens only, no cookie.
+    let set = runtime()
+        .block_on(client.set_port_auth(None, UrlAuth::Token))
+        .unwrap();
+    assert_eq!((set.port, set.mode), (8080, UrlAuth::Token));
+    let answer = raw_https(
+        env,
+        "vm1.test",
+        &format!("GET / HTTP/1.1\r\nCookie: {cookie}"),
+    );
+    assert_eq!(status_of(&answer), "401", "{answer}");
+    assert!(body(&env.curl("vm1.test", "/")).starts_with("GET"));
+
+    // Public: anyone, at once; the app's own Authorization passes, a
+    // spoofed caller does not.
+    runtime()
+        .block_on(client.set_port_auth(Some(8080), UrlAuth::Public))
+        .unwrap();
+    let seen = body(&env.curl_as(
+        "vm1.test",
+        "/",
+        &["Authorization: Basic dTpw", "X-Nestbox-Caller: owner"],
+    ))
+    .to_ascii_lowercase();
+    assert!(seen.contains("authorization: basic dtpw"), "{seen}");
+    assert!(
+        seen.contains("x-nestbox-caller: anonymous") && !seen.contains("caller: owner"),
+        "{seen}"
+    );
+    let ports = runtime().block_on(client.ports()).unwrap();
+    assert!(
+        ports
+            .iter()
+            .any(|p| p.port == 8080 && p.auth == UrlAuth::Public),
+        "{ports:?}"
+    );
 }

@@ -25,20 +25,10 @@ pub fn run(args: &Args) -> Result<()> {
         out: None,
         faults: false,
     })?;
-    util::run(util::cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "nestbox-launcher",
-        "-p",
-        "nestbox-cli",
-        "-p",
-        "nestbox-tests",
-        "--bins",
-    ]))?;
+    let bin = util::build_host_binaries(&["nestbox-launcher", "nestbox-cli", "nestbox-tests"])?;
     // Ctrl-C reaches the demo too; it cleans up and exits, and we wait for it.
     ctrlc::set_handler(|| {}).context("install Ctrl-C handler")?;
-    let mut demo = std::process::Command::new(util::root().join("target/release/nb-demo"));
+    let mut demo = std::process::Command::new(bin.join("nb-demo"));
     demo.arg("--image").arg(image);
     if let Some(s) = args.seconds {
         demo.arg("--seconds").arg(s.to_string());

@@ -35,18 +35,14 @@ pub fn run(args: &Args) -> Result<()> {
         out: None,
         faults: false,
     })?;
-    let mut build = util::cargo();
-    build.args(["build", "--release", "--bins"]);
-    for (package, _) in BINARIES {
-        build.args(["-p", package]);
-    }
-    util::run(&mut build)?;
+    let packages: Vec<&str> = BINARIES.iter().map(|(p, _)| *p).collect();
+    let built = util::build_host_binaries(&packages)?;
     replace_dir(&image, &args.image_dir)?;
     println!("image    {}", args.image_dir.display());
     let bin = args.prefix.join("bin");
     std::fs::create_dir_all(&bin).with_context(|| format!("create {}", bin.display()))?;
     for (_, name) in BINARIES {
-        let from = util::root().join("target/release").join(name);
+        let from = built.join(name);
         let to = bin.join(name);
         replace_file(&from, &to)?;
         println!("binary   {}", to.display());

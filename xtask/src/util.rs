@@ -20,6 +20,26 @@ pub fn cargo() -> Command {
     cmd
 }
 
+/// The profile the host's binaries (launcher, CLI, demo) are built with by
+/// `demo` and `install`: the guest's own. Profiles share no artifacts, so
+/// building them with `release` compiled every dependency a second time on
+/// a first run; with the guest's, one compilation serves the image and the
+/// host (dependencies whose features differ between the two are the
+/// exception).
+pub const HOST_PROFILE: &str = "guest";
+
+/// Builds the binaries of `packages` with [`HOST_PROFILE`]; answers the
+/// directory they are in.
+pub fn build_host_binaries(packages: &[&str]) -> Result<PathBuf> {
+    let mut build = cargo();
+    build.args(["build", "--profile", HOST_PROFILE, "--bins"]);
+    for p in packages {
+        build.args(["-p", p]);
+    }
+    run(&mut build)?;
+    Ok(root().join("target").join(HOST_PROFILE))
+}
+
 /// Runs a command, echoing it, and fails if it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("+ {}", show(cmd));

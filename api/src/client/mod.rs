@@ -9,6 +9,7 @@
 pub mod exec;
 pub mod fs;
 pub mod proxy;
+pub mod urls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -384,6 +385,14 @@ impl Client {
     /// [`ClientError`].
     pub async fn status(&self) -> Result<crate::types::Status, ClientError> {
         self.json(Method::GET, "/v1/status", None::<&()>).await
+    }
+
+    /// `GET /v1/ports`.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn ports(&self) -> Result<Vec<crate::types::PortInfo>, ClientError> {
+        self.json(Method::GET, "/v1/ports", None::<&()>).await
     }
 
     /// `GET /v1/exec`.

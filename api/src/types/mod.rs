@@ -5,10 +5,15 @@ mod logs;
 mod ports;
 mod services;
 mod status;
+mod urls;
 
 pub use logs::{LogLine, LogStats, Stream};
 pub use ports::{PortChange, PortChangeKind, PortInfo};
 pub use services::{Restart, ServiceSpec, ServiceState, ServiceStatus};
 pub use status::{
     Applied, Bounced, ContainerState, DiskReport, DiskState, DiskUsage, Renewing, Status, Usage,
+};
+pub use urls::{
+    Link, LoginRequest, PortAuth, Revoked, ScopedToken, SetPortAuth, Share, ShareRequest,
+    TokenRequest, UrlAuth,
 };

@@ -19,6 +19,13 @@ pub struct PortInfo {
     pub url: String,
     /// Whether it is also the VM's primary URL.
     pub primary: bool,
+    /// Who may open its URL (absent from guests before URL auth: public).
+    #[serde(default = "public")]
+    pub auth: super::UrlAuth,
+}
+
+fn public() -> super::UrlAuth {
+    super::UrlAuth::Public
 }
 
 /// Whether a port opened or closed.

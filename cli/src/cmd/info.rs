@@ -61,10 +61,11 @@ pub async fn status(ctx: &mut Context, vm: &str, json: bool) -> anyhow::Result<u
 fn port_line(p: &PortInfo) -> String {
     let addrs: Vec<String> = p.addrs.iter().map(ToString::to_string).collect();
     format!(
-        "{:<6} {:<24} {:<14} {}{}",
+        "{:<6} {:<24} {:<14} {:<8} {}{}",
         p.port,
         addrs.join(","),
         p.process.as_deref().unwrap_or("-"),
+        p.auth,
         p.url,
         if p.primary { "  (primary)" } else { "" }
     )
@@ -93,7 +94,10 @@ pub async fn ports(ctx: &mut Context, vm: &str, watch: bool, json: bool) -> anyh
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else {
-        println!("{:<6} {:<24} {:<14} URL", "PORT", "ADDRESSES", "PROCESS");
+        println!(
+            "{:<6} {:<24} {:<14} {:<8} URL",
+            "PORT", "ADDRESSES", "PROCESS", "AUTH"
+        );
         for p in &list {
             println!("{}", port_line(p));
         }

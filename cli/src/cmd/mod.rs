@@ -6,4 +6,5 @@ pub mod info;
 pub mod proxy;
 pub mod services;
 pub mod sessions;
+pub mod url;
 pub mod vm;

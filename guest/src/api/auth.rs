@@ -41,6 +41,12 @@ impl TokenHash {
         from_hex(hex).map(Self)
     }
 
+    /// The hash.
+    #[must_use]
+    pub fn bytes(&self) -> [u8; 32] {
+        self.0
+    }
+
     /// Whether `token` hashes to the configured value.
     #[must_use]
     pub fn matches(&self, token: &str) -> bool {

@@ -25,6 +25,7 @@ mod ports;
 mod proxy;
 mod services;
 mod status;
+mod urls;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -62,6 +63,16 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/status"),
     ("GET", "/v1/ports"),
     ("GET", "/v1/ports/events"),
+    ("GET", "/v1/ports/{port}/auth"),
+    ("PUT", "/v1/ports/{port}/auth"),
+    ("POST", "/v1/urls/login"),
+    ("GET", "/v1/urls/shares"),
+    ("POST", "/v1/urls/shares"),
+    ("DELETE", "/v1/urls/shares"),
+    ("DELETE", "/v1/urls/shares/{id}"),
+    ("GET", "/v1/tokens"),
+    ("POST", "/v1/tokens"),
+    ("DELETE", "/v1/tokens/{id}"),
     ("GET", "/v1/services"),
     ("POST", "/v1/services"),
     ("GET", "/v1/services/{name}"),
@@ -138,6 +149,8 @@ pub struct Parts {
     pub current: crate::bounce::Current,
     /// Socket threads of the container's network namespaces, for tunnels.
     pub dialers: Arc<nestbox_ingress::dial::Dialers>,
+    /// URL auth: modes, share links, scoped tokens.
+    pub urls: crate::urls::Urls,
 }
 
 /// The API; cheap to clone.
@@ -310,9 +323,61 @@ fn fs_operation(method: &str, path: &str) -> Option<MethodRouter<Shared>> {
     })
 }
 
+/// The handler of each URL auth operation in [`ROUTES`].
+fn url_operation(method: &str, path: &str) -> Option<MethodRouter<Shared>> {
+    use nestbox_ingress::access::Kind;
+    Some(match (method, path) {
+        ("GET", "/v1/ports/{port}/auth") => get(
+            |State(s): State<Shared>, Segment(port): Segment<String>| async move {
+                urls::get_auth(&s.parts, &port)
+            },
+        ),
+        ("PUT", "/v1/ports/{port}/auth") => put(
+            |State(s): State<Shared>, Segment(port): Segment<String>, req: Request| async move {
+                urls::set_auth(&s.parts, &port, req).await
+            },
+        ),
+        ("POST", "/v1/urls/login") => {
+            post(
+                |State(s): State<Shared>, req: Request| async move { urls::login(&s.parts, req).await },
+            )
+        }
+        ("GET", "/v1/urls/shares") => {
+            get(|State(s): State<Shared>| async move { urls::list_shares(&s.parts).await })
+        }
+        ("POST", "/v1/urls/shares") => {
+            post(
+                |State(s): State<Shared>, req: Request| async move { urls::share(&s.parts, req).await },
+            )
+        }
+        ("DELETE", "/v1/urls/shares") => delete(|State(s): State<Shared>| async move {
+            urls::revoke(&s.parts, Kind::Share, None).await
+        }),
+        ("DELETE", "/v1/urls/shares/{id}") => delete(
+            |State(s): State<Shared>, Segment(id): Segment<String>| async move {
+                urls::revoke(&s.parts, Kind::Share, Some(&id)).await
+            },
+        ),
+        ("GET", "/v1/tokens") => {
+            get(|State(s): State<Shared>| async move { urls::list_tokens(&s.parts).await })
+        }
+        ("POST", "/v1/tokens") => {
+            post(
+                |State(s): State<Shared>, req: Request| async move { urls::token(&s.parts, req).await },
+            )
+        }
+        ("DELETE", "/v1/tokens/{id}") => delete(
+            |State(s): State<Shared>, Segment(id): Segment<String>| async move {
+                urls::revoke(&s.parts, Kind::Token, Some(&id)).await
+            },
+        ),
+        _ => return None,
+    })
+}
+
 /// The handler of each operation in [`ROUTES`].
 fn operation(method: &str, path: &str) -> MethodRouter<Shared> {
-    if let Some(op) = fs_operation(method, path) {
+    if let Some(op) = fs_operation(method, path).or_else(|| url_operation(method, path)) {
         return op;
     }
     match (method, path) {

@@ -49,7 +49,7 @@ struct Args {
     flood_lines: u64,
 }
 
-use nestbox_tests::benchvm::{VM_IP, Vm, start};
+use nestbox_tests::benchvm::{TOKEN, VM_IP, Vm, start};
 
 #[derive(serde::Serialize)]
 struct Results {
@@ -164,7 +164,10 @@ fn get(tls: &Arc<rustls::ClientConfig>, host: &str) -> Option<u16> {
     let name = rustls::pki_types::ServerName::try_from(host.to_owned()).ok()?;
     let conn = rustls::ClientConnection::new(tls.clone(), name).ok()?;
     let mut s = rustls::StreamOwned::new(conn, tcp);
-    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    // The URL is private (the default): the owner's token opens it.
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+    );
     s.write_all(request.as_bytes()).ok()?;
     let mut head = [0u8; 12];
     s.read_exact(&mut head).ok()?;
@@ -224,6 +227,7 @@ fn main() -> Result<()> {
         .args(["-sS", "--cacert"])
         .arg(vm.dir.join("cert.pem"))
         .args(["--resolve", &format!("vm1.test:443:{VM_IP}")])
+        .args(["-H", &format!("Authorization: Bearer {TOKEN}")])
         .args(["-o", "/dev/null", "-w", "%{http_code}\\n"])
         .arg(format!("https://vm1.test/?n=[1-{}]", args.requests))
         .stderr(Stdio::inherit())

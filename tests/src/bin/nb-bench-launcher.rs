@@ -334,7 +334,7 @@ fn under_attack(samples: usize) -> Attack {
     let measure = |host: &Host| {
         (
             latencies(host, VM, &api, "/v1/status", Some(&token), samples),
-            latencies(host, VM, "attacked.test", "/", None, samples),
+            latencies(host, VM, "attacked.test", "/", Some(&token), samples),
         )
     };
     let (status_idle, url_idle) = measure(&host);

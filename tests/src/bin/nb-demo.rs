@@ -4,7 +4,9 @@
 //! Starts Pebble (the ACME test CA) and its DNS on the host, boots a VM with
 //! `nestbox-launcher` (guest image from `cargo xtask image`), starts a small
 //! web app in its inner container through the VM's own API, prints the
-//! HTTPS URL and a `curl` command that works as printed, and shows the VM's
+//! HTTPS URL (private by default) with a `curl` command that works as
+//! printed (the VM token opens it) and the `nestbox url` that gives a
+//! browser its login link, and shows the VM's
 //! port events live (a second app opens a port a few seconds in). Ctrl-C
 //! destroys the VM and stops everything the demo started.
 
@@ -159,7 +161,7 @@ fn main() -> Result<()> {
     cli_login(&nestbox, &demo.name, &ip, &vm, &token_file, &root)?;
     let mut events = client.stream("/v1/ports/events")?;
     client.post("/v1/services", WEB)?;
-    print_how(&vm, &ip, &root, &nestbox, &demo);
+    print_how(&vm, &ip, &root, &token_file, &nestbox, &demo);
     println!();
     println!("port events (Ctrl-C destroys the VM):");
     let lines = events.stdout.take().context("event stream")?;
@@ -187,12 +189,25 @@ fn main() -> Result<()> {
 }
 
 /// The URL, and the commands that reach the VM, as printed.
-fn print_how(vm: &str, ip: &str, root: &std::path::Path, nestbox: &std::path::Path, demo: &Demo) {
+fn print_how(
+    vm: &str,
+    ip: &str,
+    root: &std::path::Path,
+    token_file: &std::path::Path,
+    nestbox: &std::path::Path,
+    demo: &Demo,
+) {
     println!();
-    println!("your app: https://{vm}/");
+    println!("your app: https://{vm}/  (private: URLs open to the VM's owner only)");
     println!(
-        "try:      curl --cacert {} --resolve {vm}:443:{ip} https://{vm}/",
-        root.display()
+        "try:      curl --cacert {} --resolve {vm}:443:{ip} -H \"Authorization: Bearer $(cat {})\" https://{vm}/",
+        root.display(),
+        token_file.display()
+    );
+    println!(
+        "browser:  {} url {}   (a login link for your browser; `--auth public` opens the URL to anyone)",
+        nestbox.display(),
+        demo.name
     );
     println!("shell:    {} console {}", nestbox.display(), demo.name);
     println!(

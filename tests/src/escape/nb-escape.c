@@ -7,7 +7,9 @@
  * would bring a tool in.
  *
  * Besides the attempts, modes for the resource tests and benchmarks:
- * `serve PORT` (a web app that never forks), `syscalls N` (the cost of a
+ * `serve PORT` (a web app that never forks), `headers PORT` (a web app
+ * that answers with the request's head), `echo PORT` (a loopback echo
+ * server), `syscalls N` (the cost of a
  * system call, with or without the container's seccomp filter), `lines
  * RATE` (writes RATE numbered log lines a second to stdout, for ever) and
  * `exit` (exits at once: a program to start, for the spawn benchmark).
@@ -302,6 +304,69 @@ static int echo(int port)
 	}
 }
 
+static int write_all(int fd, const char *buf, size_t len)
+{
+	while (len > 0) {
+		ssize_t w = write(fd, buf, len);
+		if (w <= 0)
+			return -1;
+		buf += w;
+		len -= (size_t)w;
+	}
+	return 0;
+}
+
+/*
+ * `headers PORT`: answers every request with its own head (the request
+ * line and the headers, as they arrived) as the body: the app that shows
+ * what the ingress forwards. A WebSocket upgrade is answered 101, then the
+ * head as the first bytes of the upgraded stream, then the end.
+ */
+static int headers(int port)
+{
+	int s = socket(AF_INET6, SOCK_STREAM, 0);
+	int one = 1;
+	setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	struct sockaddr_in6 addr = { .sin6_family = AF_INET6, .sin6_port = htons(port) };
+	if (bind(s, (struct sockaddr *)&addr, sizeof(addr)) != 0 || listen(s, 64) != 0) {
+		perror("nb-escape headers");
+		return 1;
+	}
+	printf("showing request heads on %d\n", port);
+	fflush(stdout);
+	for (;;) {
+		int c = accept(s, NULL, NULL);
+		if (c < 0)
+			continue;
+		static char req[16384];
+		size_t n = 0;
+		req[0] = 0;
+		while (n < sizeof(req) - 1 && !strstr(req, "\r\n\r\n")) {
+			ssize_t r = read(c, req + n, sizeof(req) - 1 - n);
+			if (r <= 0)
+				break;
+			n += (size_t)r;
+			req[n] = 0;
+		}
+		char *end = strstr(req, "\r\n\r\n");
+		size_t len = end ? (size_t)(end - req) + 4 : n;
+		char head[256];
+		int hl;
+		if (strcasestr(req, "\r\nupgrade: websocket"))
+			hl = snprintf(head, sizeof(head),
+				      "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+				      "Upgrade: websocket\r\n\r\n");
+		else
+			hl = snprintf(head, sizeof(head),
+				      "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+				      "Content-Length: %zu\r\nConnection: close\r\n\r\n",
+				      len);
+		if (write_all(c, head, (size_t)hl) != 0 || write_all(c, req, len) != 0)
+			perror("nb-escape headers: write");
+		close(c);
+	}
+}
+
 static double now_ns(void)
 {
 	struct timespec t;
@@ -369,6 +434,8 @@ int main(int argc, char **argv)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (!strcmp(what, "serve"))
 		return serve(argc > 2 ? atoi(argv[2]) : 8080);
+	if (!strcmp(what, "headers"))
+		return headers(argc > 2 ? atoi(argv[2]) : 8080);
 	if (!strcmp(what, "echo"))
 		return echo(argc > 2 ? atoi(argv[2]) : 3000);
 	if (!strcmp(what, "syscalls"))
