@@ -263,31 +263,49 @@ impl Urls {
             )));
         }
         let host = self.host(port, primary);
+        let (token, grant) =
+            self.signed_grant(Kind::Share, ttl_secs, Some(host.clone()), vec![port]);
+        let url = format!("https://{host}{}?t={token}", access::AUTH_PATH);
+        let share = self.share_of(&grant, Some(url));
+        self.grant(grant).await?;
+        Ok(share)
+    }
+
+    /// A new grant of `kind` for `ttl_secs` (a share names its `host`; a
+    /// token, its `ports`) and the signed token it is for.
+    fn signed_grant(
+        &self,
+        kind: Kind,
+        ttl_secs: u64,
+        host: Option<String>,
+        ports: Vec<u16>,
+    ) -> (String, Grant) {
         let now = access::now();
-        let id = access::new_id("s-");
+        let id = access::new_id(if kind == Kind::Share { "s-" } else { "t-" });
         let token = self.access.sign(&Claims {
-            k: Kind::Share,
+            k: kind,
             vm: self.names.name.clone(),
             id: id.clone(),
             exp: now + ttl_secs,
-            h: Some(host.clone()),
-            p: Vec::new(),
+            h: host.clone(),
+            p: if kind == Kind::Token {
+                ports.clone()
+            } else {
+                Vec::new()
+            },
             r: None,
             s: None,
         });
-        let url = format!("https://{host}{}?t={token}", access::AUTH_PATH);
         let grant = Grant {
             id,
-            kind: Kind::Share,
-            ports: vec![port],
-            host: Some(host),
+            kind,
+            ports,
+            host,
             created: now,
             expires: now + ttl_secs,
             sha256: access::sha256_hex(&token),
         };
-        let share = self.share_of(&grant, Some(url));
-        self.grant(grant).await?;
-        Ok(share)
+        (token, grant)
     }
 
     fn share_of(&self, g: &Grant, url: Option<String>) -> Share {
@@ -314,33 +332,14 @@ impl Urls {
         if ports.contains(&0) {
             return Err(UrlError::Invalid("port 0 is not a port".into()));
         }
-        let now = access::now();
-        let id = access::new_id("t-");
-        let token = self.access.sign(&Claims {
-            k: Kind::Token,
-            vm: self.names.name.clone(),
-            id: id.clone(),
-            exp: now + ttl_secs,
-            h: None,
-            p: ports.clone(),
-            r: None,
-            s: None,
-        });
-        let grant = Grant {
-            id: id.clone(),
-            kind: Kind::Token,
-            ports: ports.clone(),
-            host: None,
-            created: now,
-            expires: now + ttl_secs,
-            sha256: access::sha256_hex(&token),
-        };
+        let (token, grant) = self.signed_grant(Kind::Token, ttl_secs, None, ports.clone());
+        let (id, created, expires) = (grant.id.clone(), grant.created, grant.expires);
         self.grant(grant).await?;
         Ok(ScopedToken {
             id,
             ports,
-            created_ms: ms(now),
-            expires_ms: ms(now + ttl_secs),
+            created_ms: ms(created),
+            expires_ms: ms(expires),
             token: Some(token),
         })
     }

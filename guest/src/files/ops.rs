@@ -29,6 +29,64 @@ fn kind(st: &FileStat) -> &'static str {
 /// The size of the writes of an upload.
 const WRITE_BLOCK: usize = 1 << 20;
 
+/// How much of an upload is written back to the disk at a time.
+const WRITEBACK_WINDOW: u64 = 8 << 20;
+
+/// Writes an upload back to the disk as it arrives, one window behind:
+/// each full window is handed to writeback at once and the one before it
+/// waited for. The disk works while the network does (the final `fsync`
+/// finds at most two windows dirty), and an upload never holds more than
+/// that much dirty page cache.
+struct Writeback {
+    fd: std::os::fd::RawFd,
+    /// Where the window being written starts.
+    start: u64,
+    /// The window handed to writeback, not yet waited for.
+    pending: Option<(u64, u64)>,
+}
+
+impl Writeback {
+    fn new(file: &std::fs::File) -> Self {
+        use std::os::fd::AsRawFd;
+        Self {
+            fd: file.as_raw_fd(),
+            start: 0,
+            pending: None,
+        }
+    }
+
+    /// `written` bytes are in the file (not in a buffer).
+    fn advance(&mut self, written: u64) {
+        let len = written - self.start;
+        if len < WRITEBACK_WINDOW {
+            return;
+        }
+        self.range(self.start, len, libc::SYNC_FILE_RANGE_WRITE);
+        if let Some((start, len)) = self.pending.take() {
+            self.range(
+                start,
+                len,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            );
+        }
+        self.pending = Some((self.start, len));
+        self.start = written;
+    }
+
+    /// An advisory `sync_file_range`: a failure (EIO included) shows again
+    /// at the `fsync` that decides the upload.
+    fn range(&self, start: u64, len: u64, flags: libc::c_uint) {
+        let (Ok(start), Ok(len)) = (i64::try_from(start), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: a plain system call on a descriptor the caller's `File`
+        // keeps open; no memory is passed.
+        let _ = unsafe { libc::sync_file_range(self.fd, start, len, flags) };
+    }
+}
+
 /// Bytes as lowercase hex.
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
@@ -252,12 +310,14 @@ pub fn write(
         let mut size = 0u64;
         // The body comes in small frames: written in large blocks.
         let mut out = std::io::BufWriter::with_capacity(WRITE_BLOCK, &file);
+        let mut writeback = Writeback::new(&file);
         while let Some(chunk) = rx.blocking_recv() {
             let chunk =
                 chunk.map_err(|why| FsError::Invalid(format!("the upload broke off: {why}")))?;
             out.write_all(&chunk).map_err(|e| FsError::os(path, e))?;
             digest.update(&chunk);
             size += chunk.len() as u64;
+            writeback.advance(size - out.buffer().len() as u64);
         }
         out.flush().map_err(|e| FsError::os(path, e))?;
         drop(out);
