@@ -25,7 +25,11 @@ pub fn run(args: &Args) -> Result<()> {
         out: None,
         faults: false,
     })?;
-    let bin = util::build_host_binaries(&["nestbox-launcher", "nestbox-cli", "nestbox-tests"])?;
+    let bin = util::build_host_binaries(&[
+        ("nestbox-launcher", "nestbox-launcher"),
+        ("nestbox-cli", "nestbox"),
+        ("nestbox-tests", "nb-demo"),
+    ])?;
     // Ctrl-C reaches the demo too; it cleans up and exits, and we wait for it.
     ctrlc::set_handler(|| {}).context("install Ctrl-C handler")?;
     let mut demo = std::process::Command::new(bin.join("nb-demo"));

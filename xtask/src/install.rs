@@ -35,8 +35,7 @@ pub fn run(args: &Args) -> Result<()> {
         out: None,
         faults: false,
     })?;
-    let packages: Vec<&str> = BINARIES.iter().map(|(p, _)| *p).collect();
-    let built = util::build_host_binaries(&packages)?;
+    let built = util::build_host_binaries(&BINARIES)?;
     replace_dir(&image, &args.image_dir)?;
     println!("image    {}", args.image_dir.display());
     let bin = args.prefix.join("bin");

@@ -28,13 +28,14 @@ pub fn cargo() -> Command {
 /// exception).
 pub const HOST_PROFILE: &str = "guest";
 
-/// Builds the binaries of `packages` with [`HOST_PROFILE`]; answers the
-/// directory they are in.
-pub fn build_host_binaries(packages: &[&str]) -> Result<PathBuf> {
+/// Builds the binaries `bins` (package, binary) with [`HOST_PROFILE`], and
+/// no others (each binary is a whole-program link); answers the directory
+/// they are in.
+pub fn build_host_binaries(bins: &[(&str, &str)]) -> Result<PathBuf> {
     let mut build = cargo();
-    build.args(["build", "--profile", HOST_PROFILE, "--bins"]);
-    for p in packages {
-        build.args(["-p", p]);
+    build.args(["build", "--profile", HOST_PROFILE]);
+    for (package, bin) in bins {
+        build.args(["-p", package, "--bin", bin]);
     }
     run(&mut build)?;
     Ok(root().join("target").join(HOST_PROFILE))
