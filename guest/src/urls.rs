@@ -223,13 +223,19 @@ impl Urls {
         }
     }
 
+    /// `port`'s URL, or the primary URL.
+    #[must_use]
+    pub fn url(&self, port: u16, primary: bool) -> String {
+        format!("https://{}/", self.host(port, primary))
+    }
+
     /// A login link (60 s, single use) to `port`'s URL (or the primary
     /// URL), landing on `path`.
     ///
     /// # Errors
     /// [`UrlError::Invalid`] for a path that is not on the same host.
     pub fn login_link(&self, port: u16, primary: bool, path: &str) -> Result<Link, UrlError> {
-        if !path.starts_with('/') || path.starts_with("//") || path.starts_with("/\\") {
+        if !access::is_local_path(path) {
             return Err(UrlError::Invalid(format!(
                 "path {path:?} must be a path on the same host, starting with one '/'"
             )));

@@ -548,8 +548,10 @@ impl Access {
     }
 }
 
-/// Whether `path` is a path on this host (no scheme, no `//host`).
-fn is_local_path(path: &str) -> bool {
+/// Whether `path` is a path on this host (no scheme, no `//host`): where a
+/// login link may land.
+#[must_use]
+pub fn is_local_path(path: &str) -> bool {
     path.starts_with('/')
         && !path.starts_with("//")
         && !path.starts_with("/\\")

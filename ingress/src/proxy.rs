@@ -181,13 +181,11 @@ impl Proxy {
             let Some(access) = &self.access else {
                 return pages::no_access();
             };
-            let target = req
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned();
+            // A clone of the target shares its bytes (no copy per request).
+            let target = req.uri().path_and_query().cloned();
+            let target = target.as_ref().map_or("/", |p| p.as_str());
             if let Decision::Answer(resp) =
-                access.decide(&route.host, gate, &target, req.headers_mut())
+                access.decide(&route.host, gate, target, req.headers_mut())
             {
                 return resp;
             }

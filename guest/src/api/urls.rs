@@ -47,15 +47,6 @@ fn requested(p: &Parts, port: Option<u16>) -> Result<(u16, bool), ApiError> {
     }
 }
 
-fn url(p: &Parts, port: u16, primary: bool) -> String {
-    let names = p.publisher.names();
-    if primary {
-        format!("https://{}/", names.vm_host())
-    } else {
-        format!("https://{}/", names.port_host(port))
-    }
-}
-
 pub(super) fn get_auth(p: &Parts, segment: &str) -> Result<Response<Body>, ApiError> {
     let (port, primary) = port_of(p, segment)?;
     Ok(body::json(
@@ -63,7 +54,7 @@ pub(super) fn get_auth(p: &Parts, segment: &str) -> Result<Response<Body>, ApiEr
         &PortAuth {
             port,
             mode: p.urls.mode(port),
-            url: url(p, port, primary),
+            url: p.urls.url(port, primary),
         },
     ))
 }
