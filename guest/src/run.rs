@@ -212,8 +212,23 @@ fn bind_api(
 }
 
 /// Serves the API as a platform service: bound here (a failure stops the
-/// start), bound again by each restart after a panic.
-fn serve_api(config: &GuestConfig, api: &Api, api_dir: &Path) -> Result<(), RunError> {
+/// start), bound again by each restart after a panic. The ingress hands
+/// the requests for the API's hostname to it in this process from now on
+/// (restarts of the listeners do not touch that path).
+fn serve_api(
+    config: &GuestConfig,
+    api: &Api,
+    api_dir: &Path,
+    handles: &Handles,
+) -> Result<(), RunError> {
+    handles.publish_local(
+        &config.api_host(),
+        Backend {
+            addr: config.api.listen,
+            netns: None,
+        },
+        nestbox_ingress::local::Local(Arc::new(api.clone())),
+    );
     let listen = config.api.listen;
     let gateway = config
         .egress
@@ -375,6 +390,8 @@ pub async fn run(
     let urls = url_auth(&config, &data, names.clone())?;
     let handles = Handles::detached(RouteTable::new()).with_access(urls.access().clone());
     let publisher = Publisher::new(handles.clone(), names, config.primary_port);
+    // ACME starts on the API's name at once; until the API exists (below)
+    // the name goes to the API's loopback listener.
     handles.publish(
         &config.api_host(),
         Backend {
@@ -420,7 +437,7 @@ pub async fn run(
         dialers: Arc::default(),
         urls,
     });
-    serve_api(&config, &api, &api_dir)?;
+    serve_api(&config, &api, &api_dir, &handles)?;
 
     let platform = Platform {
         spec,

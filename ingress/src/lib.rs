@@ -11,6 +11,8 @@
 //!   thread that entered it (so `127.0.0.1`-only listeners are reachable);
 //! - [`client`]: the HTTP/1.1 client to backends, with its kept-alive
 //!   connections;
+//! - [`local`]: hosts served in this process (the VM's API), with no
+//!   socket between;
 //! - [`proxy`]: one request: routing, header rewriting, streaming, upgrades,
 //!   error pages;
 //! - [`server`]: the listeners (HTTPS with ALPN h2/http1.1, plain HTTP for
@@ -31,6 +33,7 @@ pub mod chunked;
 pub mod client;
 pub mod config;
 pub mod dial;
+pub mod local;
 pub mod logging;
 pub mod netns;
 pub mod pages;

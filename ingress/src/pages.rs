@@ -15,7 +15,7 @@ fn page(status: StatusCode, title: &str, text: &str) -> Response<Body> {
     let mut resp = Response::new(
         Full::new(Bytes::from(html))
             .map_err(|never| match never {})
-            .boxed(),
+            .boxed_unsync(),
     );
     *resp.status_mut() = status;
     resp.headers_mut().insert(
@@ -32,7 +32,7 @@ fn page(status: StatusCode, title: &str, text: &str) -> Response<Body> {
 pub fn empty() -> Body {
     http_body_util::Empty::new()
         .map_err(|never| match never {})
-        .boxed()
+        .boxed_unsync()
 }
 
 fn escape(s: &str) -> String {

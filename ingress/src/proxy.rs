@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
@@ -20,8 +20,9 @@ use crate::client::{BackendClient, ClientError};
 use crate::pages;
 use crate::routes::RouteTable;
 
-/// Response body: the backend's, streamed, or one of ours.
-pub type Body = BoxBody<Bytes, std::io::Error>;
+/// Response body: the backend's, streamed, one of ours, or a local
+/// service's (which need not be `Sync`: axum's are not).
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// Timeouts toward backends.
 #[derive(Clone, Copy, Debug)]
@@ -176,6 +177,9 @@ impl Proxy {
                 .map_or_else(|_| "?".to_owned(), crate::routes::normalize_host);
             return pages::no_route(&shown);
         };
+        if let Some(local) = &route.local {
+            return local.0.call(req).await;
+        }
         let port = route.backend.addr.port();
         if let Some(gate) = route.gate {
             let Some(access) = &self.access else {
@@ -256,7 +260,7 @@ impl Proxy {
             return Response::from_parts(parts, pages::empty());
         }
         strip_hop_by_hop(&mut parts.headers, false);
-        Response::from_parts(parts, body.boxed())
+        Response::from_parts(parts, body.boxed_unsync())
     }
 
     fn failure(&self, host: &str, port: u16, err: &ClientError) -> Response<Body> {

@@ -50,6 +50,9 @@ pub struct Route {
     /// route (see [`crate::access`]); `None`: no check here (the VM's API
     /// checks its own token).
     pub gate: Option<u16>,
+    /// Served in this process instead of proxied to `backend` (see
+    /// [`crate::local`]).
+    pub local: Option<crate::local::Local>,
 }
 
 #[derive(Debug, Default)]
@@ -116,6 +119,22 @@ impl RouteTable {
     /// Adds or replaces the route for `host`, checked by the URL auth mode
     /// of port `gate`.
     pub fn insert_gated(&self, host: &str, backend: Backend, gate: Option<u16>) {
+        self.insert_route(host, backend, gate, None);
+    }
+
+    /// Adds or replaces the route for `host`, answered by `local` in this
+    /// process; `backend` is where the same service listens on a socket.
+    pub fn insert_local(&self, host: &str, backend: Backend, local: crate::local::Local) {
+        self.insert_route(host, backend, None, Some(local));
+    }
+
+    fn insert_route(
+        &self,
+        host: &str,
+        backend: Backend,
+        gate: Option<u16>,
+        local: Option<crate::local::Local>,
+    ) {
         let host = normalize_host(host);
         let mut ids = self.ids.lock();
         let backend_id = if let Some(id) = ids.of.get(&backend) {
@@ -137,6 +156,7 @@ impl RouteTable {
             backend,
             backend_id,
             gate,
+            local,
         });
         let old = self.snapshot.load();
         let mut by_host = old.by_host.clone();

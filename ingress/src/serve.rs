@@ -108,6 +108,13 @@ impl Handles {
         self.hosts.send_replace(self.routes.hosts());
     }
 
+    /// Publishes `host`, answered in this process by `local` (see
+    /// [`crate::local`]); `backend` is where the same service listens.
+    pub fn publish_local(&self, host: &str, backend: Backend, local: crate::local::Local) {
+        self.routes.insert_local(host, backend, local);
+        self.hosts.send_replace(self.routes.hosts());
+    }
+
     /// Publishes `host` → `backend` now (replacing any route for `host`);
     /// ACME starts keeping a certificate for it.
     pub fn publish(&self, host: &str, backend: Backend) {

@@ -165,7 +165,7 @@ fn small(status: StatusCode, text: &str) -> Response<Body> {
     let mut resp = Response::new(
         Full::new(Bytes::from(text.to_owned()))
             .map_err(|never| match never {})
-            .boxed(),
+            .boxed_unsync(),
     );
     *resp.status_mut() = status;
     resp.headers_mut()

@@ -132,7 +132,17 @@ pub fn write_config(dir: &Path, extra: &str) -> Result<PathBuf> {
 /// # Errors
 /// Why the guest did not start.
 pub fn start(bin: &Path, extra: &str) -> Result<Vm> {
-    let dir = std::env::temp_dir().join(format!("nestbox-bench-guest-{}", std::process::id()));
+    start_in(&std::env::temp_dir(), bin, extra)
+}
+
+/// [`start`] with the VM's directory, and with it its disks' images, under
+/// `base` (`/dev/shm`: disks in RAM, whose speed does not depend on what
+/// the machine wrote a minute before).
+///
+/// # Errors
+/// Why the guest did not start.
+pub fn start_in(base: &Path, bin: &Path, extra: &str) -> Result<Vm> {
+    let dir = base.join(format!("nestbox-bench-guest-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let rootfs = dir.join("rootfs");

@@ -253,6 +253,25 @@ impl Api {
     }
 }
 
+/// The API served by the ingress in this process: a request for the API's
+/// hostname goes to the router as it came, upgrade included, with no
+/// loopback hop (see [`nestbox_ingress::local`]). A restart of the API's
+/// listeners does not touch it.
+impl nestbox_ingress::local::LocalService for Api {
+    fn call(&self, req: Request<hyper::body::Incoming>) -> nestbox_ingress::local::Answer {
+        let mut router = self.router.clone();
+        Box::pin(async move {
+            let Ok(resp) = tower_service::Service::call(&mut router, req).await;
+            resp.map(|body| {
+                http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
+                    body,
+                    std::io::Error::other,
+                ))
+            })
+        })
+    }
+}
+
 /// A listener of the API.
 #[derive(Debug)]
 pub enum Listener {

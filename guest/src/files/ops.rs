@@ -26,13 +26,11 @@ fn kind(st: &FileStat) -> &'static str {
     }
 }
 
-/// The size of the writes of an upload.
-const WRITE_BLOCK: usize = 1 << 20;
-
 /// How much of an upload is written back to the disk at a time.
 const WRITEBACK_WINDOW: u64 = 8 << 20;
 
-/// Writes an upload back to the disk as it arrives, one window behind:
+/// Writes an upload back to the disk as it arrives (on the upload's
+/// second thread, beside the hash), one window behind:
 /// each full window is handed to writeback at once and the one before it
 /// waited for. The disk works while the network does (the final `fsync`
 /// finds at most two windows dirty), and an upload never holds more than
@@ -304,30 +302,63 @@ pub fn write(
         Mode::from_bits_truncate(0o600),
     )
     .map_err(|e| FsError::os(path, e))?;
-    let file = std::fs::File::from(fd);
+    let file = std::sync::Arc::new(std::fs::File::from(fd));
     let result = (|| {
-        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        // The writes here; the hash and the writeback on a second thread,
+        // so that neither waits for the other (nor for the disk's
+        // throttling of writeback).
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<Bytes>(super::IN_FLIGHT);
+        let follower = {
+            let file = file.clone();
+            std::thread::Builder::new()
+                .name("nestbox-files".into())
+                .spawn(move || {
+                    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+                    let mut writeback = Writeback::new(&file);
+                    let mut written = 0u64;
+                    for chunk in done_rx {
+                        digest.update(&chunk);
+                        written += chunk.len() as u64;
+                        writeback.advance(written);
+                    }
+                    digest.finish()
+                })
+                .map_err(|e| FsError::os(path, e))?
+        };
         let mut size = 0u64;
-        // The body comes in small frames: written in large blocks.
-        let mut out = std::io::BufWriter::with_capacity(WRITE_BLOCK, &file);
-        let mut writeback = Writeback::new(&file);
+        let mut wrote = Ok(());
         while let Some(chunk) = rx.blocking_recv() {
-            let chunk =
-                chunk.map_err(|why| FsError::Invalid(format!("the upload broke off: {why}")))?;
-            out.write_all(&chunk).map_err(|e| FsError::os(path, e))?;
-            digest.update(&chunk);
-            size += chunk.len() as u64;
-            writeback.advance(size - out.buffer().len() as u64);
+            wrote = chunk
+                .map_err(|why| FsError::Invalid(format!("the upload broke off: {why}")))
+                .and_then(|chunk| {
+                    (&*file)
+                        .write_all(&chunk)
+                        .map_err(|e| FsError::os(path, e))?;
+                    size += chunk.len() as u64;
+                    // Gone only if the follower panicked: its join says so.
+                    let _ = done_tx.send(chunk);
+                    Ok(())
+                });
+            if wrote.is_err() {
+                break;
+            }
         }
-        out.flush().map_err(|e| FsError::os(path, e))?;
-        drop(out);
+        drop(done_tx);
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "on the upload's own thread, never the runtime's"
+        )]
+        let digest = follower
+            .join()
+            .map_err(|_| FsError::Invalid("the upload's hashing thread failed".into()))?;
+        wrote?;
         file.sync_all().map_err(|e| FsError::os(path, e))?;
         nix::sys::stat::fchmod(file.as_fd(), Mode::from_bits_truncate(mode))
             .map_err(|e| FsError::os(path, e))?;
         nix::fcntl::renameat(dir.as_fd(), tmp.as_str(), dir.as_fd(), name.as_str())
             .map_err(|e| FsError::os(path, e))?;
         nix::unistd::fsync(dir.as_fd()).map_err(|e| FsError::os(path, e))?;
-        let hex = hex(digest.finish().as_ref());
+        let hex = hex(digest.as_ref());
         Ok((size, hex))
     })();
     if result.is_err() {

@@ -8,8 +8,10 @@
 //! - a 1 GiB upload and download through the ingress (`curl -T` to
 //!   `/v1/fs/write`, `curl` of `/v1/fs/read`) vs the same `curl`s against
 //!   nginx (`WebDAV` PUT, static GET, same certificate) in a netns of its
-//!   own with its root on the same kind of ext4 disk; the guest's peak RSS
-//!   during each transfer;
+//!   own with its root on the same kind of ext4 disk (loop images in RAM
+//!   by default, `--disks`), over HTTP/1.1 and
+//!   over HTTP/2 (both servers on the same protocol each time); the guest's
+//!   peak RSS during each transfer;
 //! - 20 tunnels opened at once to a loopback-only listener in the
 //!   container: all connected, p50/p99 of the time to `connected`.
 
@@ -26,7 +28,7 @@ use nestbox_api::client::exec::Event;
 use nestbox_api::client::{Client, Transport};
 use nestbox_api::exec::ExecParams;
 use nestbox_tests::Sandbox;
-use nestbox_tests::benchvm::{TOKEN, VM_IP, Vm, start, user_disk};
+use nestbox_tests::benchvm::{TOKEN, VM_IP, Vm, start_in, user_disk};
 
 #[derive(Parser)]
 struct Args {
@@ -36,6 +38,16 @@ struct Args {
     /// The transfer's size in MiB.
     #[arg(long, default_value_t = 1024)]
     mib: u64,
+    /// Each transfer's repeats (the median of each figure is shown: the
+    /// disk's speed varies with what the machine did just before).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Where the VM's and nginx's directories and disk images go. The
+    /// default, RAM, measures the software on both sides: this machine's
+    /// disk runs at 0.1–1.3 GB/s depending on what it wrote a minute
+    /// before. `--disks /tmp` puts them on that disk.
+    #[arg(long, default_value = "/dev/shm")]
+    disks: PathBuf,
     /// Tunnels opened at once.
     #[arg(long, default_value_t = 20)]
     tunnels: usize,
@@ -52,6 +64,18 @@ struct Results {
     exec_ms: (f64, f64),
     status_ms: (f64, f64),
     reattach_ms: (f64, f64),
+    /// One per protocol curl speaks to both servers.
+    transfers: Vec<Transfer>,
+    tunnels_connected: usize,
+    tunnels: usize,
+    tunnel_connect_ms: (f64, f64),
+}
+
+/// The 1 GiB up and down over one protocol, ours and nginx's.
+#[derive(serde::Serialize, Default)]
+struct Transfer {
+    /// `http/1.1` or `h2`.
+    protocol: &'static str,
     upload_mib_s: f64,
     download_mib_s: f64,
     nginx_upload_mib_s: f64,
@@ -61,9 +85,6 @@ struct Results {
     nginx_download_mib_s: f64,
     upload_peak_rss_kib: u64,
     download_peak_rss_kib: u64,
-    tunnels_connected: usize,
-    tunnels: usize,
-    tunnel_connect_ms: (f64, f64),
 }
 
 fn p50_p99(mut v: Vec<f64>) -> (f64, f64) {
@@ -146,9 +167,9 @@ impl Drop for Nginx {
     }
 }
 
-fn start_nginx(cert_dir: &Path) -> Result<Nginx> {
+fn start_nginx(base: &Path, cert_dir: &Path) -> Result<Nginx> {
     nestbox_tests::require_tool("nginx", "nginx");
-    let dir = std::env::temp_dir().join(format!("nestbox-bench-nginx-{}", std::process::id()));
+    let dir = base.join(format!("nestbox-bench-nginx-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     user_disk(&dir)?;
@@ -160,7 +181,7 @@ fn start_nginx(cert_dir: &Path) -> Result<Nginx> {
              events {{ worker_connections 1024; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {0}/user/tmp;\n  client_max_body_size 0;\n\
              sendfile on;\n\
-             server {{\n    listen 443 ssl;\n    server_name _;\n    ssl_certificate {1}/cert.pem;\n\
+             server {{\n    listen 443 ssl http2;\n    server_name _;\n    ssl_certificate {1}/cert.pem;\n\
              ssl_certificate_key {1}/key.pem;\n    ssl_protocols TLSv1.3;\n    root {0}/user/www;\n\
              location / {{ dav_methods PUT; create_full_put_path on; }}\n  }}\n}}\n",
             dir.display(),
@@ -292,61 +313,100 @@ async fn tunnel_connects(client: &Client, n: usize) -> Result<(usize, Vec<f64>)>
     Ok((ok, times))
 }
 
+/// The transfers over HTTP/1.1 and HTTP/2 (what curl picks by ALPN), each
+/// server in turn on the same protocol.
 fn transfers(vm: &Vm, args: &Args, results: &mut Results) -> Result<()> {
     let file = vm.dir.join("payload.bin");
     payload(&file, args.mib)?;
+    // On disk before anything is timed: its writeback would otherwise
+    // compete with whichever upload comes first.
+    std::fs::File::open(&file)?.sync_all()?;
+    let nginx = start_nginx(&args.disks, &vm.dir)?;
+    for (protocol, flag) in [("http/1.1", "--http1.1"), ("h2", "--http2")] {
+        let mut runs = Vec::new();
+        for _ in 0..args.repeat.max(1) {
+            runs.push(transfer(vm, &nginx, &file, args, flag)?);
+        }
+        let mut t = median(&runs);
+        t.protocol = protocol;
+        results.transfers.push(t);
+    }
+    drop(nginx);
+    let _ = std::fs::remove_file(&file);
+    Ok(())
+}
+
+/// Each figure's median over `runs`.
+fn median(runs: &[Transfer]) -> Transfer {
+    let mid = |f: fn(&Transfer) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let most = |f: fn(&Transfer) -> u64| runs.iter().map(f).max().unwrap_or(0);
+    Transfer {
+        protocol: "",
+        upload_mib_s: mid(|t| t.upload_mib_s),
+        download_mib_s: mid(|t| t.download_mib_s),
+        nginx_upload_mib_s: mid(|t| t.nginx_upload_mib_s),
+        nginx_upload_fsync_mib_s: mid(|t| t.nginx_upload_fsync_mib_s),
+        nginx_download_mib_s: mid(|t| t.nginx_download_mib_s),
+        upload_peak_rss_kib: most(|t| t.upload_peak_rss_kib),
+        download_peak_rss_kib: most(|t| t.download_peak_rss_kib),
+    }
+}
+
+fn transfer(vm: &Vm, nginx: &Nginx, file: &Path, args: &Args, flag: &str) -> Result<Transfer> {
+    let mut r = Transfer::default();
     let ca = vm.dir.join("cert.pem");
     let auth = format!("Authorization: Bearer {TOKEN}");
     let mib = u64_f64(args.mib);
     let file_arg = file.display().to_string();
-    let running = Arc::new(AtomicBool::new(true));
     let pid = guest_pid(vm.guest.id());
+    let running = Arc::new(AtomicBool::new(true));
     let sampler = sample_rss(pid, running.clone());
     let up = curl(
         VM_IP,
         "api.vm1.test",
         &ca,
-        &["-T", &file_arg, "-H", &auth],
+        &[flag, "-T", &file_arg, "-H", &auth],
         "https://api.vm1.test/v1/fs/write?path=/payload.bin",
     )?;
     running.store(false, Ordering::Relaxed);
-    results.upload_peak_rss_kib = sampler.join().unwrap_or(0);
-    results.upload_mib_s = mib / up;
+    r.upload_peak_rss_kib = sampler.join().unwrap_or(0);
+    r.upload_mib_s = mib / up;
     let running = Arc::new(AtomicBool::new(true));
     let sampler = sample_rss(pid, running.clone());
     let down = curl(
         VM_IP,
         "api.vm1.test",
         &ca,
-        &["-H", &auth],
+        &[flag, "-H", &auth],
         "https://api.vm1.test/v1/fs/read?path=/payload.bin",
     )?;
     running.store(false, Ordering::Relaxed);
-    results.download_peak_rss_kib = sampler.join().unwrap_or(0);
-    results.download_mib_s = mib / down;
-    let nginx = start_nginx(&vm.dir)?;
+    r.download_peak_rss_kib = sampler.join().unwrap_or(0);
+    r.download_mib_s = mib / down;
     let up = curl(
         "10.203.2.2",
         "vm1.test",
         &ca,
-        &["-T", &file_arg],
+        &[flag, "-T", &file_arg],
         "https://vm1.test/payload.bin",
     )?;
-    results.nginx_upload_mib_s = mib / up;
+    r.nginx_upload_mib_s = mib / up;
     let t = Instant::now();
     std::fs::File::open(nginx.dir.join("user/www/payload.bin"))?.sync_all()?;
-    results.nginx_upload_fsync_mib_s = mib / (up + t.elapsed().as_secs_f64());
+    r.nginx_upload_fsync_mib_s = mib / (up + t.elapsed().as_secs_f64());
     let down = curl(
         "10.203.2.2",
         "vm1.test",
         &ca,
-        &[],
+        &[flag],
         "https://vm1.test/payload.bin",
     )?;
-    results.nginx_download_mib_s = mib / down;
-    drop(nginx);
-    let _ = std::fs::remove_file(&file);
-    Ok(())
+    r.nginx_download_mib_s = mib / down;
+    Ok(r)
 }
 
 #[allow(clippy::cast_precision_loss, reason = "a figure for a person")]
@@ -362,7 +422,7 @@ fn main() -> Result<()> {
             .expect("own path")
             .with_file_name("nestbox-guest")
     });
-    let vm = start(&guest, "")?;
+    let vm = start_in(&args.disks, &guest, "")?;
     vm.api(
         "POST",
         "/v1/services",
@@ -438,38 +498,43 @@ fn print(r: &Results, args: &Args) {
         r.tunnels
     );
     println!(
-        "\n  {} MiB through the ingress vs nginx (curl, same certificate):",
-        args.mib
+        "\n  {} MiB through the ingress vs nginx (curl, same certificate, same protocol; ext4 on loop images in {}; median of {}, peak RSS of all):",
+        args.mib,
+        args.disks.display(),
+        args.repeat
     );
     println!(
-        "  {:<20} {:>12} {:>12} {:>8} {:>16}",
+        "  {:<26} {:>12} {:>12} {:>8} {:>16}",
         "", "nestbox MiB/s", "nginx MiB/s", "ratio", "guest peak RSS"
     );
-    for (what, ours, theirs, rss) in [
-        (
-            "upload",
-            r.upload_mib_s,
-            r.nginx_upload_mib_s,
-            r.upload_peak_rss_kib,
-        ),
-        (
-            "download",
-            r.download_mib_s,
-            r.nginx_download_mib_s,
-            r.download_peak_rss_kib,
-        ),
-    ] {
+    for t in &r.transfers {
+        let p = t.protocol;
+        for (what, ours, theirs, rss) in [
+            (
+                format!("{p} upload"),
+                t.upload_mib_s,
+                t.nginx_upload_mib_s,
+                t.upload_peak_rss_kib,
+            ),
+            (
+                format!("{p} download"),
+                t.download_mib_s,
+                t.nginx_download_mib_s,
+                t.download_peak_rss_kib,
+            ),
+        ] {
+            println!(
+                "  {what:<26} {ours:>12.1} {theirs:>12.1} {:>7.2}× {:>12.1} MiB   (target ≥ 0.8×)",
+                ours / theirs,
+                u64_f64(rss) / 1024.0
+            );
+        }
         println!(
-            "  {what:<20} {ours:>12.1} {theirs:>12.1} {:>7.2}× {:>12.1} MiB   (target ≥ 0.8×)",
-            ours / theirs,
-            u64_f64(rss) / 1024.0
+            "  {:<26} {:>12.1} {:>12.1} {:>7.2}×   (nginx's upload + the fsync it skips and ours does before answering)",
+            format!("{p} upload, durable"),
+            t.upload_mib_s,
+            t.nginx_upload_fsync_mib_s,
+            t.upload_mib_s / t.nginx_upload_fsync_mib_s
         );
     }
-    println!(
-        "  {:<20} {:>12.1} {:>12.1} {:>7.2}×   (nginx's upload + the fsync it skips and ours does before answering)",
-        "upload, durable",
-        r.upload_mib_s,
-        r.nginx_upload_fsync_mib_s,
-        r.upload_mib_s / r.nginx_upload_fsync_mib_s
-    );
 }
