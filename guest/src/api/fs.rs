@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use super::body;
 use super::{ApiError, Parts};
 use crate::files::resolve::absolute;
-use crate::files::{FsError, IN_FLIGHT, archive, as_container, container_root, ops, watch};
+use crate::files::{Batch, FsError, IN_FLIGHT, archive, as_container, container_root, ops, watch};
 
 fn error(err: &FsError) -> ApiError {
     let message = err.to_string();
@@ -112,22 +112,26 @@ fn streamed(rx: mpsc::Receiver<Bytes>) -> axum::body::Body {
     axum::body::Body::from_stream(stream)
 }
 
-/// The most of a request body gathered before it goes to the writer
+/// The most of a request body gathered before it goes to the file
 /// thread. A body comes in frames as small as one TLS record (16 KiB); one
-/// thread hand-off per frame costs more than the copy that joins them.
+/// thread hand-off per frame costs more than the frames themselves.
 const BATCH: usize = 4 * crate::files::CHUNK;
 
-/// The request's body into a channel of chunks (an error if it breaks
-/// off), until its end: the frames already arrived are joined (up to
-/// [`BATCH`]) before they are sent. When the writer gives up first (a full
-/// disk), the rest of the body is read and dropped: a client that sends the
-/// whole body before it reads the answer (most do) then gets the answer,
-/// not a reset.
-async fn feed(req: axum::extract::Request, tx: mpsc::Sender<Result<Bytes, String>>) {
+/// The most frames in a batch (a body of tiny chunks): one vectored write
+/// takes this many.
+const BATCH_FRAMES: usize = 1024;
+
+/// The request's body into a channel of batches (an error if it breaks
+/// off), until its end: the frames already arrived go together (up to
+/// [`BATCH`] bytes or [`BATCH_FRAMES`] frames). When the writer gives up first (a full disk), the rest
+/// of the body is read and dropped: a client that sends the whole body
+/// before it reads the answer (most do) then gets the answer, not a reset.
+async fn feed(req: axum::extract::Request, tx: mpsc::Sender<Batch>) {
     use futures_util::FutureExt;
     let mut body = req.into_body();
     let mut writing = true;
-    let mut batch = bytes::BytesMut::new();
+    let mut batch = Vec::new();
+    let mut bytes = 0;
     loop {
         let next = if batch.is_empty() {
             body.frame().await
@@ -135,26 +139,23 @@ async fn feed(req: axum::extract::Request, tx: mpsc::Sender<Result<Bytes, String
             next
         } else {
             // Nothing more has arrived: send what there is, then wait.
-            let chunk = batch.split().freeze();
-            writing = writing && tx.send(Ok(chunk)).await.is_ok();
+            bytes = 0;
+            writing = tx.send(Ok(std::mem::take(&mut batch))).await.is_ok();
             continue;
         };
         match next {
             None => break,
             Some(Ok(frame)) => {
-                let Ok(data) = frame.into_data() else {
-                    continue;
-                };
-                if !writing {
-                    continue;
-                }
-                if batch.is_empty() && data.len() >= BATCH {
-                    writing = tx.send(Ok(data)).await.is_ok();
-                    continue;
-                }
-                batch.extend_from_slice(&data);
-                if batch.len() >= BATCH {
-                    writing = tx.send(Ok(batch.split().freeze())).await.is_ok();
+                if let Ok(data) = frame.into_data()
+                    && writing
+                    && !data.is_empty()
+                {
+                    bytes += data.len();
+                    batch.push(data);
+                    if bytes >= BATCH || batch.len() >= BATCH_FRAMES {
+                        bytes = 0;
+                        writing = tx.send(Ok(std::mem::take(&mut batch))).await.is_ok();
+                    }
                 }
             }
             Some(Err(e)) => {
@@ -164,7 +165,7 @@ async fn feed(req: axum::extract::Request, tx: mpsc::Sender<Result<Bytes, String
         }
     }
     if writing && !batch.is_empty() {
-        let _ = tx.send(Ok(batch.freeze())).await;
+        let _ = tx.send(Ok(batch)).await;
     }
 }
 

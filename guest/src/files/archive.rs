@@ -44,17 +44,26 @@ impl Write for ChannelWriter<'_> {
     }
 }
 
-/// A `Read` over chunks from a channel.
+/// A `Read` over batches from a channel.
 struct ChannelReader<'a> {
-    rx: &'a mut mpsc::Receiver<Result<Bytes, String>>,
+    rx: &'a mut mpsc::Receiver<super::Batch>,
+    /// The rest of the batch, last frame first.
+    pending: Vec<Bytes>,
     current: Bytes,
 }
 
 impl Read for ChannelReader<'_> {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
+            if let Some(next) = self.pending.pop() {
+                self.current = next;
+                continue;
+            }
             match self.rx.blocking_recv() {
-                Some(Ok(chunk)) => self.current = chunk,
+                Some(Ok(mut batch)) => {
+                    batch.reverse();
+                    self.pending = batch;
+                }
                 Some(Err(why)) => return Err(std::io::Error::other(why)),
                 None => return Ok(0),
             }
@@ -196,11 +205,12 @@ pub fn unpack(
     root: &OwnedFd,
     dest: &str,
     gzip: bool,
-    rx: &mut mpsc::Receiver<Result<Bytes, String>>,
+    rx: &mut mpsc::Receiver<super::Batch>,
 ) -> Result<Extracted, FsError> {
     mkdir_all(root, dest, 0o755)?;
     let reader = ChannelReader {
         rx,
+        pending: Vec::new(),
         current: Bytes::new(),
     };
     let input: Box<dyn Read> = if gzip {

@@ -37,6 +37,11 @@ pub const CHUNK: usize = 64 << 10;
 /// Chunks in flight per transfer.
 pub const IN_FLIGHT: usize = 4;
 
+/// A run of an upload's body as it arrived (frames kept as they are: one
+/// vectored write takes them, with no copy to join them), or why the
+/// upload broke off.
+pub type Batch = Result<Vec<bytes::Bytes>, String>;
+
 /// Errors of file operations.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {

@@ -85,6 +85,27 @@ impl Writeback {
     }
 }
 
+/// Writes every frame of `batch` at the file's offset, in as few vectored
+/// writes as the kernel allows. Returns the bytes written.
+fn write_batch(mut file: &std::fs::File, batch: &[Bytes]) -> std::io::Result<u64> {
+    let mut slices: Vec<std::io::IoSlice<'_>> =
+        batch.iter().map(|b| std::io::IoSlice::new(b)).collect();
+    let mut rest = &mut slices[..];
+    let mut total = 0u64;
+    while !rest.is_empty() {
+        match file.write_vectored(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                total += n as u64;
+                std::io::IoSlice::advance_slices(&mut rest, n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
+}
+
 /// Bytes as lowercase hex.
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
@@ -288,7 +309,7 @@ pub fn write(
     path: &str,
     mode: u32,
     mkdir: bool,
-    rx: &mut mpsc::Receiver<Result<Bytes, String>>,
+    rx: &mut mpsc::Receiver<super::Batch>,
 ) -> Result<(u64, String), FsError> {
     if mkdir && let Some((dir, _)) = path.rsplit_once('/') {
         mkdir_all(root, dir, 0o755)?;
@@ -307,7 +328,7 @@ pub fn write(
         // The writes here; the hash and the writeback on a second thread,
         // so that neither waits for the other (nor for the disk's
         // throttling of writeback).
-        let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<Bytes>(super::IN_FLIGHT);
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<Vec<Bytes>>(super::IN_FLIGHT);
         let follower = {
             let file = file.clone();
             std::thread::Builder::new()
@@ -316,9 +337,11 @@ pub fn write(
                     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
                     let mut writeback = Writeback::new(&file);
                     let mut written = 0u64;
-                    for chunk in done_rx {
-                        digest.update(&chunk);
-                        written += chunk.len() as u64;
+                    for batch in done_rx {
+                        for chunk in &batch {
+                            digest.update(chunk);
+                            written += chunk.len() as u64;
+                        }
                         writeback.advance(written);
                     }
                     digest.finish()
@@ -327,16 +350,13 @@ pub fn write(
         };
         let mut size = 0u64;
         let mut wrote = Ok(());
-        while let Some(chunk) = rx.blocking_recv() {
-            wrote = chunk
+        while let Some(batch) = rx.blocking_recv() {
+            wrote = batch
                 .map_err(|why| FsError::Invalid(format!("the upload broke off: {why}")))
-                .and_then(|chunk| {
-                    (&*file)
-                        .write_all(&chunk)
-                        .map_err(|e| FsError::os(path, e))?;
-                    size += chunk.len() as u64;
+                .and_then(|batch| {
+                    size += write_batch(&file, &batch).map_err(|e| FsError::os(path, e))?;
                     // Gone only if the follower panicked: its join says so.
-                    let _ = done_tx.send(chunk);
+                    let _ = done_tx.send(batch);
                     Ok(())
                 });
             if wrote.is_err() {
