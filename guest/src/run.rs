@@ -211,6 +211,14 @@ fn bind_api(
     Ok(api::Listeners(listeners))
 }
 
+/// The API's loopback listener, as a route's backend.
+fn api_backend(config: &GuestConfig) -> Backend {
+    Backend {
+        addr: config.api.listen,
+        netns: None,
+    }
+}
+
 /// Serves the API as a platform service: bound here (a failure stops the
 /// start), bound again by each restart after a panic. The ingress hands
 /// the requests for the API's hostname to it in this process from now on
@@ -223,10 +231,7 @@ fn serve_api(
 ) -> Result<(), RunError> {
     handles.publish_local(
         &config.api_host(),
-        Backend {
-            addr: config.api.listen,
-            netns: None,
-        },
+        api_backend(config),
         nestbox_ingress::local::Local(Arc::new(api.clone())),
     );
     let listen = config.api.listen;
@@ -392,13 +397,7 @@ pub async fn run(
     let publisher = Publisher::new(handles.clone(), names, config.primary_port);
     // ACME starts on the API's name at once; until the API exists (below)
     // the name goes to the API's loopback listener.
-    handles.publish(
-        &config.api_host(),
-        Backend {
-            addr: config.api.listen,
-            netns: None,
-        },
-    );
+    handles.publish(&config.api_host(), api_backend(&config));
     start_ingress(&config, &handles, &shutdown);
 
     let logs = Logs::open(&data_dir(&data.join("logs"))?, config.logs)?;

@@ -259,9 +259,9 @@ impl Api {
 /// listeners does not touch it.
 impl nestbox_ingress::local::LocalService for Api {
     fn call(&self, req: Request<hyper::body::Incoming>) -> nestbox_ingress::local::Answer {
-        let mut router = self.router.clone();
+        let service = hyper_util::service::TowerToHyperService::new(self.router.clone());
         Box::pin(async move {
-            let Ok(resp) = tower_service::Service::call(&mut router, req).await;
+            let Ok(resp) = hyper::service::Service::call(&service, req).await;
             resp.map(|body| {
                 http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
                     body,

@@ -47,23 +47,20 @@ impl Write for ChannelWriter<'_> {
 /// A `Read` over batches from a channel.
 struct ChannelReader<'a> {
     rx: &'a mut mpsc::Receiver<super::Batch>,
-    /// The rest of the batch, last frame first.
-    pending: Vec<Bytes>,
+    /// The rest of the batch.
+    pending: std::vec::IntoIter<Bytes>,
     current: Bytes,
 }
 
 impl Read for ChannelReader<'_> {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
-            if let Some(next) = self.pending.pop() {
+            if let Some(next) = self.pending.next() {
                 self.current = next;
                 continue;
             }
             match self.rx.blocking_recv() {
-                Some(Ok(mut batch)) => {
-                    batch.reverse();
-                    self.pending = batch;
-                }
+                Some(Ok(batch)) => self.pending = batch.into_iter(),
                 Some(Err(why)) => return Err(std::io::Error::other(why)),
                 None => return Ok(0),
             }
@@ -210,7 +207,7 @@ pub fn unpack(
     mkdir_all(root, dest, 0o755)?;
     let reader = ChannelReader {
         rx,
-        pending: Vec::new(),
+        pending: Vec::new().into_iter(),
         current: Bytes::new(),
     };
     let input: Box<dyn Read> = if gzip {

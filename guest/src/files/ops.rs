@@ -348,21 +348,17 @@ pub fn write(
                 })
                 .map_err(|e| FsError::os(path, e))?
         };
-        let mut size = 0u64;
-        let mut wrote = Ok(());
-        while let Some(batch) = rx.blocking_recv() {
-            wrote = batch
-                .map_err(|why| FsError::Invalid(format!("the upload broke off: {why}")))
-                .and_then(|batch| {
-                    size += write_batch(&file, &batch).map_err(|e| FsError::os(path, e))?;
-                    // Gone only if the follower panicked: its join says so.
-                    let _ = done_tx.send(batch);
-                    Ok(())
-                });
-            if wrote.is_err() {
-                break;
+        let written = (|| {
+            let mut size = 0u64;
+            while let Some(batch) = rx.blocking_recv() {
+                let batch = batch
+                    .map_err(|why| FsError::Invalid(format!("the upload broke off: {why}")))?;
+                size += write_batch(&file, &batch).map_err(|e| FsError::os(path, e))?;
+                // Gone only if the follower panicked: its join says so.
+                let _ = done_tx.send(batch);
             }
-        }
+            Ok(size)
+        })();
         drop(done_tx);
         #[allow(
             clippy::disallowed_methods,
@@ -371,7 +367,7 @@ pub fn write(
         let digest = follower
             .join()
             .map_err(|_| FsError::Invalid("the upload's hashing thread failed".into()))?;
-        wrote?;
+        let size = written?;
         file.sync_all().map_err(|e| FsError::os(path, e))?;
         nix::sys::stat::fchmod(file.as_fd(), Mode::from_bits_truncate(mode))
             .map_err(|e| FsError::os(path, e))?;

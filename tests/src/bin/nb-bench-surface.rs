@@ -113,16 +113,25 @@ fn guest_pid(pid: u32) -> u32 {
         .unwrap_or(0)
 }
 
-/// The guest's highest RSS (KiB) while `running` is set.
-fn sample_rss(pid: u32, running: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
-    std::thread::spawn(move || {
-        let mut peak = 0;
-        while running.load(Ordering::Relaxed) {
-            peak = peak.max(nestbox_tests::status_kib(pid, "VmRSS:"));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        peak
-    })
+/// Runs `f` while sampling the RSS of process `pid`: its answer and the
+/// highest RSS (KiB) seen meanwhile.
+fn with_peak_rss<T>(pid: u32, f: impl FnOnce() -> Result<T>) -> Result<(T, u64)> {
+    let running = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let running = running.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while running.load(Ordering::Relaxed) {
+                peak = peak.max(nestbox_tests::status_kib(pid, "VmRSS:"));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let answer = f();
+    running.store(false, Ordering::Relaxed);
+    let peak = sampler.join().unwrap_or(0);
+    Ok((answer?, peak))
 }
 
 /// `curl` in the test's namespace against `host` at `ip`; answers seconds.
@@ -363,29 +372,27 @@ fn transfer(vm: &Vm, nginx: &Nginx, file: &Path, args: &Args, flag: &str) -> Res
     let mib = u64_f64(args.mib);
     let file_arg = file.display().to_string();
     let pid = guest_pid(vm.guest.id());
-    let running = Arc::new(AtomicBool::new(true));
-    let sampler = sample_rss(pid, running.clone());
-    let up = curl(
-        VM_IP,
-        "api.vm1.test",
-        &ca,
-        &[flag, "-T", &file_arg, "-H", &auth],
-        "https://api.vm1.test/v1/fs/write?path=/payload.bin",
-    )?;
-    running.store(false, Ordering::Relaxed);
-    r.upload_peak_rss_kib = sampler.join().unwrap_or(0);
+    let (up, rss) = with_peak_rss(pid, || {
+        curl(
+            VM_IP,
+            "api.vm1.test",
+            &ca,
+            &[flag, "-T", &file_arg, "-H", &auth],
+            "https://api.vm1.test/v1/fs/write?path=/payload.bin",
+        )
+    })?;
+    r.upload_peak_rss_kib = rss;
     r.upload_mib_s = mib / up;
-    let running = Arc::new(AtomicBool::new(true));
-    let sampler = sample_rss(pid, running.clone());
-    let down = curl(
-        VM_IP,
-        "api.vm1.test",
-        &ca,
-        &[flag, "-H", &auth],
-        "https://api.vm1.test/v1/fs/read?path=/payload.bin",
-    )?;
-    running.store(false, Ordering::Relaxed);
-    r.download_peak_rss_kib = sampler.join().unwrap_or(0);
+    let (down, rss) = with_peak_rss(pid, || {
+        curl(
+            VM_IP,
+            "api.vm1.test",
+            &ca,
+            &[flag, "-H", &auth],
+            "https://api.vm1.test/v1/fs/read?path=/payload.bin",
+        )
+    })?;
+    r.download_peak_rss_kib = rss;
     r.download_mib_s = mib / down;
     let up = curl(
         "10.203.2.2",
