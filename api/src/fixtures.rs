@@ -91,6 +91,11 @@ fn every_fixture_of_v1_round_trips() {
         "token_request" => types::TokenRequest,
         "scoped_token" => types::ScopedToken,
         "revoked" => types::Revoked,
+        "checkpoint_request" => types::CheckpointRequest,
+        "checkpoint" => types::Checkpoint,
+        "checkpoints" => types::Checkpoints,
+        "checkpoint_progress" => types::Progress,
+        "checkpoint_progress_error" => types::Progress,
     );
     // A fixture nobody reads proves nothing: every file is in the list.
     let mut files: Vec<String> = std::fs::read_dir(dir(1))

@@ -1,6 +1,6 @@
 //! The `nestbox` command line: VMs on this host (through the launcher),
 //! and each VM's own API — exec and shells, sessions, URLs and their auth,
-//! TCP tunnels,
+//! TCP tunnels, checkpoints and restores,
 //! services, ports, status, bounce. One module per group of commands.
 #![forbid(unsafe_code)]
 
@@ -98,6 +98,19 @@ enum Command {
         /// The VM.
         vm: String,
     },
+    /// Checkpoints of a VM's filesystem: create, list, info, delete.
+    Checkpoint {
+        #[command(subcommand)]
+        command: cmd::checkpoint::CheckpointCommand,
+    },
+    /// Put a VM's filesystem back as a checkpoint had it (its container
+    /// restarts on it, services included): `nestbox restore VM v3`.
+    Restore {
+        /// The VM.
+        vm: String,
+        /// The checkpoint.
+        id: String,
+    },
     /// A VM's services: create, list, logs, start, stop, delete.
     Services {
         #[command(subcommand)]
@@ -127,6 +140,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Ports { vm, watch, json } => cmd::info::ports(&mut ctx, &vm, watch, json).await,
         Command::Bounce { vm } => cmd::info::bounce(&mut ctx, &vm).await,
         Command::Services { command } => cmd::services::run(&mut ctx, command).await,
+        Command::Checkpoint { command } => cmd::checkpoint::run(&mut ctx, command).await,
+        Command::Restore { vm, id } => cmd::checkpoint::restore(&mut ctx, &vm, &id).await,
     }
 }
 

@@ -176,11 +176,19 @@ impl Platform {
     }
 
     pub(crate) async fn bounce(&self) -> Result<(), String> {
+        self.rebuild(async {}).await.1
+    }
+
+    /// Down, `between`, then up (retried a few times: each failure is
+    /// logged with its cause) while the root namespace serves on.
+    async fn rebuild<T>(
+        &self,
+        between: impl std::future::Future<Output = T>,
+    ) -> (T, Result<(), String>) {
         self.state.send_replace(ContainerState::Bouncing);
         let remains = self.down().await;
+        let done = between.await;
         let mut up = self.up().await;
-        // A container that does not come back is retried a few times (each
-        // failure is logged with its cause) before the bounce reports it.
         for attempt in 1..=3u32 {
             let Err(err) = &up else { break };
             tracing::error!(%err, attempt, "the inner container did not come back; retrying");
@@ -188,9 +196,39 @@ impl Platform {
             up = self.up().await;
         }
         self.graveyard.bury(remains);
-        up.map_err(|e| {
+        let up = up.map_err(|e| {
             tracing::error!(err = %e, "the inner container did not come back");
             e.to_string()
-        })
+        });
+        (done, up)
+    }
+
+    /// Puts the container's layer back as checkpoint `id` had it: the
+    /// container stops, the layer is swapped (see
+    /// [`crate::storage::layer::restore`]), the container and its services
+    /// start again.
+    pub(crate) async fn restore(
+        &self,
+        storage: &crate::storage::Storage,
+        id: String,
+    ) -> Result<nestbox_api::types::Checkpoint, crate::storage::StoreError> {
+        use crate::storage::StoreError;
+        let t0 = std::time::Instant::now();
+        let storage = storage.clone();
+        let swap = async move {
+            tokio::task::spawn_blocking(move || storage.store()?.restore(&id))
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("the restore task failed: {e}")))?
+        };
+        let (restored, up) = self.rebuild(swap).await;
+        let restored = restored?;
+        tracing::info!(id = %restored.id, ms = ms(t0.elapsed()), "restored");
+        up.map_err(|why| {
+            StoreError::Unavailable(format!(
+                "{} was restored, but the container did not come back: {why} (bounce to retry)",
+                restored.id
+            ))
+        })?;
+        Ok(restored)
     }
 }

@@ -1,40 +1,95 @@
 //! The VM's disks: the platform's (service definitions, logs,
-//! certificates) and the user's (the container's writable layer), both
-//! ext4 on virtio disks found by serial.
+//! certificates; ext4) and the user's (the container's writable layer and
+//! its checkpoints; btrfs, see [`crate::storage`]), on virtio disks found
+//! by serial.
 //!
 //! A disk is formatted only when it holds nothing: its first 128 KiB are
-//! zero (a new VM's sparse image). A disk that holds anything and does not
-//! mount gets the repair a user would run, `e2fsck -p` (preen: only the
-//! fixes that need no decision), and one more mount. If that fails too the
-//! disk is *refused*: left exactly as it is, the reason logged on the
-//! console and reported by `GET /v1/status` ([`DiskReport`]), and the rest
-//! of the platform serves on. Formatting a disk because it did not mount
-//! would wipe the user's files for a repairable checksum or an `EBUSY`.
+//! zero (a new VM's sparse image). Otherwise it is mounted as the
+//! filesystem its superblock says (an older VM's ext4 user disk stays
+//! ext4). An ext4 disk that does not mount gets the repair a user would
+//! run, `e2fsck -p` (preen: only the fixes that need no decision), and one
+//! more mount; btrfs has no such preen. A disk that still does not mount
+//! is *refused*: left exactly as it is, the reason logged on the console
+//! and reported by `GET /v1/status` ([`DiskReport`]), and the rest of the
+//! platform serves on. Formatting a disk because it did not mount would
+//! wipe the user's files for a repairable checksum or an `EBUSY`.
 //!
 //! The steps go through [`DiskOps`], so the decisions are tested without
 //! root or disks; [`System`] is the real one (`mount(2)`, `e2fsck`,
-//! `mkfs.ext4`).
+//! `mkfs.ext4`, `mkfs.btrfs`).
 
 use std::path::Path;
 
 use nix::mount::MsFlags;
 
-/// How much of a disk's start [`is_blank`] reads: past the partition
+/// How much of a disk's start [`probe`] reads: past the partition
 /// tables, the ext2/3/4 superblock (1 KiB in) and btrfs's (64 KiB in).
 const SIGNATURE_BYTES: usize = 128 << 10;
+/// The ext2/3/4 magic (0xEF53, little-endian) in the superblock at 1 KiB.
+const EXT_MAGIC_AT: usize = 1024 + 0x38;
+/// btrfs's magic in its superblock at 64 KiB.
+const BTRFS_MAGIC_AT: usize = (64 << 10) + 0x40;
+const BTRFS_MAGIC: &[u8; 8] = b"_BHRfS_M";
 
-/// Whether the first [`SIGNATURE_BYTES`] of `device` are all zero: a new
-/// VM's sparse disk, with no filesystem or partition table to lose.
+/// A filesystem the VM's disks hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fs {
+    /// The platform's disk, and user disks made before btrfs.
+    Ext4,
+    /// The user's disk: subvolumes and snapshots for checkpoints.
+    Btrfs,
+}
+
+impl Fs {
+    /// The name `mount(2)` takes.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ext4 => "ext4",
+            Self::Btrfs => "btrfs",
+        }
+    }
+}
+
+/// What a disk's first bytes say it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// All zero: a new VM's sparse disk, with nothing to lose.
+    Blank,
+    /// A filesystem nestbox knows.
+    Holds(Fs),
+    /// Something else (a partition table, another filesystem).
+    Unknown,
+}
+
+/// What the first [`SIGNATURE_BYTES`] of `device` hold.
 ///
 /// # Errors
 /// Why the device cannot be read.
-pub fn is_blank(device: &Path) -> std::io::Result<bool> {
+pub fn probe(device: &Path) -> std::io::Result<Probe> {
     use std::io::Read;
     let mut start = Vec::with_capacity(SIGNATURE_BYTES);
     std::fs::File::open(device)?
         .take(SIGNATURE_BYTES as u64)
         .read_to_end(&mut start)?;
-    Ok(start.iter().all(|&b| b == 0))
+    Ok(if start.iter().all(|&b| b == 0) {
+        Probe::Blank
+    } else if start.get(BTRFS_MAGIC_AT..BTRFS_MAGIC_AT + 8) == Some(BTRFS_MAGIC) {
+        Probe::Holds(Fs::Btrfs)
+    } else if start.get(EXT_MAGIC_AT..EXT_MAGIC_AT + 2) == Some(&[0x53, 0xef]) {
+        Probe::Holds(Fs::Ext4)
+    } else {
+        Probe::Unknown
+    })
+}
+
+/// How a blank disk is formatted.
+#[derive(Clone, Copy, Debug)]
+pub struct Format {
+    /// The filesystem.
+    pub fs: Fs,
+    /// `mkfs.<fs>`'s arguments before the device.
+    pub args: &'static [&'static str],
 }
 
 pub use nestbox_api::types::{DiskReport, DiskState};
@@ -62,31 +117,33 @@ impl Fsck {
 /// The steps of mounting a disk, so that their order is tested without
 /// root.
 pub trait DiskOps {
-    /// `mount(2)` as ext4; the error's text.
+    /// `mount(2)` as `fs`; the error's text.
     ///
     /// # Errors
     /// Why it did not mount.
-    fn mount(&mut self, device: &Path, dir: &Path) -> Result<(), String>;
-    /// Whether the disk holds nothing.
+    fn mount(&mut self, device: &Path, dir: &Path, fs: Fs) -> Result<(), String>;
+    /// What the disk holds.
     ///
     /// # Errors
     /// It cannot be read.
-    fn is_blank(&mut self, device: &Path) -> Result<bool, String>;
+    fn probe(&mut self, device: &Path) -> Result<Probe, String>;
     /// `e2fsck -p`.
     ///
     /// # Errors
     /// It could not be run at all.
     fn fsck(&mut self, device: &Path) -> Result<Fsck, String>;
-    /// `mkfs.ext4 -q ARGS DEVICE`.
+    /// `mkfs.<fs> ARGS DEVICE`.
     ///
     /// # Errors
     /// It failed.
-    fn mkfs(&mut self, device: &Path, args: &[&str]) -> Result<(), String>;
+    fn mkfs(&mut self, device: &Path, format: Format) -> Result<(), String>;
 }
 
-/// Mounts `device` on `dir`: formats it only if blank, repairs it with
-/// `e2fsck -p` if it holds a filesystem that does not mount, and otherwise
-/// refuses it (`Err`, with the reason; the disk is not written).
+/// Mounts `device` on `dir`: formats it as `format` says only if blank,
+/// mounts the filesystem it holds otherwise (an older VM's ext4 user disk
+/// stays ext4), repairs an ext4 one that does not mount with `e2fsck -p`,
+/// and otherwise refuses it (`Err`, with the reason; the disk is not
+/// written).
 ///
 /// # Errors
 /// The reason the disk is refused.
@@ -94,21 +151,38 @@ pub fn mount_disk(
     ops: &mut impl DiskOps,
     device: &Path,
     dir: &Path,
-    mkfs_args: &[&str],
+    format: Format,
 ) -> Result<(DiskState, Option<String>), String> {
     let shown = device.display();
-    let first = match ops.mount(device, dir) {
+    let fs = match ops
+        .probe(device)
+        .map_err(|e| format!("read {shown}: {e}"))?
+    {
+        Probe::Blank => {
+            ops.mkfs(device, format)?;
+            ops.mount(device, dir, format.fs)
+                .map_err(|e| format!("mount the new filesystem on {shown}: {e}"))?;
+            return Ok((DiskState::Formatted, None));
+        }
+        Probe::Unknown => {
+            return Err(format!(
+                "{shown} holds data that is neither ext4 nor btrfs (a partition table, another \
+                 filesystem); the disk is left untouched: attach a blank one or the VM's own"
+            ));
+        }
+        Probe::Holds(fs) => fs,
+    };
+    let first = match ops.mount(device, dir, fs) {
         Ok(()) => return Ok((DiskState::Mounted, None)),
         Err(e) => e,
     };
-    if ops
-        .is_blank(device)
-        .map_err(|e| format!("read {shown}: {e}"))?
-    {
-        ops.mkfs(device, mkfs_args)?;
-        ops.mount(device, dir)
-            .map_err(|e| format!("mount the new filesystem on {shown}: {e}"))?;
-        return Ok((DiskState::Formatted, None));
+    if fs == Fs::Btrfs {
+        // `btrfs check --repair` is no preen: it may make things worse.
+        return Err(format!(
+            "{shown} holds btrfs but does not mount ({first}); the disk is left untouched: \
+             inspect it with `btrfs check --readonly` (or mount it with `-o rescue=all,ro` to \
+             copy the data off)"
+        ));
     }
     tracing::warn!(device = %shown, err = %first, "the disk does not mount; running e2fsck -p");
     let fsck = ops.fsck(device)?;
@@ -120,7 +194,7 @@ pub fn mount_disk(
             fsck.code, fsck.output
         ));
     }
-    match ops.mount(device, dir) {
+    match ops.mount(device, dir, fs) {
         Ok(()) => Ok((DiskState::Repaired, Some(fsck.output))),
         Err(e) => Err(format!(
             "{shown} does not mount ({first}); `e2fsck -p` found it consistent ({}) but it \
@@ -135,19 +209,19 @@ pub fn mount_disk(
 pub struct System;
 
 impl DiskOps for System {
-    fn mount(&mut self, device: &Path, dir: &Path) -> Result<(), String> {
+    fn mount(&mut self, device: &Path, dir: &Path, fs: Fs) -> Result<(), String> {
         nix::mount::mount(
             Some(device),
             dir,
-            Some("ext4"),
+            Some(fs.name()),
             MsFlags::MS_NOATIME | MsFlags::MS_NODEV,
             None::<&str>,
         )
         .map_err(|e| format!("mount on {}: {e}", dir.display()))
     }
 
-    fn is_blank(&mut self, device: &Path) -> Result<bool, String> {
-        is_blank(device).map_err(|e| e.to_string())
+    fn probe(&mut self, device: &Path) -> Result<Probe, String> {
+        probe(device).map_err(|e| e.to_string())
     }
 
     fn fsck(&mut self, device: &Path) -> Result<Fsck, String> {
@@ -166,17 +240,21 @@ impl DiskOps for System {
         })
     }
 
-    fn mkfs(&mut self, device: &Path, args: &[&str]) -> Result<(), String> {
-        let status = std::process::Command::new("mkfs.ext4")
+    fn mkfs(&mut self, device: &Path, format: Format) -> Result<(), String> {
+        let (program, package) = match format.fs {
+            Fs::Ext4 => ("mkfs.ext4", "e2fsprogs"),
+            Fs::Btrfs => ("mkfs.btrfs", "btrfs-progs"),
+        };
+        let status = std::process::Command::new(program)
             .arg("-q")
-            .args(args)
+            .args(format.args)
             .arg(device)
             .status()
-            .map_err(|e| format!("run mkfs.ext4 (e2fsprogs): {e}"))?;
+            .map_err(|e| format!("run {program} ({package}): {e}"))?;
         if status.success() {
             Ok(())
         } else {
-            Err(format!("mkfs.ext4 {} failed: {status}", device.display()))
+            Err(format!("{program} {} failed: {status}", device.display()))
         }
     }
 }
@@ -185,7 +263,7 @@ impl DiskOps for System {
 /// finds the device, creates the mount point and mounts it as
 /// [`mount_disk`] says, logging the outcome.
 #[must_use]
-pub fn bring_up(role: &'static str, spec: &Path, dir: &Path, mkfs_args: &[&str]) -> DiskReport {
+pub fn bring_up(role: &'static str, spec: &Path, dir: &Path, format: Format) -> DiskReport {
     let mut report = DiskReport {
         role: role.to_owned(),
         device: spec.display().to_string(),
@@ -195,7 +273,7 @@ pub fn bring_up(role: &'static str, spec: &Path, dir: &Path, mkfs_args: &[&str])
     };
     let outcome = crate::init::resolve_device(spec).and_then(|device| {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        mount_disk(&mut System, &device, dir, mkfs_args)
+        mount_disk(&mut System, &device, dir, format)
     });
     match outcome {
         Ok((state, detail)) => {
@@ -221,32 +299,45 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         mounts: Vec<Result<(), String>>,
-        blank: bool,
+        probe: Option<Probe>,
         fsck: Option<Fsck>,
         done: Vec<&'static str>,
     }
 
     impl DiskOps for Fake {
-        fn mount(&mut self, _: &Path, _: &Path) -> Result<(), String> {
-            self.done.push("mount");
+        fn mount(&mut self, _: &Path, _: &Path, fs: Fs) -> Result<(), String> {
+            self.done.push(if fs == Fs::Btrfs {
+                "mount btrfs"
+            } else {
+                "mount"
+            });
             self.mounts.remove(0)
         }
-        fn is_blank(&mut self, _: &Path) -> Result<bool, String> {
-            Ok(self.blank)
+        fn probe(&mut self, _: &Path) -> Result<Probe, String> {
+            Ok(self.probe.unwrap_or(Probe::Holds(Fs::Ext4)))
         }
         fn fsck(&mut self, _: &Path) -> Result<Fsck, String> {
             self.done.push("fsck");
             Ok(self.fsck.clone().expect("fsck not expected"))
         }
-        fn mkfs(&mut self, _: &Path, _: &[&str]) -> Result<(), String> {
-            self.done.push("mkfs");
+        fn mkfs(&mut self, _: &Path, format: Format) -> Result<(), String> {
+            self.done.push(if format.fs == Fs::Btrfs {
+                "mkfs btrfs"
+            } else {
+                "mkfs"
+            });
             Ok(())
         }
     }
 
     fn run(fake: &mut Fake) -> Result<(DiskState, Option<String>), String> {
-        mount_disk(fake, Path::new("/dev/vdb"), Path::new("/data"), &[])
+        mount_disk(fake, Path::new("/dev/vdb"), Path::new("/data"), EXT4)
     }
+
+    const EXT4: Format = Format {
+        fs: Fs::Ext4,
+        args: &[],
+    };
 
     fn fsck(code: i32) -> Fsck {
         let output = format!("exit {code}");
@@ -266,12 +357,61 @@ mod tests {
     #[test]
     fn only_a_blank_disk_is_formatted() {
         let mut f = Fake {
-            mounts: vec![Err("EINVAL".into()), Ok(())],
-            blank: true,
+            mounts: vec![Ok(())],
+            probe: Some(Probe::Blank),
             ..Fake::default()
         };
         assert_eq!(run(&mut f).unwrap().0, DiskState::Formatted);
-        assert_eq!(f.done, ["mount", "mkfs", "mount"]);
+        assert_eq!(f.done, ["mkfs", "mount"]);
+        let mut f = Fake {
+            mounts: vec![Ok(())],
+            probe: Some(Probe::Blank),
+            ..Fake::default()
+        };
+        let btrfs = Format {
+            fs: Fs::Btrfs,
+            args: &[],
+        };
+        let state = mount_disk(&mut f, Path::new("/dev/vdc"), Path::new("/user"), btrfs);
+        assert_eq!(state.unwrap().0, DiskState::Formatted);
+        assert_eq!(f.done, ["mkfs btrfs", "mount btrfs"]);
+    }
+
+    #[test]
+    fn a_disk_keeps_the_filesystem_it_holds() {
+        // An older VM's ext4 user disk stays ext4 under a btrfs format.
+        let mut f = Fake {
+            mounts: vec![Ok(())],
+            ..Fake::default()
+        };
+        let btrfs = Format {
+            fs: Fs::Btrfs,
+            args: &[],
+        };
+        let state = mount_disk(&mut f, Path::new("/dev/vdc"), Path::new("/user"), btrfs);
+        assert_eq!(state.unwrap().0, DiskState::Mounted);
+        assert_eq!(f.done, ["mount"]);
+    }
+
+    #[test]
+    fn a_btrfs_or_unknown_disk_that_does_not_mount_is_refused_untouched() {
+        let mut f = Fake {
+            mounts: vec![Err("EUCLEAN".into())],
+            probe: Some(Probe::Holds(Fs::Btrfs)),
+            ..Fake::default()
+        };
+        let why = run(&mut f).unwrap_err();
+        assert!(
+            why.contains("left untouched") && why.contains("btrfs check"),
+            "{why}"
+        );
+        assert_eq!(f.done, ["mount btrfs"], "no fsck, no mkfs");
+        let mut f = Fake {
+            probe: Some(Probe::Unknown),
+            ..Fake::default()
+        };
+        assert!(run(&mut f).unwrap_err().contains("neither ext4 nor btrfs"));
+        assert!(f.done.is_empty());
     }
 
     #[test]
@@ -312,16 +452,22 @@ mod tests {
     }
 
     #[test]
-    fn only_an_all_zero_start_is_blank() {
+    fn the_start_of_a_disk_tells_blank_ext4_and_btrfs() {
         let path = std::env::temp_dir().join(format!("nb-blank-{}", std::process::id()));
         std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
-        assert!(is_blank(&path).unwrap());
+        assert_eq!(probe(&path).unwrap(), Probe::Blank);
         let mut ext4 = vec![0u8; 1 << 20];
         // The ext4 superblock's magic, 0xEF53 at 1080.
         ext4[1080] = 0x53;
         ext4[1081] = 0xef;
         std::fs::write(&path, ext4).unwrap();
-        assert!(!is_blank(&path).unwrap());
+        assert_eq!(probe(&path).unwrap(), Probe::Holds(Fs::Ext4));
+        let mut btrfs = vec![0u8; 1 << 20];
+        btrfs[BTRFS_MAGIC_AT..BTRFS_MAGIC_AT + 8].copy_from_slice(BTRFS_MAGIC);
+        std::fs::write(&path, btrfs).unwrap();
+        assert_eq!(probe(&path).unwrap(), Probe::Holds(Fs::Btrfs));
+        std::fs::write(&path, [0u8, 1, 2]).unwrap();
+        assert_eq!(probe(&path).unwrap(), Probe::Unknown);
         std::fs::remove_file(&path).unwrap();
     }
 
@@ -337,7 +483,13 @@ mod tests {
             .set_len(16 << 20)
             .unwrap();
         System
-            .mkfs(&img, &["-F"])
+            .mkfs(
+                &img,
+                Format {
+                    fs: Fs::Ext4,
+                    args: &["-F"],
+                },
+            )
             .expect("mkfs.ext4 (apt-get install e2fsprogs)");
         assert!(System.fsck(&img).unwrap().consistent());
         let mut bytes = std::fs::read(&img).unwrap();

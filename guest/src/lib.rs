@@ -24,6 +24,8 @@
 //! - [`logs`]: their output, on disk and followable;
 //! - [`urls`]: URL auth's state (each port's mode, tokens, share links,
 //!   the signing key), checked by the ingress;
+//! - [`storage`]: the user's disk as btrfs, the container's layer as a
+//!   subvolume, checkpoints as snapshots restored by an atomic swap;
 //! - [`supervisor`]: runs each platform service, restarting it on failure;
 //! - [`portwatch`]: the eBPF port watcher that turns listen/close in the inner
 //!   container into port events.
@@ -51,5 +53,6 @@ pub mod resources;
 pub mod run;
 pub mod services;
 pub mod spawn;
+pub mod storage;
 pub mod supervisor;
 pub mod urls;

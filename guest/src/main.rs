@@ -45,6 +45,8 @@ enum Command {
         api_dir: Option<PathBuf>,
         #[arg(long)]
         shm_bytes: u64,
+        #[arg(long)]
+        checkpoints: Option<PathBuf>,
     },
     /// Print one line per TCP port that processes of a cgroup start or stop
     /// listening on, as it happens (ports already listening come first).
@@ -114,6 +116,7 @@ fn main() -> ExitCode {
         state_dir,
         api_dir,
         shm_bytes,
+        checkpoints,
     } = &cli.command
     {
         // Before any thread exists: it forks and runs code in the child.
@@ -122,6 +125,7 @@ fn main() -> ExitCode {
             state_dir,
             api_dir.as_deref(),
             *shm_bytes,
+            checkpoints.as_deref(),
         );
         nestbox_guest::container::init::main(&layout, hostname);
     }

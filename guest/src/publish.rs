@@ -92,7 +92,8 @@ pub fn dial_addr(addrs: &[IpAddr], port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-fn now_ms() -> u64 {
+/// Now, in ms since the Unix epoch (the wire's time).
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -255,45 +255,41 @@ fn serve_api(
     Ok(())
 }
 
-/// As PID 1: the platform's and the user's disks and the network
-/// (failures are logged; the API still comes up to say what is wrong).
-/// Returns what became of each disk.
+/// Brings up one disk off the runtime thread.
+async fn mount_disk(
+    role: &'static str,
+    device: PathBuf,
+    dir: PathBuf,
+    format: crate::disk::Format,
+) -> DiskReport {
+    let shown = device.display().to_string();
+    tokio::task::spawn_blocking(move || crate::disk::bring_up(role, &device, &dir, format))
+        .await
+        .unwrap_or_else(|e| DiskReport {
+            role: role.to_owned(),
+            device: shown,
+            mount: String::new(),
+            state: DiskState::Refused,
+            detail: Some(format!("the mount task failed: {e}")),
+        })
+}
+
+/// As PID 1: the platform's disk and the network (failures are logged;
+/// the API still comes up to say what is wrong). Returns what became of
+/// the disk. The user's disk comes later ([`user_disk`]).
 async fn init_vm(config: &GuestConfig) -> Vec<DiskReport> {
-    let mount = |role, device: PathBuf, dir: PathBuf, args: &'static [&'static str]| async move {
-        let shown = device.display().to_string();
-        tokio::task::spawn_blocking(move || crate::disk::bring_up(role, &device, &dir, args))
-            .await
-            .unwrap_or_else(|e| DiskReport {
-                role: role.to_owned(),
-                device: shown,
-                mount: String::new(),
-                state: DiskState::Refused,
-                detail: Some(format!("the mount task failed: {e}")),
-            })
-    };
     let mut disks = Vec::new();
     if let Some(device) = config.data_device.clone() {
-        let report = mount("platform", device, config.data_dir.clone(), &["-F"]).await;
+        let format = crate::disk::Format {
+            fs: crate::disk::Fs::Ext4,
+            args: &["-F"],
+        };
+        let report = mount_disk("platform", device, config.data_dir.clone(), format).await;
         if report.state == DiskState::Refused {
             tracing::error!(
                 "the platform's disk is not mounted: definitions, logs and certificates are kept \
                  in memory until it is fixed"
             );
-        }
-        disks.push(report);
-    }
-    if let Some(device) = config.user_device.clone() {
-        // No blocks reserved for the VM's root: nobody but the container
-        // writes here.
-        let report = mount(
-            "user",
-            device,
-            config.user_dir(),
-            &["-F", "-m", "0", "-L", "nestbox-user"],
-        )
-        .await;
-        if report.state == DiskState::Refused {
-            tracing::error!("the user's disk is not mounted; the inner container stays down");
         }
         disks.push(report);
     }
@@ -305,12 +301,53 @@ async fn init_vm(config: &GuestConfig) -> Vec<DiskReport> {
     disks
 }
 
-/// Why the `role` disk was refused, if it was.
-fn refused(role: &str, disks: &[DiskReport]) -> Option<String> {
-    disks
-        .iter()
-        .find(|d| d.role == role && d.state == DiskState::Refused)
-        .map(|d| d.detail.clone().unwrap_or_default())
+/// As PID 1, once the API serves: the user's disk, btrfs (its kernel
+/// module loads first: about 2 s under TCG, which is why this waits until
+/// the platform serves). Returns what became of it.
+async fn user_disk(config: &GuestConfig) -> Option<DiskReport> {
+    let device = config.user_device.clone()?;
+    let t0 = std::time::Instant::now();
+    let _ = tokio::task::spawn_blocking(|| {
+        crate::init::load_modules(Path::new(crate::init::LATE_MODULE_LIST));
+    })
+    .await;
+    let modules = t0.elapsed();
+    // No `-m 0` to mind: btrfs reserves nothing for root; a label to find
+    // it by.
+    let format = crate::disk::Format {
+        fs: crate::disk::Fs::Btrfs,
+        args: &["-f", "-L", "nestbox-user"],
+    };
+    let report = mount_disk("user", device, config.user_dir(), format).await;
+    tracing::info!(
+        modules_ms = modules.as_secs_f64() * 1e3,
+        total_ms = t0.elapsed().as_secs_f64() * 1e3,
+        "the user's disk is up"
+    );
+    if report.state == DiskState::Refused {
+        tracing::error!("the user's disk is not mounted; the inner container stays down");
+    }
+    Some(report)
+}
+
+/// The checkpoint store of the user's disk (blocking), or why there is
+/// none.
+fn open_storage(
+    user: PathBuf,
+    base: PathBuf,
+    data: &Path,
+    as_init: bool,
+) -> Result<crate::storage::Store, String> {
+    let paths = crate::storage::checkpoints::Paths {
+        user,
+        index_dir: data.join("checkpoints"),
+        base,
+        // The views' tmpfs is the VM's; a simulated VM shares the
+        // machine's /run.
+        views: as_init.then(|| PathBuf::from(crate::storage::views::VIEWS)),
+        image: crate::api::image_version().map(str::to_owned),
+    };
+    crate::storage::Store::open(paths).map_err(|e| e.to_string())
 }
 
 /// As the VM's platform: the kernel's OOM killer never picks the platform
@@ -377,6 +414,42 @@ fn exec_sessions(
         .map_err(|source| RunError::DataDir { path: dir, source })
 }
 
+/// As PID 1, once the platform serves: the user's disk, then its
+/// checkpoint store (set into `storage` either way). Returns why the disk
+/// is refused, if it is, and the views' mount for the container.
+async fn bring_up_storage(
+    config: &GuestConfig,
+    data: &Path,
+    as_init: bool,
+    disks: &parking_lot::Mutex<Vec<DiskReport>>,
+    storage: &crate::storage::Storage,
+) -> (Option<String>, Option<PathBuf>) {
+    let mut user_disk_error = None;
+    if as_init && let Some(report) = user_disk(config).await {
+        user_disk_error =
+            (report.state == DiskState::Refused).then(|| report.detail.clone().unwrap_or_default());
+        disks.lock().push(report);
+    }
+    let opened = if let Some(why) = &user_disk_error {
+        Err(format!("the user's disk is not mounted: {why}"))
+    } else {
+        let (user, base, data) = (
+            config.user_dir(),
+            config.base_rootfs.clone(),
+            data.to_owned(),
+        );
+        tokio::task::spawn_blocking(move || open_storage(user, base, &data, as_init))
+            .await
+            .unwrap_or_else(|e| Err(format!("the storage task failed: {e}")))
+    };
+    if let Err(why) = &opened {
+        tracing::info!(%why, "no checkpoints in this VM");
+    }
+    let views = (as_init && opened.is_ok()).then(|| PathBuf::from(crate::storage::views::VIEWS));
+    storage.set(opened);
+    (user_disk_error, views)
+}
+
 /// Runs the guest until `shutdown` turns true.
 ///
 /// # Errors
@@ -388,7 +461,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     crate::faults::install(as_init);
     let (layout, disks) = prepare(&config, as_init).await?;
-    let user_disk_error = refused("user", &disks);
+    let disks = Arc::new(parking_lot::Mutex::new(disks));
     let isolation = crate::container::Isolation::new(&config.container)?;
     let data = data_dir(&config.data_dir)?;
     let names = config.names();
@@ -406,19 +479,11 @@ pub async fn run(
     follow_primary(&services, &publisher, config.primary_port);
     let cgroup = layout.inner.clone();
     let api_dir = data_dir(&data.join("api"))?;
-    let spec = ContainerSpec {
-        hostname: config.name.clone(),
-        base_rootfs: config.base_rootfs.clone(),
-        state_dir: config.user_dir(),
-        cgroup: cgroup.clone(),
-        api_dir: Some(api_dir.clone()),
-        shm_bytes: config.container.shm_mib << 20,
-        isolation,
-    };
     let (netns_tx, netns_rx) = watch::channel(None);
     start_portwatch(cgroup.clone(), netns_rx, publisher.clone());
     let (state_tx, state_rx) = watch::channel(ContainerState::Starting);
     let (control_tx, mut control_rx) = mpsc::channel(4);
+    let storage = crate::storage::Storage::default();
     let api = Api::new(api::Parts {
         token: TokenHash::from_hex(&config.api.token_sha256).expect("checked by the configuration"),
         publisher: publisher.clone(),
@@ -429,7 +494,8 @@ pub async fn run(
         limits: layout.applied.clone(),
         user_dir: config.user_dir(),
         inner_cgroup: layout.inner.clone(),
-        disks,
+        disks: disks.clone(),
+        storage: storage.clone(),
         acme: config.ingress.acme.is_some().then(|| handles.clone()),
         exec: exec_sessions(&config, &data, &layout, &current)?,
         current: current.clone(),
@@ -437,6 +503,21 @@ pub async fn run(
         urls,
     });
     serve_api(&config, &api, &api_dir, &handles)?;
+
+    // The platform serves; now the user's disk, then its checkpoints,
+    // then the container on it.
+    let (user_disk_error, views) =
+        bring_up_storage(&config, &data, as_init, &disks, &storage).await;
+    let spec = ContainerSpec {
+        hostname: config.name.clone(),
+        base_rootfs: config.base_rootfs.clone(),
+        state_dir: config.user_dir(),
+        cgroup: cgroup.clone(),
+        api_dir: Some(api_dir.clone()),
+        shm_bytes: config.container.shm_mib << 20,
+        checkpoints: views,
+        isolation,
+    };
 
     let platform = Platform {
         spec,
@@ -460,6 +541,10 @@ pub async fn run(
                 Some(Control::Bounce(reply)) => {
                     tracing::info!("bouncing the inner container");
                     let _ = reply.send(platform.bounce().await);
+                }
+                Some(Control::Restore(id, reply)) => {
+                    tracing::info!(%id, "restoring a checkpoint");
+                    let _ = reply.send(platform.restore(&storage, id).await);
                 }
                 None => break,
             },

@@ -6,9 +6,11 @@
 //! `nb-big`) in `/bin`.
 
 use std::fmt::Write as _;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -41,6 +43,29 @@ impl Drop for Vm {
     }
 }
 
+/// The guest binary a bench runs: `given`, or the one next to the bench.
+///
+/// # Errors
+/// The bench's own path is unknown.
+pub fn guest_binary(given: Option<&Path>) -> Result<PathBuf> {
+    match given {
+        Some(path) => Ok(path.to_owned()),
+        None => Ok(std::env::current_exe()?
+            .parent()
+            .context("binary directory")?
+            .join("nestbox-guest")),
+    }
+}
+
+/// The filesystem of the user's disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UserFs {
+    /// As older VMs had it (no checkpoints).
+    Ext4,
+    /// As VMs have it now: checkpoints are snapshots.
+    Btrfs,
+}
+
 /// The user's disk, as a VM has it: an ext4 filesystem of its own (a loop
 /// device on a sparse file), mounted at `dir/user`. On the host's own
 /// filesystem the container's layer would share a journal with everything
@@ -50,9 +75,17 @@ impl Drop for Vm {
 /// # Errors
 /// A failed `mkfs.ext4` or mount.
 pub fn user_disk(dir: &Path) -> Result<()> {
-    let image = dir.join("user.img");
     // Room for the surface bench's 1 GiB transfer (a sparse file).
-    std::fs::File::create(&image)?.set_len(4 << 30)?;
+    user_disk_of(dir, UserFs::Ext4, 4 << 30)
+}
+
+/// [`user_disk`] with its filesystem and size.
+///
+/// # Errors
+/// A failed mkfs or mount.
+pub fn user_disk_of(dir: &Path, fs: UserFs, bytes: u64) -> Result<()> {
+    let image = dir.join("user.img");
+    std::fs::File::create(&image)?.set_len(bytes)?;
     let run = |cmd: &mut Command| -> Result<()> {
         let out = cmd.output()?;
         if !out.status.success() {
@@ -60,9 +93,15 @@ pub fn user_disk(dir: &Path) -> Result<()> {
         }
         Ok(())
     };
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-m", "0"])
-        .arg(&image))?;
+    match fs {
+        UserFs::Ext4 => run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0"])
+            .arg(&image))?,
+        UserFs::Btrfs => {
+            crate::require_tool("mkfs.btrfs", "btrfs-progs");
+            run(Command::new("mkfs.btrfs").args(["-q", "-f"]).arg(&image))?;
+        }
+    }
     let mount = dir.join("user");
     std::fs::create_dir_all(&mount)?;
     run(Command::new("mount")
@@ -71,7 +110,62 @@ pub fn user_disk(dir: &Path) -> Result<()> {
         .arg(&mount))
 }
 
+/// One HTTPS GET of `/` on a new connection to the VM, as its owner (the
+/// URL is private, the default); the status code.
+#[must_use]
+pub fn https_status(tls: &Arc<rustls::ClientConfig>, host: &str) -> Option<u16> {
+    let tcp = TcpStream::connect((VM_IP, 443)).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    // As curl and browsers do: without it, Nagle's algorithm holds the
+    // request back until the server's delayed ACK (40 ms).
+    tcp.set_nodelay(true).ok()?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).ok()?;
+    let conn = rustls::ClientConnection::new(tls.clone(), name).ok()?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(request.as_bytes()).ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// Waits (up to 30 s) until `https://vm1.test/` answers 200.
+///
+/// # Errors
+/// It did not.
+pub fn wait_ok(tls: &Arc<rustls::ClientConfig>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while https_status(tls, "vm1.test") != Some(200) {
+        if Instant::now() > deadline {
+            bail!("https://vm1.test/ did not answer 200");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
 impl Vm {
+    /// A TLS client trusting the VM's certificate.
+    ///
+    /// # Errors
+    /// The certificate file's.
+    pub fn tls(&self) -> Result<Arc<rustls::ClientConfig>> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut &std::fs::read(self.dir.join("cert.pem"))?[..]) {
+            roots.add(cert?)?;
+        }
+        Ok(Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        ))
+    }
+
     /// A request to its API on its loopback port (inside its namespace).
     ///
     /// # Errors
@@ -142,6 +236,14 @@ pub fn start(bin: &Path, extra: &str) -> Result<Vm> {
 /// # Errors
 /// Why the guest did not start.
 pub fn start_in(base: &Path, bin: &Path, extra: &str) -> Result<Vm> {
+    start_on(base, bin, extra, UserFs::Ext4, 4 << 30)
+}
+
+/// [`start_in`] with the user's disk's filesystem and size.
+///
+/// # Errors
+/// Why the guest did not start.
+pub fn start_on(base: &Path, bin: &Path, extra: &str, fs: UserFs, disk_bytes: u64) -> Result<Vm> {
     let dir = base.join(format!("nestbox-bench-guest-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -165,7 +267,7 @@ pub fn start_in(base: &Path, bin: &Path, extra: &str) -> Result<Vm> {
     }
     std::fs::set_permissions(&big, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     std::os::unix::fs::lchown(&big, Some(100_000), Some(100_000))?;
-    user_disk(&dir)?;
+    user_disk_of(&dir, fs, disk_bytes)?;
     let config = write_config(&dir, extra)?;
     let sandbox = Sandbox::new("benchvm")?;
     sandbox.link_to_host("10.203.1.1/24", &format!("{VM_IP}/24"))?;

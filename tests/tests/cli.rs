@@ -91,6 +91,7 @@ fn the_users_journey_create_exec_console_tunnels_destroy() {
     files(&host, &cli);
     urls(&host, &cli);
     console(&cli);
+    checkpoints(&cli);
     tunnels(&mut host, &cli);
     // destroy: gone from the host and from the configuration.
     cli.ok(&["destroy", "web"]);
@@ -99,6 +100,57 @@ fn the_users_journey_create_exec_console_tunnels_destroy() {
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no VM named \"web\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// checkpoint create|list|info|delete and restore: the file comes back.
+fn checkpoints(cli: &Cli) {
+    cli.ok(&[
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "echo kept > /tmp/journey-note",
+    ]);
+    let id = cli.ok(&["checkpoint", "create", "web", "-c", "journey"]);
+    let id = id.trim();
+    assert!(id.starts_with('v'), "{id}");
+    cli.ok(&[
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "echo lost > /tmp/journey-note",
+    ]);
+    let listed: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["checkpoint", "list", "web", "--json"])).unwrap();
+    assert_eq!(listed["head"], id, "{listed}");
+    let info = cli.ok(&["checkpoint", "info", "web", id]);
+    assert!(
+        info.contains("journey") && info.contains(&format!("/.nestbox/checkpoints/{id}")),
+        "{info}"
+    );
+    let out = cli.ok(&["restore", "web", id]);
+    assert!(out.contains(&format!("restored {id}")), "{out}");
+    assert_eq!(
+        cli.ok(&["exec", "web", "--", "cat", "/tmp/journey-note"]),
+        "kept\n"
+    );
+    cli.ok(&["checkpoint", "delete", "web", id]);
+    let out = cli.run(&["checkpoint", "info", "web", id]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a deleted checkpoint is not found"
+    );
+    let out = cli.run(&["restore", "web", "v999"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("GET /v1/checkpoints"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

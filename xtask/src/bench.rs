@@ -34,6 +34,10 @@ enum Bench {
     /// The user's surface: exec round trip, TTY reattach, 1 GiB up and down
     /// through the ingress vs nginx, 20 tunnels at once.
     Surface,
+    /// Checkpoints: take and restore (→ URL serving) with 500 MiB on a
+    /// 1 GiB btrfs user disk and 10 MiB changed, the incremental stream, vs
+    /// ext4 + rsync.
+    Storage,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -50,6 +54,10 @@ pub fn run(args: &Args) -> Result<()> {
         Bench::Surface => {
             deps::ensure(&deps::BENCH)?;
             "surface"
+        }
+        Bench::Storage => {
+            deps::ensure(&deps::BENCH)?;
+            "storage"
         }
         Bench::Launcher => {
             deps::ensure(&deps::VM)?;
@@ -75,7 +83,7 @@ pub fn run(args: &Args) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     let mut bench = std::process::Command::new(root.join(format!("target/perf/nb-bench-{name}")));
     bench.arg("--json").arg(out.join(format!("{name}.json")));
-    if matches!(args.what, Bench::Guest | Bench::Surface) {
+    if matches!(args.what, Bench::Guest | Bench::Surface | Bench::Storage) {
         // The guest as it ships: the size-optimized `guest` profile.
         util::run(util::cargo().args(["build", "--profile", "guest", "-p", "nestbox-guest"]))?;
         bench

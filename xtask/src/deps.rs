@@ -62,9 +62,9 @@ pub const RUN: [Package; 6] = [
 ];
 
 /// Building the VM image: module dependency resolution, the programs the
-/// image carries (base rootfs, data disk formatting, egress NAT), stripping
+/// image carries (base rootfs, disk formatting: ext4 and btrfs, egress NAT), stripping
 /// the guest binary, and reading archives back in the cpio writer's test.
-pub const IMAGE: [Package; 7] = [
+pub const IMAGE: [Package; 8] = [
     Package {
         name: "kmod",
         provides: "/sbin/depmod",
@@ -80,6 +80,10 @@ pub const IMAGE: [Package; 7] = [
     Package {
         name: "e2fsprogs",
         provides: "/sbin/mke2fs",
+    },
+    Package {
+        name: "btrfs-progs",
+        provides: "/sbin/mkfs.btrfs",
     },
     Package {
         name: "nftables",
@@ -102,7 +106,7 @@ pub const VM: [Package; 1] = [Package {
 }];
 
 /// The benchmarks' peers and load generators.
-pub const BENCH: [Package; 5] = [
+pub const BENCH: [Package; 6] = [
     Package {
         name: "nginx",
         provides: "/usr/sbin/nginx",
@@ -123,6 +127,11 @@ pub const BENCH: [Package; 5] = [
     Package {
         name: "nghttp2-client",
         provides: "/usr/bin/h2load",
+    },
+    // The storage bench's floor: the same change kept by rsync.
+    Package {
+        name: "rsync",
+        provides: "/usr/bin/rsync",
     },
 ];
 

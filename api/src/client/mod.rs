@@ -6,6 +6,7 @@
 //! One connection per request: a CLI makes a handful, and a fresh one
 //! never finds a connection the guest closed meanwhile.
 
+pub mod checkpoints;
 pub mod exec;
 pub mod fs;
 pub mod proxy;
@@ -343,11 +344,31 @@ impl Client {
     pub async fn follow<T: DeserializeOwned>(
         &self,
         path: &str,
+        each: impl FnMut(T) -> bool,
+    ) -> Result<(), ClientError> {
+        self.follow_with(Method::GET, path, None::<&()>, each).await
+    }
+
+    /// [`Client::follow`] with any method and an optional JSON body.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn follow_with<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
         mut each: impl FnMut(T) -> bool,
     ) -> Result<(), ClientError> {
-        let req = self
-            .request(Method::GET, path)
-            .body(Full::new(Bytes::new()))
+        let bytes = body.map_or_else(Bytes::new, |b| {
+            Bytes::from(serde_json::to_vec(b).expect("a request serializes"))
+        });
+        let mut req = self.request(method.clone(), path);
+        if body.is_some() {
+            req = req.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(bytes))
             .map_err(|e| ClientError::Http(e.to_string()))?;
         let resp = self.round_trip(req).await?;
         let status = resp.status();
@@ -368,7 +389,7 @@ impl Client {
                     continue;
                 }
                 let value = serde_json::from_slice(&line).map_err(|e| ClientError::Decode {
-                    what: format!("GET {path}"),
+                    what: format!("{method} {path}"),
                     why: e.to_string(),
                 })?;
                 if !each(value) {

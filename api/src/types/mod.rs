@@ -1,12 +1,14 @@
 //! The JSON bodies of the API's plain (non-WebSocket) operations, one
 //! module per resource.
 
+mod checkpoints;
 mod logs;
 mod ports;
 mod services;
 mod status;
 mod urls;
 
+pub use checkpoints::{Checkpoint, CheckpointRequest, Checkpoints, Progress, ProgressKind};
 pub use logs::{LogLine, LogStats, Stream};
 pub use ports::{PortChange, PortChangeKind, PortInfo};
 pub use services::{Restart, ServiceSpec, ServiceState, ServiceStatus};

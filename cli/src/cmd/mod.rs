@@ -1,5 +1,6 @@
 //! One module per group of commands.
 
+pub mod checkpoint;
 pub mod exec;
 pub mod files;
 pub mod info;

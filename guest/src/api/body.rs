@@ -15,6 +15,25 @@ use tokio::sync::mpsc;
 
 use super::error::ApiError;
 
+/// A request's body, of at most `limit` bytes; `what` names it in the
+/// error.
+async fn read_bytes(
+    req: axum::extract::Request,
+    limit: usize,
+    what: &str,
+) -> Result<Bytes, ApiError> {
+    Ok(http_body_util::Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| ApiError::invalid(format!("cannot read the {what}: {e}")))?
+        .to_bytes())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::invalid(format!("the {what} is not valid: {e}")))
+}
+
 /// The JSON document of a request's body, of at most `limit` bytes;
 /// `what` names it in the error.
 pub async fn read_json<T: serde::de::DeserializeOwned>(
@@ -22,13 +41,20 @@ pub async fn read_json<T: serde::de::DeserializeOwned>(
     limit: usize,
     what: &str,
 ) -> Result<T, ApiError> {
-    let bytes = http_body_util::Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-        .map_err(|e| ApiError::invalid(format!("cannot read the {what}: {e}")))?
-        .to_bytes();
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::invalid(format!("the {what} is not valid: {e}")))
+    parse(&read_bytes(req, limit, what).await?, what)
+}
+
+/// [`read_json`], where an empty body (no document at all) is `T`'s default.
+pub async fn read_json_or_default<T: serde::de::DeserializeOwned + Default>(
+    req: axum::extract::Request,
+    limit: usize,
+    what: &str,
+) -> Result<T, ApiError> {
+    let bytes = read_bytes(req, limit, what).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    parse(&bytes, what)
 }
 
 /// The API's response body.

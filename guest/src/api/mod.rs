@@ -15,6 +15,7 @@ mod auth;
 mod body;
 mod bounce;
 mod certificates;
+mod checkpoints;
 mod error;
 mod exec;
 #[cfg(feature = "faults")]
@@ -44,6 +45,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use auth::TokenHash;
 pub use body::Body;
 pub use error::ApiError;
+pub(crate) use status::image_version;
 
 use crate::logs::Logs;
 use crate::publish::Publisher;
@@ -82,6 +84,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/services/{name}/logs"),
     ("POST", "/v1/bounce"),
     ("POST", "/v1/certificates/renew"),
+    ("GET", "/v1/checkpoints"),
+    ("POST", "/v1/checkpoints"),
+    ("GET", "/v1/checkpoints/{id}"),
+    ("DELETE", "/v1/checkpoints/{id}"),
+    ("POST", "/v1/checkpoints/{id}/restore"),
     ("GET", "/v1/exec"),
     ("GET", "/v1/exec/{id}"),
     ("POST", "/v1/exec/{id}/kill"),
@@ -115,6 +122,12 @@ pub use nestbox_api::types::ContainerState;
 pub enum Control {
     /// Rebuild the inner container; answer when services are up again.
     Bounce(oneshot::Sender<Result<(), String>>),
+    /// Stop the container, put its layer back as checkpoint `id` was, and
+    /// start it again; answer when services are up again.
+    Restore(
+        String,
+        oneshot::Sender<Result<nestbox_api::types::Checkpoint, crate::storage::StoreError>>,
+    ),
 }
 
 /// What the API works with.
@@ -139,8 +152,11 @@ pub struct Parts {
     pub user_dir: std::path::PathBuf,
     /// The container's cgroup (its usage is reported).
     pub inner_cgroup: std::path::PathBuf,
-    /// What became of the VM's disks at boot (empty outside a VM).
-    pub disks: Vec<crate::disk::DiskReport>,
+    /// What became of the VM's disks at boot (empty outside a VM; the
+    /// user's comes once it is up).
+    pub disks: Arc<parking_lot::Mutex<Vec<crate::disk::DiskReport>>>,
+    /// Checkpoints of the user's filesystem.
+    pub storage: crate::storage::Storage,
     /// The ingress's handles, when its certificates come from ACME.
     pub acme: Option<nestbox_ingress::serve::Handles>,
     /// Exec sessions.
@@ -444,6 +460,27 @@ fn operation(method: &str, path: &str) -> MethodRouter<Shared> {
         ("POST", "/v1/certificates/renew") => {
             post(|State(s): State<Shared>| async move { certificates::renew(&s.parts) })
         }
+        ("GET", "/v1/checkpoints") => {
+            get(|State(s): State<Shared>| async move { checkpoints::list(&s.parts).await })
+        }
+        ("POST", "/v1/checkpoints") => post(|State(s): State<Shared>, req: Request| async move {
+            checkpoints::create(&s.parts, req).await
+        }),
+        ("GET", "/v1/checkpoints/{id}") => get(
+            |State(s): State<Shared>, Segment(id): Segment<String>| async move {
+                checkpoints::get(&s.parts, &id).await
+            },
+        ),
+        ("DELETE", "/v1/checkpoints/{id}") => delete(
+            |State(s): State<Shared>, Segment(id): Segment<String>| async move {
+                checkpoints::delete(&s.parts, &id).await
+            },
+        ),
+        ("POST", "/v1/checkpoints/{id}/restore") => post(
+            |State(s): State<Shared>, Segment(id): Segment<String>| async move {
+                checkpoints::restore(&s.parts, &id).await
+            },
+        ),
         ("GET", "/v1/exec") => get(|State(s): State<Shared>, req: Request| async move {
             exec::list_or_start(&s.parts, req).await
         }),

@@ -32,7 +32,7 @@ const IMAGE_VERSION: &str = "/etc/nestbox/image-version";
     clippy::disallowed_methods,
     reason = "read once, on the blocking pool (see `get`)"
 )]
-fn image_version() -> Option<&'static str> {
+pub(crate) fn image_version() -> Option<&'static str> {
     static VERSION: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     VERSION
         .get_or_init(|| {
@@ -72,7 +72,7 @@ pub(super) async fn get(p: &Parts, started: Instant) -> Response<Body> {
             limits: p.limits.clone(),
             usage,
             user_disk,
-            disks: p.disks.clone(),
+            disks: p.disks.lock().clone(),
             logs: p.logs.stats(),
         },
     )

@@ -78,6 +78,10 @@ pub struct Layout {
     pub api_dir: Option<PathBuf>,
     /// The size of `/dev/shm`, in bytes.
     pub shm_bytes: u64,
+    /// The VM's shared mount of checkpoint views, bound (as a slave: it
+    /// follows the VM's mounts and unmounts, never the other way) at
+    /// `/.nestbox/checkpoints`.
+    pub checkpoints: Option<PathBuf>,
 }
 
 /// `/proc` files and directories that change the kernel rather than
@@ -194,6 +198,19 @@ pub fn plan(layout: &Layout) -> Vec<Step> {
             data: None,
         });
     }
+    if let Some(views) = &layout.checkpoints {
+        let at = m.join(crate::storage::views::IN_CONTAINER.trim_start_matches('/'));
+        steps.push(Step::Dir(at.clone()));
+        // Recursive: the views mounted before the container started are
+        // submounts of it.
+        steps.push(Step::Mount {
+            source: views.display().to_string(),
+            target: at,
+            fstype: None,
+            flags: MsFlags::MS_BIND | MsFlags::MS_REC,
+            data: None,
+        });
+    }
     steps
 }
 
@@ -289,15 +306,17 @@ fn apply(step: &Step) -> Result<(), String> {
 
 /// PID 1's setup: everything up to `ready`.
 fn build_root(layout: &Layout, hostname: &str) -> Result<(), String> {
-    // Nothing mounted here may propagate back to the VM's namespace.
+    // Nothing mounted here may propagate back to the VM's namespace; what
+    // the VM mounts under a shared mount of its own (the checkpoints'
+    // views, nothing else is shared) comes in.
     mount(
         None::<&str>,
         "/",
         None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
         None::<&str>,
     )
-    .map_err(|e| format!("make / private: {e}"))?;
+    .map_err(|e| format!("make / a slave: {e}"))?;
     for step in plan(layout) {
         apply(&step)?;
     }
@@ -405,14 +424,16 @@ pub fn layout_from(
     state_dir: &Path,
     api_dir: Option<&Path>,
     shm_bytes: u64,
+    checkpoints: Option<&Path>,
 ) -> Layout {
     Layout {
         lower: lower.to_owned(),
-        upper: state_dir.join("upper"),
-        work: state_dir.join("work"),
+        upper: crate::storage::layer::upper(state_dir),
+        work: crate::storage::layer::work(state_dir),
         merged: state_dir.join("rootfs"),
         api_dir: api_dir.map(Path::to_owned),
         shm_bytes,
+        checkpoints: checkpoints.map(Path::to_owned),
     }
 }
 
@@ -449,6 +470,7 @@ mod tests {
             Path::new("/data/c"),
             Some(Path::new("/data/api")),
             1 << 20,
+            Some(Path::new("/run/nestbox/checkpoints")),
         );
         let steps = plan(&layout);
         let first_mount = steps.iter().find_map(|s| match s {
@@ -464,7 +486,9 @@ mod tests {
             first_mount,
             Some((
                 Some("overlay"),
-                Some("lowerdir=/base,upperdir=/data/c/upper,workdir=/data/c/work".into()),
+                Some(
+                    "lowerdir=/base,upperdir=/data/c/layer/upper,workdir=/data/c/layer/work".into()
+                ),
                 PathBuf::from("/data/c/rootfs")
             ))
         );
@@ -486,11 +510,31 @@ mod tests {
             flags: MsFlags::MS_BIND,
             data: None,
         }));
+        // The checkpoints' views come after the API's directory they sit in.
+        let api = steps
+            .iter()
+            .position(|s| matches!(s, Step::Mount { target, .. } if target.ends_with(".nestbox")));
+        let views = steps.iter().position(|s| {
+            *s == Step::Mount {
+                source: "/run/nestbox/checkpoints".into(),
+                target: "/data/c/rootfs/.nestbox/checkpoints".into(),
+                fstype: None,
+                flags: MsFlags::MS_BIND | MsFlags::MS_REC,
+                data: None,
+            }
+        });
+        assert!(api.is_some() && views > api, "{steps:#?}");
         assert!(steps.iter().any(|s| matches!(s,
             Step::Mount { target, data: Some(d), .. }
                 if target.ends_with("dev/shm") && d.ends_with("size=1048576"))));
         // No API directory, no /.nestbox.
-        let layout = layout_from(Path::new("/base"), Path::new("/data/c"), None, 1 << 20);
+        let layout = layout_from(
+            Path::new("/base"),
+            Path::new("/data/c"),
+            None,
+            1 << 20,
+            None,
+        );
         assert!(
             !plan(&layout)
                 .iter()

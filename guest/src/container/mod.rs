@@ -126,8 +126,9 @@ pub struct ContainerSpec {
     pub hostname: String,
     /// The read-only base root filesystem.
     pub base_rootfs: PathBuf,
-    /// Where the writable layer (`upper`, `work`) and the mount point
-    /// (`rootfs`) live, on the data disk.
+    /// Where the writable layer (`layer/upper`, `layer/work`, see
+    /// [`crate::storage::layer`]) and the mount point (`rootfs`) live, on
+    /// the user's disk.
     pub state_dir: PathBuf,
     /// The inner cgroup v2 directory (created if missing).
     pub cgroup: PathBuf,
@@ -135,6 +136,9 @@ pub struct ContainerSpec {
     pub api_dir: Option<PathBuf>,
     /// The size of the container's `/dev/shm`, in bytes.
     pub shm_bytes: u64,
+    /// The shared mount of the recent checkpoints' views, shown at
+    /// `/.nestbox/checkpoints` (see [`crate::storage::views`]).
+    pub checkpoints: Option<PathBuf>,
     /// How its processes are confined.
     pub isolation: Isolation,
 }
@@ -369,7 +373,12 @@ impl Container {
             std::fs::create_dir_all(dir).map_err(dir_error(dir))?;
         }
         idmap::check_base(&spec.base_rootfs)?;
-        idmap::prepare_layer(&spec.state_dir.join("upper"), &spec.state_dir)?;
+        crate::storage::layer::prepare(&spec.state_dir)
+            .map_err(|e| ContainerError::Init(format!("the writable layer: {e}")))?;
+        idmap::prepare_layer(
+            &crate::storage::layer::upper(&spec.state_dir),
+            &spec.state_dir,
+        )?;
         let program = std::env::current_exe().map_err(|source| ContainerError::Spawn {
             program: "/proc/self/exe".into(),
             source,
@@ -399,6 +408,9 @@ impl Container {
             );
         if let Some(api) = &spec.api_dir {
             cmd.arg("--api-dir").arg(api);
+        }
+        if let Some(views) = &spec.checkpoints {
+            cmd.arg("--checkpoints").arg(views);
         }
         let mut init = cmd
             .spawn(Some(dir.as_fd()))

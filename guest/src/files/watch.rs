@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use nestbox_api::fs::WatchEvent;
 use nix::fcntl::OFlag;
@@ -17,11 +16,7 @@ use tokio::sync::mpsc;
 use super::FsError;
 use super::resolve::open;
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+use crate::publish::now_ms;
 
 struct Watcher<'a> {
     root: &'a OwnedFd,

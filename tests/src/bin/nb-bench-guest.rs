@@ -14,14 +14,12 @@
 //! idle, and while one service logs 100,000 lines a second and another, a
 //! 100 MB binary, is started through the API every second.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -49,7 +47,7 @@ struct Args {
     flood_lines: u64,
 }
 
-use nestbox_tests::benchvm::{TOKEN, VM_IP, Vm, start};
+use nestbox_tests::benchvm::{TOKEN, VM_IP, Vm, https_status as get, start, wait_ok};
 
 #[derive(serde::Serialize)]
 struct Results {
@@ -154,37 +152,6 @@ fn rss(guest: u32) -> (u64, u64) {
     (platform, services)
 }
 
-/// One HTTPS GET on a new connection; the status code.
-fn get(tls: &Arc<rustls::ClientConfig>, host: &str) -> Option<u16> {
-    let tcp = TcpStream::connect((VM_IP, 443)).ok()?;
-    tcp.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    // As curl and browsers do: without it, Nagle's algorithm holds the
-    // request back until the server's delayed ACK (40 ms).
-    tcp.set_nodelay(true).ok()?;
-    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).ok()?;
-    let conn = rustls::ClientConnection::new(tls.clone(), name).ok()?;
-    let mut s = rustls::StreamOwned::new(conn, tcp);
-    // The URL is private (the default): the owner's token opens it.
-    let request = format!(
-        "GET / HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(request.as_bytes()).ok()?;
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).ok()?;
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
-}
-
-fn wait_ok(tls: &Arc<rustls::ClientConfig>) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while get(tls, "vm1.test") != Some(200) {
-        if Instant::now() > deadline {
-            bail!("https://vm1.test/ did not answer 200");
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    Ok(())
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[nestbox_tests::quantile_index(sorted.len(), p)]
 }
@@ -193,31 +160,14 @@ fn main() -> Result<()> {
     let args = Args::parse();
     nestbox_tests::require_root();
     nestbox_tests::require_tool("curl", "curl");
-    let guest_bin = match &args.guest {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("binary directory")?
-            .join("nestbox-guest"),
-    };
+    let guest_bin = nestbox_tests::benchvm::guest_binary(args.guest.as_deref())?;
     let vm = start(&guest_bin, "")?;
     vm.api(
         "POST",
         "/v1/services",
         Some(r#"{"name": "web", "cmd": "/bin/busybox", "args": ["httpd", "-f", "-p", "8080", "-h", "/www"], "http_port": 8080}"#),
     )?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut &std::fs::read(vm.dir.join("cert.pem"))?[..]) {
-        roots.add(cert?)?;
-    }
-    let tls = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    );
+    let tls = vm.tls()?;
     wait_ok(&tls)?;
     std::thread::sleep(Duration::from_secs(2));
     let guest = vm.guest.id();

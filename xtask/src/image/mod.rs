@@ -1,6 +1,6 @@
 //! `cargo xtask image`: the VM image — Debian's cloud kernel and an
 //! initramfs with `nestbox-guest` as `/init`, the kernel modules it loads,
-//! the programs it runs (`mkfs.ext4`, `e2fsck`, `nft`) with their libraries, and the
+//! the programs it runs (`mkfs.ext4`, `e2fsck`, `mkfs.btrfs`, `nft`) with their libraries, and the
 //! inner container's base rootfs, laid out as the launcher (`manifest.json`)
 //! and PID 1 (`/etc/nestbox/…`) expect.
 //!
@@ -104,6 +104,12 @@ pub fn build(args: &Args) -> Result<PathBuf> {
     libs::add_program(&mut tree, "usr/sbin/e2fsck", Path::new("/sbin/e2fsck"))?;
     // e2fsck checks that the device is not mounted through /etc/mtab.
     tree.symlink("etc/mtab", "/proc/self/mounts")?;
+    // The user's disk is btrfs (guest/src/storage/): formatted once.
+    libs::add_program(
+        &mut tree,
+        "usr/sbin/mkfs.btrfs",
+        Path::new("/sbin/mkfs.btrfs"),
+    )?;
     libs::add_program(&mut tree, "usr/sbin/nft", Path::new("/usr/sbin/nft"))?;
     // The web PKI roots, for an ACME directory such as Let's Encrypt's
     // (a test CA's root comes inline in the guest configuration).

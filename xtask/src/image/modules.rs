@@ -15,8 +15,16 @@ use super::kernel::Kernel;
 use super::tree::Tree;
 use crate::util;
 
-/// Where PID 1 finds the list.
+/// Where PID 1 finds the list of the modules loaded at boot.
 pub const LIST: &str = "etc/nestbox/modules";
+/// Where it finds those loaded once the platform serves
+/// (`guest/src/init.rs`, `LATE_MODULE_LIST`).
+pub const LATE_LIST: &str = "etc/nestbox/modules.late";
+
+/// The modules loaded after the API serves: btrfs runs the raid6
+/// benchmark when it loads (about 2 s under TCG), and only the user's
+/// disk needs it. Dependencies loaded at boot already are skipped.
+pub const LATE: &[(&str, &str)] = &[("btrfs", "the user's disk (checkpoints as snapshots)")];
 
 /// The modules nestbox needs, each with what needs it.
 pub const WANTED: &[(&str, &str)] = &[
@@ -47,19 +55,33 @@ pub const WANTED: &[(&str, &str)] = &[
 ];
 
 /// Adds the `.ko` files of [`WANTED`] and their dependencies under
-/// `/lib/modules/<release>/` and writes [`LIST`]. Returns the list.
+/// `/lib/modules/<release>/` and writes [`LIST`], then those of [`LATE`]
+/// not in it already to [`LATE_LIST`]. Returns both lists, in order.
+pub fn add(tree: &mut Tree, kernel: &Kernel) -> Result<Vec<String>> {
+    let boot = add_list(tree, kernel, WANTED, LIST, &[])?;
+    let late = add_list(tree, kernel, LATE, LATE_LIST, &boot)?;
+    Ok(boot.into_iter().chain(late).collect())
+}
+
+/// One list: `wanted` with their dependencies, less `loaded`.
 ///
 /// `modprobe --show-depends` gives the load order but also soft
 /// dependencies (`softdep … pre:`), which are optional and may not load:
 /// crc32c-intel, libcrc32c's, fails with ENODEV on a CPU without SSE4.2
 /// (TCG's default). Only what `modules.dep` says a wanted module needs is
 /// kept, so that every listed module must load.
-pub fn add(tree: &mut Tree, kernel: &Kernel) -> Result<Vec<String>> {
+fn add_list(
+    tree: &mut Tree,
+    kernel: &Kernel,
+    wanted: &[(&str, &str)],
+    list_path: &str,
+    loaded: &[String],
+) -> Result<Vec<String>> {
     let dir = format!("/lib/modules/{}/", kernel.release);
     let hard = hard_dependencies(&kernel.root.join(dir.trim_start_matches('/')))?;
     let mut order: Vec<String> = Vec::new();
     let mut keep: HashSet<String> = HashSet::new();
-    for (name, why) in WANTED {
+    for (name, why) in wanted {
         let out = util::output(
             Command::new("/sbin/modprobe")
                 // The host's /etc/modprobe.d has no say in the guest.
@@ -87,13 +109,13 @@ pub fn add(tree: &mut Tree, kernel: &Kernel) -> Result<Vec<String>> {
     for path in order.iter().filter(|p| !keep.contains(*p)) {
         eprintln!("kernel module {path}: a soft dependency only, left out");
     }
-    order.retain(|p| keep.contains(p));
+    order.retain(|p| keep.contains(p) && !loaded.contains(p));
     for path in &order {
         tree.copy(path, &kernel.root.join(path.trim_start_matches('/')))?;
     }
     let mut list = order.join("\n");
     list.push('\n');
-    tree.file(LIST, 0o644, list.into_bytes())?;
+    tree.file(list_path, 0o644, list.into_bytes())?;
     Ok(order)
 }
 

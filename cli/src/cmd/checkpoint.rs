@@ -1,0 +1,158 @@
+//! `nestbox checkpoint create|list|info|delete` and `nestbox restore`.
+
+use std::io::IsTerminal;
+
+use nestbox_api::types::{Checkpoint, CheckpointRequest, Progress, ProgressKind};
+
+use crate::target::Context;
+
+#[derive(clap::Subcommand)]
+pub enum CheckpointCommand {
+    /// Take a checkpoint of the VM's filesystem (its id is printed).
+    Create {
+        /// The VM.
+        vm: String,
+        /// A note kept with it.
+        #[arg(long, short)]
+        comment: Option<String>,
+    },
+    /// The VM's checkpoints, oldest first (`*`: what the filesystem
+    /// descends from now).
+    List {
+        /// The VM.
+        vm: String,
+        /// JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One checkpoint.
+    Info {
+        /// The VM.
+        vm: String,
+        /// The checkpoint (`v3`).
+        id: String,
+        /// JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a checkpoint.
+    Delete {
+        /// The VM.
+        vm: String,
+        /// The checkpoint.
+        id: String,
+    },
+}
+
+/// Progress lines on stderr when it is a terminal (the result alone on
+/// stdout, for scripts).
+fn show(p: &Progress) {
+    if p.kind == ProgressKind::Info
+        && let Some(data) = &p.data
+        && std::io::stderr().is_terminal()
+    {
+        eprintln!("  {data}");
+    }
+}
+
+fn when(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn mib(bytes: u64) -> String {
+    #[allow(clippy::cast_precision_loss, reason = "a size for people")]
+    let m = bytes as f64 / f64::from(1 << 20);
+    format!("{m:.1} MiB")
+}
+
+fn describe(c: &Checkpoint) {
+    println!("id:       {}", c.id);
+    println!("created:  {}", when(c.created_ms));
+    println!("size:     {}", mib(c.size_bytes));
+    println!("parent:   {}", c.parent.as_deref().unwrap_or("-"));
+    println!("image:    {}", c.image.as_deref().unwrap_or("-"));
+    println!("comment:  {}", c.comment.as_deref().unwrap_or(""));
+    println!(
+        "mounted:  {}",
+        c.mounted_at
+            .as_deref()
+            .unwrap_or("no (only the most recent are)")
+    );
+}
+
+pub async fn run(ctx: &mut Context, command: CheckpointCommand) -> anyhow::Result<u8> {
+    match command {
+        CheckpointCommand::Create { vm, comment } => {
+            let t0 = std::time::Instant::now();
+            let c = ctx
+                .client(&vm)?
+                .create_checkpoint(&CheckpointRequest { comment }, show)
+                .await?;
+            if std::io::stderr().is_terminal() {
+                eprintln!(
+                    "{vm}: checkpoint {} ({}) in {:.0} ms",
+                    c.id,
+                    mib(c.size_bytes),
+                    t0.elapsed().as_secs_f64() * 1000.0
+                );
+            }
+            println!("{}", c.id);
+            Ok(0)
+        }
+        CheckpointCommand::List { vm, json } => {
+            let list = ctx.client(&vm)?.checkpoints().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(0);
+            }
+            println!(
+                "{:<7} {:<21} {:>10} {:<7} {:<10} COMMENT",
+                "ID", "CREATED", "SIZE", "PARENT", "MOUNTED"
+            );
+            for c in &list.checkpoints {
+                let head = if list.head.as_deref() == Some(c.id.as_str()) {
+                    "*"
+                } else {
+                    ""
+                };
+                println!(
+                    "{:<7} {:<21} {:>10} {:<7} {:<10} {}",
+                    format!("{}{head}", c.id),
+                    when(c.created_ms),
+                    mib(c.size_bytes),
+                    c.parent.as_deref().unwrap_or("-"),
+                    if c.mounted_at.is_some() { "yes" } else { "no" },
+                    c.comment.as_deref().unwrap_or("")
+                );
+            }
+            Ok(0)
+        }
+        CheckpointCommand::Info { vm, id, json } => {
+            let c = ctx.client(&vm)?.checkpoint(&id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                describe(&c);
+            }
+            Ok(0)
+        }
+        CheckpointCommand::Delete { vm, id } => {
+            ctx.client(&vm)?.delete_checkpoint(&id).await?;
+            println!("{vm}: checkpoint {id} deleted");
+            Ok(0)
+        }
+    }
+}
+
+/// `nestbox restore VM ID`.
+pub async fn restore(ctx: &mut Context, vm: &str, id: &str) -> anyhow::Result<u8> {
+    let t0 = std::time::Instant::now();
+    let c = ctx.client(vm)?.restore(id, show).await?;
+    println!(
+        "{vm}: restored {} in {:.0} ms; the container and its services are up",
+        c.id,
+        t0.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(0)
+}

@@ -1,0 +1,451 @@
+//! Checkpoints of the user's filesystem: read-only btrfs snapshots of the
+//! container's layer under `checkpoints/<id>` on the user's disk, their
+//! records in an index on the platform's disk (so that a full user disk
+//! never stops one being recorded or deleted), the most recent ones shown
+//! read-only inside the container ([`super::views`]).
+//!
+//! Crash safety, step by step: a checkpoint is the snapshot first and the
+//! record second; a snapshot found with no record (a crash between the
+//! two, or a platform disk that was replaced) is adopted with what its
+//! name and the disk tell, never deleted. A deletion removes the snapshot
+//! first and the record second; a record with no snapshot is dropped.
+//! Ids only grow: one is never given twice, even after a deletion.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+use nestbox_api::types::{Checkpoint, Checkpoints};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::btrfs::{self, BtrfsError};
+use super::layer::{self, LAYER, LayerError};
+use super::views;
+
+/// How many of the most recent checkpoints the container sees.
+pub const VISIBLE: usize = 5;
+/// Where the snapshots are, on the user's disk.
+const SNAPSHOTS: &str = "checkpoints";
+/// The index, in the platform's `checkpoints` directory.
+const INDEX: &str = "index.json";
+
+/// What a checkpoint operation ran into.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The user's disk is not (yet) there.
+    #[error("{0}")]
+    Unavailable(String),
+    /// No such checkpoint.
+    #[error("no checkpoint {0}: `GET /v1/checkpoints` lists them")]
+    NotFound(String),
+    /// The user's disk is full.
+    #[error(
+        "the user's disk is full ({0}); nothing was changed: free space in the container (or delete checkpoints) and try again"
+    )]
+    Full(String),
+    /// The layer (a restore).
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    /// A btrfs call.
+    #[error(transparent)]
+    Btrfs(BtrfsError),
+    /// The index.
+    #[error("the checkpoint index {}: {source}", path.display())]
+    Index {
+        /// Its file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<BtrfsError> for StoreError {
+    fn from(e: BtrfsError) -> Self {
+        if e.is_full() {
+            Self::Full(e.to_string())
+        } else {
+            Self::Btrfs(e)
+        }
+    }
+}
+
+impl StoreError {
+    /// The error's code on the wire.
+    #[must_use]
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unavailable(_) => "unavailable",
+            Self::NotFound(_) => "not_found",
+            Self::Full(_) => "insufficient_storage",
+            _ => "internal",
+        }
+    }
+}
+
+/// The index's file: the records and what comes next.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Index {
+    /// The number of the next id.
+    next: u64,
+    /// What the layer descends from.
+    #[serde(default)]
+    head: Option<String>,
+    /// Oldest first.
+    #[serde(default)]
+    checkpoints: Vec<Checkpoint>,
+}
+
+/// Where things are.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The user's disk (btrfs), holding `layer` and `checkpoints`.
+    pub user: PathBuf,
+    /// The platform's directory for the index.
+    pub index_dir: PathBuf,
+    /// The base root filesystem (each view's lowest layer).
+    pub base: PathBuf,
+    /// The views' shared tmpfs, if the container is to see checkpoints.
+    pub views: Option<PathBuf>,
+    /// The image version recorded in each checkpoint.
+    pub image: Option<String>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    paths: Paths,
+    index: Index,
+    /// The ids whose views are mounted now.
+    shown: Vec<String>,
+}
+
+/// The checkpoints of one user disk. Every method blocks (btrfs ioctls,
+/// the index's fsync): call them off the runtime thread. They run one at
+/// a time.
+#[derive(Debug)]
+pub struct Store(Mutex<Inner>);
+
+fn number(id: &str) -> Option<u64> {
+    let digits = id.strip_prefix('v')?;
+    if digits.is_empty() || (digits.len() > 1 && digits.starts_with('0')) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The bytes of the regular files under `dir` (one filesystem).
+fn size_of(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(top) = std::fs::symlink_metadata(dir) else {
+        return 0;
+    };
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(path) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&path) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.dev() != top.dev() {
+                continue;
+            }
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if meta.is_file() {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}
+
+fn created_ms(path: &Path) -> u64 {
+    std::fs::symlink_metadata(path)
+        .and_then(|m| m.created().or_else(|_| m.modified()))
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Inner {
+    fn snapshots(&self) -> PathBuf {
+        self.paths.user.join(SNAPSHOTS)
+    }
+
+    fn save(&self) -> Result<(), StoreError> {
+        let path = self.paths.index_dir.join(INDEX);
+        let text = serde_json::to_vec_pretty(&self.index).expect("the index serializes");
+        nestbox_durable::write_atomic(&path, &text, 0o600).map_err(|e| StoreError::Index {
+            path,
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
+    fn find(&self, id: &str) -> Result<usize, StoreError> {
+        self.index
+            .checkpoints
+            .iter()
+            .position(|c| c.id == id)
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))
+    }
+
+    fn with_mount(&self, mut c: Checkpoint) -> Checkpoint {
+        c.mounted_at = self
+            .shown
+            .contains(&c.id)
+            .then(|| format!("{}/{}", views::IN_CONTAINER, c.id));
+        c
+    }
+
+    /// Mounts the views of the [`VISIBLE`] most recent checkpoints and
+    /// unmounts the others'. A view that fails is logged: the checkpoint
+    /// itself is whole.
+    fn refresh_views(&mut self) {
+        let Some(dir) = self.paths.views.clone() else {
+            return;
+        };
+        let start = self.index.checkpoints.len().saturating_sub(VISIBLE);
+        let wanted: Vec<String> = self.index.checkpoints[start..]
+            .iter()
+            .map(|c| c.id.clone())
+            .collect();
+        for id in std::mem::take(&mut self.shown) {
+            if wanted.contains(&id) {
+                self.shown.push(id);
+            } else {
+                views::hide(&dir, &id);
+            }
+        }
+        for id in wanted {
+            if self.shown.contains(&id) {
+                continue;
+            }
+            let layer = self.snapshots().join(&id);
+            match views::show(&dir, &id, &layer, &self.paths.base) {
+                Ok(()) => self.shown.push(id),
+                Err(err) => tracing::warn!(%err, "a checkpoint is not shown in the container"),
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Opens the checkpoints of the btrfs disk at `paths.user`: reads the
+    /// index, adopts snapshots it does not list, drops records whose
+    /// snapshot is gone, and shows the recent ones.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn open(paths: Paths) -> Result<Self, StoreError> {
+        if !btrfs::is_btrfs(&paths.user) {
+            return Err(StoreError::Unavailable(format!(
+                "checkpoints need the user's disk on btrfs, and {} is not: a VM created by this \
+                 version's launcher has one",
+                paths.user.display()
+            )));
+        }
+        let index_path = paths.index_dir.join(INDEX);
+        std::fs::create_dir_all(&paths.index_dir).map_err(|source| StoreError::Index {
+            path: paths.index_dir.clone(),
+            source,
+        })?;
+        let mut index: Index = match std::fs::read(&index_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Index {
+                path: index_path.clone(),
+                source: std::io::Error::other(e),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Index::default(),
+            Err(source) => {
+                return Err(StoreError::Index {
+                    path: index_path,
+                    source,
+                });
+            }
+        };
+        let snapshots = paths.user.join(SNAPSHOTS);
+        std::fs::create_dir_all(&snapshots).map_err(|source| StoreError::Index {
+            path: snapshots.clone(),
+            source,
+        })?;
+        let before = index.checkpoints.len();
+        index
+            .checkpoints
+            .retain(|c| btrfs::is_subvolume(&snapshots.join(&c.id)));
+        if index.checkpoints.len() != before {
+            tracing::warn!(
+                dropped = before - index.checkpoints.len(),
+                "checkpoint records whose snapshot is gone were dropped"
+            );
+        }
+        let mut found: Vec<(u64, String)> = std::fs::read_dir(&snapshots)
+            .map_err(|source| StoreError::Index {
+                path: snapshots.clone(),
+                source,
+            })?
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter_map(|name| number(&name).map(|n| (n, name)))
+            .filter(|(_, name)| btrfs::is_subvolume(&snapshots.join(name)))
+            .collect();
+        found.sort();
+        for (n, id) in found {
+            index.next = index.next.max(n + 1);
+            if index.checkpoints.iter().any(|c| c.id == id) {
+                continue;
+            }
+            tracing::warn!(%id, "a checkpoint with no record was adopted");
+            let dir = snapshots.join(&id);
+            index.checkpoints.push(Checkpoint {
+                id,
+                created_ms: created_ms(&dir),
+                comment: Some("recovered: its record was lost".to_owned()),
+                parent: None,
+                image: None,
+                size_bytes: size_of(&dir.join("upper")),
+                mounted_at: None,
+            });
+        }
+        index
+            .checkpoints
+            .sort_by_key(|c| number(&c.id).unwrap_or(u64::MAX));
+        if let Some(dir) = &paths.views
+            && let Err(err) = views::set_up(dir)
+        {
+            tracing::warn!(%err, "checkpoints will not be shown in the container");
+        }
+        let mut inner = Inner {
+            paths,
+            index,
+            shown: Vec::new(),
+        };
+        inner.save()?;
+        inner.refresh_views();
+        Ok(Self(Mutex::new(inner)))
+    }
+
+    /// Every checkpoint, oldest first.
+    #[must_use]
+    pub fn list(&self) -> Checkpoints {
+        let inner = self.0.lock();
+        Checkpoints {
+            checkpoints: inner
+                .index
+                .checkpoints
+                .iter()
+                .map(|c| inner.with_mount(c.clone()))
+                .collect(),
+            head: inner.index.head.clone(),
+        }
+    }
+
+    /// One checkpoint.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`].
+    pub fn get(&self, id: &str) -> Result<Checkpoint, StoreError> {
+        let inner = self.0.lock();
+        let at = inner.find(id)?;
+        Ok(inner.with_mount(inner.index.checkpoints[at].clone()))
+    }
+
+    /// Takes a checkpoint of the layer: `taken` hears its id as soon as the
+    /// snapshot exists; it returns once the record is on the platform's
+    /// disk.
+    ///
+    /// # Errors
+    /// [`StoreError::Full`] when the user's disk has no room for it (no
+    /// checkpoint is left behind), others as they come.
+    pub fn create(
+        &self,
+        comment: Option<String>,
+        taken: impl FnOnce(&str),
+    ) -> Result<Checkpoint, StoreError> {
+        let mut inner = self.0.lock();
+        let id = format!("v{}", inner.index.next);
+        let snapshots = inner.snapshots();
+        let created_ms = crate::publish::now_ms();
+        btrfs::snapshot(
+            &inner.paths.user.join(LAYER),
+            &snapshots,
+            OsStr::new(&id),
+            true,
+        )?;
+        taken(&id);
+        let checkpoint = Checkpoint {
+            id: id.clone(),
+            created_ms,
+            comment,
+            parent: inner.index.head.clone(),
+            image: inner.paths.image.clone(),
+            size_bytes: size_of(&snapshots.join(&id).join("upper")),
+            mounted_at: None,
+        };
+        inner.index.next += 1;
+        inner.index.head = Some(id.clone());
+        inner.index.checkpoints.push(checkpoint.clone());
+        inner.save()?;
+        inner.refresh_views();
+        Ok(inner.with_mount(checkpoint))
+    }
+
+    /// Deletes a checkpoint: its view, its snapshot, then its record.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`], or the btrfs call's.
+    pub fn delete(&self, id: &str) -> Result<(), StoreError> {
+        let mut inner = self.0.lock();
+        let at = inner.find(id)?;
+        if let Some(dir) = inner.paths.views.clone() {
+            views::hide(&dir, id);
+            inner.shown.retain(|s| s != id);
+        }
+        btrfs::delete_subvolume(&inner.snapshots(), OsStr::new(id))?;
+        inner.index.checkpoints.remove(at);
+        if inner.index.head.as_deref() == Some(id) {
+            inner.index.head = None;
+        }
+        inner.save()?;
+        inner.refresh_views();
+        Ok(())
+    }
+
+    /// Puts the layer back as it was at checkpoint `id`. The container
+    /// must be down (the caller stops it and starts it again).
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`]; a full disk or a failed step leaves the
+    /// layer as it was.
+    pub fn restore(&self, id: &str) -> Result<Checkpoint, StoreError> {
+        let mut inner = self.0.lock();
+        let at = inner.find(id)?;
+        layer::restore(&inner.paths.user, &inner.snapshots().join(id)).map_err(|e| match e {
+            LayerError::Btrfs(e) => StoreError::from(e),
+            other @ LayerError::Io { .. } => StoreError::Layer(other),
+        })?;
+        inner.index.head = Some(id.to_owned());
+        inner.save()?;
+        Ok(inner.with_mount(inner.index.checkpoints[at].clone()))
+    }
+
+    /// Whether `id` exists (a quick check before stopping the container).
+    #[must_use]
+    pub fn has(&self, id: &str) -> bool {
+        self.0.lock().find(id).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::number;
+
+    #[test]
+    fn ids_are_v_and_a_plain_number() {
+        assert_eq!(number("v0"), Some(0));
+        assert_eq!(number("v12"), Some(12));
+        for bad in ["v", "v01", "x1", "v1a", "v-1", "../v1", ""] {
+            assert_eq!(number(bad), None, "{bad}");
+        }
+    }
+}
