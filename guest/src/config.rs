@@ -15,6 +15,10 @@
 //! [container]                  # how it is confined
 //! shm_mib = 64
 //!
+//! [checkpoints]                # scheduled ones (see storage/checkpoints.rs)
+//! auto_interval_secs = 0       # 0: none; else auto-N every so many seconds
+//! auto_keep = 3                # the scheduled ones kept
+//!
 //! [urls]                      # URL auth (see urls.rs)
 //! default_auth = "private"     # private | public | token
 //!
@@ -120,6 +124,10 @@ pub struct GuestConfig {
     /// browser without credentials goes, how long a login lasts.
     #[serde(default)]
     pub urls: crate::urls::UrlSettings,
+    /// Checkpoints of the user's filesystem: scheduled ones (off by
+    /// default) and how many of those are kept.
+    #[serde(default)]
+    pub checkpoints: crate::storage::checkpoints::Settings,
     /// The HTTPS proxy: listeners, certificates (ACME or files), limits.
     /// Routes are made by the guest as ports open; static ones may be
     /// added here too.

@@ -24,8 +24,13 @@
 //! (each step of every atomic file replacement: service definitions,
 //! certificates; the subject is the file), `logs.sync` (log lines written,
 //! not yet synced; the subject is the services), `portwatch` (the port
-//! watcher's event loop; only `panic`) and `api` (the API's listeners: a
-//! `panic` restarts the API, dropping its connections; only `panic`).
+//! watcher's event loop; only `panic`), `api` (the API's listeners: a
+//! `panic` restarts the API, dropping its connections; only `panic`), and
+//! the storage stack's steps (the subject is the checkpoint's id):
+//! `storage.snapshotted` (a checkpoint's snapshot made, its record not
+//! written), `storage.swap` (a restore's writable snapshot made, not yet
+//! swapped in) and `storage.swapped` (swapped in and synced, the old layer
+//! not yet deleted).
 
 #[cfg(feature = "faults")]
 pub use enabled::{Fault, arm, armed, install, list, point};
@@ -85,6 +90,9 @@ mod enabled {
         "logs.sync",
         "portwatch",
         "api",
+        "storage.snapshotted",
+        "storage.swap",
+        "storage.swapped",
     ];
 
     static ARMED: Mutex<Vec<Fault>> = Mutex::new(Vec::new());

@@ -446,8 +446,39 @@ async fn bring_up_storage(
         tracing::info!(%why, "no checkpoints in this VM");
     }
     let views = (as_init && opened.is_ok()).then(|| PathBuf::from(crate::storage::views::VIEWS));
+    let scheduled = opened.is_ok() && config.checkpoints.auto_interval_secs > 0;
     storage.set(opened);
+    if scheduled {
+        schedule_checkpoints(storage.clone(), config.checkpoints);
+    }
     (user_disk_error, views)
+}
+
+/// Takes a scheduled checkpoint every `auto_interval_secs`, keeping the
+/// last `auto_keep` of them (a failure is logged; the next one is tried on
+/// time).
+fn schedule_checkpoints(
+    storage: crate::storage::Storage,
+    settings: crate::storage::checkpoints::Settings,
+) {
+    tokio::spawn(async move {
+        let every = std::time::Duration::from_secs(settings.auto_interval_secs);
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let storage = storage.clone();
+            let made = tokio::task::spawn_blocking(move || {
+                storage.store()?.create_auto(settings.auto_keep)
+            })
+            .await;
+            match made {
+                Ok(Ok(c)) => tracing::info!(id = %c.id, "scheduled checkpoint taken"),
+                Ok(Err(err)) => tracing::warn!(%err, "the scheduled checkpoint failed"),
+                Err(err) => tracing::warn!(%err, "the scheduled checkpoint's task failed"),
+            }
+        }
+    });
 }
 
 /// Runs the guest until `shutdown` turns true.

@@ -273,7 +273,11 @@ fn the_platforms_files_are_out_of_reach() {
     );
     let visible: Vec<&String> = lines.iter().filter(|l| l.starts_with("VISIBLE")).collect();
     assert!(visible.is_empty(), "{visible:#?}");
-    assert!(said(&lines, "nestbox-dir api.sock"), "{lines:#?}");
+    // The API's socket and the mount point of the checkpoints' views.
+    assert!(
+        said(&lines, "nestbox-dir api.sock checkpoints"),
+        "{lines:#?}"
+    );
     assert!(!said(&lines, "READ-PID1-ENVIRON"), "{lines:#?}");
     assert!(!said(&lines, "LISTED-PID1-ROOT"), "{lines:#?}");
     let files: usize = lines

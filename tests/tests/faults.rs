@@ -202,17 +202,22 @@ fn numbered_lines(host: &Host, vm: &str, service: &str, query: &str) -> Vec<(u64
 
 /// Runs `f` on the (stopped) VM's platform disk, mounted.
 fn on_data_disk<T>(host: &Host, vm: &str, f: impl FnOnce(&Path) -> T) -> T {
-    let mnt = host.dir.join(format!("{vm}-data"));
+    on_disk(host, vm, "data.img", f)
+}
+
+/// Runs `f` on the (stopped) VM's disk image `file`, mounted.
+fn on_disk<T>(host: &Host, vm: &str, file: &str, f: impl FnOnce(&Path) -> T) -> T {
+    let mnt = host.dir.join(format!("{vm}-{file}"));
     std::fs::create_dir_all(&mnt).unwrap();
-    let data = disk(host, vm, "data.img");
+    let image = disk(host, vm, file);
     // Read-write: a journal left to replay is replayed (the VM is stopped).
     let out = std::process::Command::new("mount")
         .args(["-o", "loop"])
-        .arg(&data)
+        .arg(&image)
         .arg(&mnt)
         .output()
         .unwrap();
-    assert!(out.status.success(), "mount the data disk: {out:?}");
+    assert!(out.status.success(), "mount {file}: {out:?}");
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mnt)));
     let _ = std::process::Command::new("umount").arg(&mnt).status();
     result.unwrap_or_else(|e| std::panic::resume_unwind(e))
@@ -540,4 +545,86 @@ fn crashes_and_a_killed_vmm_during_certificate_renewals_leave_a_matching_pair_th
         check_stored_pairs(&host, "fd4") >= 1,
         "the pairs on the disk match"
     );
+}
+
+/// The ids of VM `vm`'s checkpoints.
+fn checkpoint_ids(host: &Host, vm: &str) -> Vec<String> {
+    let list: Value =
+        serde_json::from_str(&body(&host.api(vm, "GET", "/v1/checkpoints", None))).unwrap();
+    list["checkpoints"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{list}"))
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// What `/state` of VM `vm`'s container holds.
+fn state_file(host: &Host, vm: &str) -> String {
+    host.in_container(vm, "cat /state", Duration::from_mins(2))
+        .into_iter()
+        .find(|l| !l.is_empty() && !l.starts_with("started, pid") && l != "NB-DONE")
+        .unwrap_or_default()
+}
+
+#[test]
+fn crashes_in_a_checkpoint_or_a_restore_leave_a_whole_layer_and_every_checkpoint() {
+    let mut host = Host::with_image(46, &nestbox_tests::vms::faults_image_dir());
+    host.create("fs4");
+    host.in_container("fs4", "echo zero > /state", Duration::from_mins(2));
+    let out = host.api("fs4", "POST", "/v1/checkpoints", None);
+    assert!(body(&out).contains("\"complete\""), "{}", body(&out));
+    host.in_container("fs4", "echo one > /state", Duration::from_mins(2));
+
+    // The power fails with v0's writable copy made, before the swap: the
+    // layer is the one before.
+    host.arm_fault(
+        "fs4",
+        r#"{"point": "storage.swap", "subject": "v0", "action": "crash"}"#,
+    );
+    let _ = host.api("fs4", "POST", "/v1/checkpoints/v0/restore", None);
+    crashed_at(&host, "fs4", "storage.swap");
+    host.launcher_ok(&["start", "fs4"]);
+    host.wait_ready("fs4");
+    assert_eq!(state_file(&host, "fs4"), "one");
+    assert_eq!(checkpoint_ids(&host, "fs4"), ["v0"]);
+
+    // After the swap, before the old layer is deleted: v0's layer.
+    host.arm_fault(
+        "fs4",
+        r#"{"point": "storage.swapped", "subject": "v0", "action": "crash"}"#,
+    );
+    let _ = host.api("fs4", "POST", "/v1/checkpoints/v0/restore", None);
+    crashed_at(&host, "fs4", "storage.swapped");
+    host.launcher_ok(&["start", "fs4"]);
+    host.wait_ready("fs4");
+    assert_eq!(state_file(&host, "fs4"), "zero");
+
+    // A checkpoint's snapshot made, its record not written: adopted after
+    // the restart (or absent if the snapshot had not reached the disk),
+    // and its id is not given again.
+    host.arm_fault(
+        "fs4",
+        r#"{"point": "storage.snapshotted", "subject": "v1", "action": "crash"}"#,
+    );
+    let _ = host.api("fs4", "POST", "/v1/checkpoints", None);
+    crashed_at(&host, "fs4", "storage.snapshotted");
+    host.launcher_ok(&["start", "fs4"]);
+    host.wait_ready("fs4");
+    let ids = checkpoint_ids(&host, "fs4");
+    assert!(ids == ["v0"] || ids == ["v0", "v1"], "{ids:?}");
+    let out = host.api("fs4", "POST", "/v1/checkpoints", None);
+    let next = if ids.len() == 2 { "\"v2\"" } else { "\"v1\"" };
+    assert!(body(&out).contains(next), "{ids:?}: {}", body(&out));
+
+    // On the disk: a whole layer subvolume, no half-swapped one left.
+    host.launcher_ok(&["stop", "fs4"]);
+    on_disk(&host, "fs4", "user.img", |mnt| {
+        assert!(mnt.join("layer/upper").is_dir());
+        assert!(
+            !mnt.join("layer.swap").exists(),
+            "the layer that lost the swap is left"
+        );
+        assert!(mnt.join("checkpoints/v0/upper").is_dir());
+    });
 }

@@ -175,6 +175,13 @@ fn checkpoints_snapshot_show_restore_and_never_reuse_an_id() {
     let ids: Vec<String> = store.list().checkpoints.into_iter().map(|c| c.id).collect();
     assert_eq!(ids, ["v0", "v2"]);
     assert_eq!(store.get("v0").unwrap().size_bytes, 6);
+    // Its time is the snapshot's own (its root directory's is the layer's).
+    let adopted = store.get("v0").unwrap().created_ms;
+    assert!(
+        adopted.abs_diff(v0.created_ms) < 2_000,
+        "{adopted} vs {}",
+        v0.created_ms
+    );
     assert_eq!(read(&fs.view("v2").join("app/a")).as_deref(), Some("three"));
     assert_eq!(store.create(None, |_| {}).unwrap().id, "v3");
 }
@@ -248,4 +255,37 @@ fn a_full_disk_fails_cleanly_and_never_half_swaps_the_layer() {
     assert!(nestbox_guest::storage::btrfs::is_subvolume(
         &fs.user().join("layer")
     ));
+}
+
+#[test]
+fn scheduled_checkpoints_keep_only_the_last_few_and_never_the_users() {
+    let fs = Btrfs::new("auto", 256);
+    layer::prepare(&fs.user()).unwrap();
+    std::fs::create_dir_all(fs.upper()).unwrap();
+    let store = Store::open(fs.paths()).unwrap();
+    store.create(Some("mine".into()), |_| {}).unwrap();
+    for n in 0..4 {
+        std::fs::write(fs.upper().join("n"), n.to_string()).unwrap();
+        let made = store.create_auto(2).unwrap();
+        assert_eq!(made.id, format!("auto-{n}"));
+    }
+    let ids: Vec<String> = store.list().checkpoints.into_iter().map(|c| c.id).collect();
+    assert_eq!(ids, ["v0", "auto-2", "auto-3"]);
+    assert!(!fs.user().join("checkpoints/auto-0").exists());
+    assert_eq!(read(&fs.view("auto-3").join("n")).as_deref(), Some("3"));
+    assert_eq!(store.list().head.as_deref(), Some("auto-3"));
+    // A user checkpoint after them goes on from its own counter.
+    assert_eq!(store.create(None, |_| {}).unwrap().id, "v1");
+    drop(store);
+    // Rebuilt from the disk alone, both counters go on past what is there.
+    let _ = Command::new("umount")
+        .arg("-R")
+        .arg(fs.dir.join("views"))
+        .status();
+    std::fs::remove_dir_all(fs.dir.join("platform")).unwrap();
+    let store = Store::open(fs.paths()).unwrap();
+    let ids: Vec<String> = store.list().checkpoints.into_iter().map(|c| c.id).collect();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    assert_eq!(store.create_auto(5).unwrap().id, "auto-4");
+    assert_eq!(store.create(None, |_| {}).unwrap().id, "v2");
 }

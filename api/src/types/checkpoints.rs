@@ -17,7 +17,8 @@ pub struct CheckpointRequest {
 /// One checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
-    /// `v0`, `v1`, … in the order they were taken (an id is never reused).
+    /// `v0`, `v1`, … in the order they were taken (an id is never reused);
+    /// scheduled ones are `auto-0`, `auto-1`, ….
     pub id: String,
     /// When it was taken (ms since the Unix epoch).
     pub created_ms: u64,

@@ -49,7 +49,47 @@ struct VolArgsV2 {
     name: [u8; SUBVOL_NAME_MAX + 1],
 }
 
+/// `BTRFS_VOL_NAME_MAX`.
+const VOL_NAME_MAX: usize = 255;
+
+/// `struct btrfs_ioctl_timespec`.
+#[repr(C)]
+#[allow(dead_code, reason = "the kernel's layout")]
+#[derive(Clone, Copy)]
+struct Timespec {
+    sec: u64,
+    nsec: u32,
+}
+
+/// `struct btrfs_ioctl_get_subvol_info_args`.
+#[repr(C)]
+#[allow(
+    dead_code,
+    reason = "the kernel's layout: each field counts for the size and the offsets"
+)]
+struct SubvolInfo {
+    treeid: u64,
+    name: [u8; VOL_NAME_MAX + 1],
+    parent_id: u64,
+    dirid: u64,
+    generation: u64,
+    flags: u64,
+    uuid: [u8; 16],
+    parent_uuid: [u8; 16],
+    received_uuid: [u8; 16],
+    ctransid: u64,
+    otransid: u64,
+    stransid: u64,
+    rtransid: u64,
+    ctime: Timespec,
+    otime: Timespec,
+    stime: Timespec,
+    rtime: Timespec,
+    reserved: [u64; 8],
+}
+
 nix::ioctl_write_ptr!(subvol_create, IOCTL_MAGIC, 14, VolArgs);
+nix::ioctl_read!(get_subvol_info, IOCTL_MAGIC, 60, SubvolInfo);
 nix::ioctl_write_ptr!(snap_destroy, IOCTL_MAGIC, 15, VolArgs);
 nix::ioctl_write_ptr!(snap_create_v2, IOCTL_MAGIC, 23, VolArgsV2);
 
@@ -201,6 +241,23 @@ pub fn exchange(dir: &Path, a: &OsStr, b: &OsStr) -> Result<(), BtrfsError> {
     let fd = open_dir(dir, "open")?;
     nix::fcntl::renameat2(&fd, a, &fd, b, nix::fcntl::RenameFlags::RENAME_EXCHANGE)
         .map_err(|e| BtrfsError::new("exchange", &dir.join(a), e))
+}
+
+/// When the subvolume (or snapshot) at `path` was made, from its root
+/// item (its root directory's own times are the source's, copied).
+///
+/// # Errors
+/// The kernel's answer.
+pub fn created(path: &Path) -> Result<std::time::SystemTime, BtrfsError> {
+    let fd = open_dir(path, "open")?;
+    // SAFETY: all-zero bytes are a valid value of this plain C struct.
+    let mut info: SubvolInfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable `btrfs_ioctl_get_subvol_info_args`
+    // that outlives the call.
+    unsafe { get_subvol_info(fd.as_raw_fd(), &raw mut info) }
+        .map_err(|e| BtrfsError::new("read the subvolume's times", path, e))?;
+    Ok(std::time::UNIX_EPOCH
+        + std::time::Duration::new(info.otime.sec, info.otime.nsec.min(999_999_999)))
 }
 
 /// `syncfs(2)` of the filesystem holding `dir`: what was renamed or

@@ -10,6 +10,11 @@
 //! name and the disk tell, never deleted. A deletion removes the snapshot
 //! first and the record second; a record with no snapshot is dropped.
 //! Ids only grow: one is never given twice, even after a deletion.
+//!
+//! Checkpoints the user asks for are `v0`, `v1`, …; those taken on the
+//! schedule of `[checkpoints] auto_interval_secs` are `auto-0`, `auto-1`,
+//! … (a counter of their own), and only the last `auto_keep` of them are
+//! kept: the user's own are never deleted but by the user.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -83,12 +88,52 @@ impl StoreError {
     }
 }
 
+/// `[checkpoints]` of the guest configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Seconds between scheduled (`auto-N`) checkpoints; 0: none.
+    pub auto_interval_secs: u64,
+    /// How many scheduled checkpoints are kept (the oldest go first).
+    pub auto_keep: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            auto_interval_secs: 0,
+            auto_keep: 3,
+        }
+    }
+}
+
+/// Who asked for a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The user (`v<N>`).
+    User,
+    /// The schedule (`auto-<N>`).
+    Auto,
+}
+
+impl Kind {
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::User => "v",
+            Self::Auto => "auto-",
+        }
+    }
+}
+
 /// The index's file: the records and what comes next.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Index {
-    /// The number of the next id.
+    /// The number of the next user checkpoint's id.
     next: u64,
+    /// The number of the next scheduled one's.
+    #[serde(default)]
+    next_auto: u64,
     /// What the layer descends from.
     #[serde(default)]
     head: Option<String>,
@@ -126,12 +171,20 @@ struct Inner {
 #[derive(Debug)]
 pub struct Store(Mutex<Inner>);
 
-fn number(id: &str) -> Option<u64> {
-    let digits = id.strip_prefix('v')?;
-    if digits.is_empty() || (digits.len() > 1 && digits.starts_with('0')) {
+/// The kind and number of a checkpoint's id (`v3`, `auto-12`).
+fn parse_id(id: &str) -> Option<(Kind, u64)> {
+    let (kind, digits) = if let Some(d) = id.strip_prefix(Kind::Auto.prefix()) {
+        (Kind::Auto, d)
+    } else {
+        (Kind::User, id.strip_prefix(Kind::User.prefix())?)
+    };
+    if digits.is_empty()
+        || (digits.len() > 1 && digits.starts_with('0'))
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
-    digits.parse().ok()
+    Some((kind, digits.parse().ok()?))
 }
 
 /// The bytes of the regular files under `dir` (one filesystem).
@@ -161,9 +214,9 @@ fn size_of(dir: &Path) -> u64 {
     total
 }
 
+/// When the snapshot at `path` was taken (0 if btrfs cannot say).
 fn created_ms(path: &Path) -> u64 {
-    std::fs::symlink_metadata(path)
-        .and_then(|m| m.created().or_else(|_| m.modified()))
+    btrfs::created(path)
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -279,19 +332,21 @@ impl Store {
                 "checkpoint records whose snapshot is gone were dropped"
             );
         }
-        let mut found: Vec<(u64, String)> = std::fs::read_dir(&snapshots)
+        let found: Vec<((Kind, u64), String)> = std::fs::read_dir(&snapshots)
             .map_err(|source| StoreError::Index {
                 path: snapshots.clone(),
                 source,
             })?
             .flatten()
             .filter_map(|e| e.file_name().into_string().ok())
-            .filter_map(|name| number(&name).map(|n| (n, name)))
+            .filter_map(|name| parse_id(&name).map(|n| (n, name)))
             .filter(|(_, name)| btrfs::is_subvolume(&snapshots.join(name)))
             .collect();
-        found.sort();
-        for (n, id) in found {
-            index.next = index.next.max(n + 1);
+        for ((kind, n), id) in found {
+            match kind {
+                Kind::User => index.next = index.next.max(n + 1),
+                Kind::Auto => index.next_auto = index.next_auto.max(n + 1),
+            }
             if index.checkpoints.iter().any(|c| c.id == id) {
                 continue;
             }
@@ -309,7 +364,7 @@ impl Store {
         }
         index
             .checkpoints
-            .sort_by_key(|c| number(&c.id).unwrap_or(u64::MAX));
+            .sort_by_key(|c| (c.created_ms, parse_id(&c.id).map(|(_, n)| n)));
         if let Some(dir) = &paths.views
             && let Err(err) = views::set_up(dir)
         {
@@ -362,8 +417,45 @@ impl Store {
         comment: Option<String>,
         taken: impl FnOnce(&str),
     ) -> Result<Checkpoint, StoreError> {
+        self.take(Kind::User, comment, taken)
+    }
+
+    /// A scheduled checkpoint (`auto-N`); then only the `keep` most recent
+    /// scheduled ones are kept.
+    ///
+    /// # Errors
+    /// As [`Store::create`]; a failed deletion of an old one is logged.
+    pub fn create_auto(&self, keep: usize) -> Result<Checkpoint, StoreError> {
+        let made = self.take(Kind::Auto, None, |_| {})?;
+        let autos: Vec<String> = self
+            .0
+            .lock()
+            .index
+            .checkpoints
+            .iter()
+            .filter(|c| parse_id(&c.id).is_some_and(|(k, _)| k == Kind::Auto))
+            .map(|c| c.id.clone())
+            .collect();
+        for id in &autos[..autos.len().saturating_sub(keep.max(1))] {
+            if let Err(err) = self.delete(id) {
+                tracing::warn!(%id, %err, "an old scheduled checkpoint was not deleted");
+            }
+        }
+        Ok(made)
+    }
+
+    fn take(
+        &self,
+        kind: Kind,
+        comment: Option<String>,
+        taken: impl FnOnce(&str),
+    ) -> Result<Checkpoint, StoreError> {
         let mut inner = self.0.lock();
-        let id = format!("v{}", inner.index.next);
+        let n = match kind {
+            Kind::User => inner.index.next,
+            Kind::Auto => inner.index.next_auto,
+        };
+        let id = format!("{}{n}", kind.prefix());
         let snapshots = inner.snapshots();
         let created_ms = crate::publish::now_ms();
         btrfs::snapshot(
@@ -372,6 +464,7 @@ impl Store {
             OsStr::new(&id),
             true,
         )?;
+        super::point("storage.snapshotted", &id);
         taken(&id);
         let checkpoint = Checkpoint {
             id: id.clone(),
@@ -382,7 +475,10 @@ impl Store {
             size_bytes: size_of(&snapshots.join(&id).join("upper")),
             mounted_at: None,
         };
-        inner.index.next += 1;
+        match kind {
+            Kind::User => inner.index.next += 1,
+            Kind::Auto => inner.index.next_auto += 1,
+        }
         inner.index.head = Some(id.clone());
         inner.index.checkpoints.push(checkpoint.clone());
         inner.save()?;
@@ -438,14 +534,17 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::number;
+    use super::{Kind, parse_id};
 
     #[test]
-    fn ids_are_v_and_a_plain_number() {
-        assert_eq!(number("v0"), Some(0));
-        assert_eq!(number("v12"), Some(12));
-        for bad in ["v", "v01", "x1", "v1a", "v-1", "../v1", ""] {
-            assert_eq!(number(bad), None, "{bad}");
+    fn ids_are_a_kind_and_a_plain_number() {
+        assert_eq!(parse_id("v0"), Some((Kind::User, 0)));
+        assert_eq!(parse_id("v12"), Some((Kind::User, 12)));
+        assert_eq!(parse_id("auto-7"), Some((Kind::Auto, 7)));
+        for bad in [
+            "v", "v01", "x1", "v1a", "v-1", "v+1", "../v1", "", "auto-", "auto-01", "auto-x",
+        ] {
+            assert_eq!(parse_id(bad), None, "{bad}");
         }
     }
 }

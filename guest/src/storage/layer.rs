@@ -106,12 +106,18 @@ pub fn prepare(root: &Path) -> Result<(), LayerError> {
 pub fn restore(root: &Path, checkpoint: &Path) -> Result<(), LayerError> {
     btrfs::delete_subvolume(root, OsStr::new(SWAP))?;
     btrfs::snapshot(checkpoint, root, OsStr::new(SWAP), false)?;
+    let id = checkpoint
+        .file_name()
+        .map(OsStr::to_string_lossy)
+        .unwrap_or_default();
+    super::point("storage.swap", &id);
     if root.join(LAYER).exists() {
         btrfs::exchange(root, OsStr::new(SWAP), OsStr::new(LAYER))?;
     } else {
         std::fs::rename(root.join(SWAP), root.join(LAYER)).map_err(io("rename", root))?;
     }
     btrfs::sync(root)?;
+    super::point("storage.swapped", &id);
     // The old layer; a crash before this leaves it for `prepare`.
     btrfs::delete_subvolume(root, OsStr::new(SWAP))?;
     Ok(())

@@ -13,6 +13,16 @@ use std::sync::{Arc, OnceLock};
 
 pub use checkpoints::{Store, StoreError};
 
+/// A crash point of the fault-injection suite (see [`crate::faults`]);
+/// nothing in a shipped build.
+#[inline]
+fn point(name: &'static str, subject: &str) {
+    #[cfg(feature = "faults")]
+    crate::faults::point(name, subject);
+    #[cfg(not(feature = "faults"))]
+    let _ = (name, subject);
+}
+
 /// The checkpoint store once the user's disk is up (it comes up after the
 /// API serves); cheap to clone.
 #[derive(Clone, Debug, Default)]

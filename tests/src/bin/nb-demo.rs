@@ -216,6 +216,11 @@ fn print_how(
         demo.name
     );
     println!(
+        "save:     {0} checkpoint create {1}   (then `{0} restore {1} v0` puts the files back)",
+        nestbox.display(),
+        demo.name
+    );
+    println!(
         "boot log: {} --state-dir {} logs {}",
         demo.launcher.display(),
         demo.work.join("state").display(),
