@@ -3,8 +3,9 @@
 //! its checkpoints; btrfs, see [`crate::storage`]), on virtio disks found
 //! by serial.
 //!
-//! A disk is formatted only when it holds nothing: its first 128 KiB are
-//! zero (a new VM's sparse image). Otherwise it is mounted as the
+//! A disk is formatted only when it holds nothing: its first 128 KiB and
+//! the places filesystems mirror their superblocks are zero (a new VM's
+//! sparse image). Otherwise it is mounted as the
 //! filesystem its superblock says (an older VM's ext4 user disk stays
 //! ext4). An ext4 disk that does not mount gets the repair a user would
 //! run, `e2fsck -p` (preen: only the fixes that need no decision), and one
@@ -30,6 +31,17 @@ const EXT_MAGIC_AT: usize = 1024 + 0x38;
 /// btrfs's magic in its superblock at 64 KiB.
 const BTRFS_MAGIC_AT: usize = (64 << 10) + 0x40;
 const BTRFS_MAGIC: &[u8; 8] = b"_BHRfS_M";
+/// btrfs's first mirror of its superblock, at 64 MiB: mkfs.btrfs zeroes
+/// the disk's first MiB around the primary one, so a btrfs disk whose
+/// primary superblock is lost reads as zeros in [`SIGNATURE_BYTES`] — and
+/// must not be taken for a blank one.
+const BTRFS_MIRROR: u64 = 64 << 20;
+/// More places a filesystem keeps copies of its superblock (ext4's first
+/// backup, block group 1 with 4 KiB blocks, at 128 MiB); a new disk is
+/// zero there too.
+const OTHER_SAMPLES: [u64; 1] = [128 << 20];
+/// How much is read at each of those places.
+const SAMPLE_BYTES: usize = 4 << 10;
 
 /// A filesystem the VM's disks hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,25 +74,43 @@ pub enum Probe {
     Unknown,
 }
 
-/// What the first [`SIGNATURE_BYTES`] of `device` hold.
+/// What `device` holds, from its first [`SIGNATURE_BYTES`] and the
+/// places superblocks are mirrored ([`BTRFS_MIRROR`], [`OTHER_SAMPLES`]):
+/// blank only if all of them are zero.
 ///
 /// # Errors
 /// Why the device cannot be read.
 pub fn probe(device: &Path) -> std::io::Result<Probe> {
     use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(device)?;
     let mut start = Vec::with_capacity(SIGNATURE_BYTES);
-    std::fs::File::open(device)?
+    (&file)
         .take(SIGNATURE_BYTES as u64)
         .read_to_end(&mut start)?;
-    Ok(if start.iter().all(|&b| b == 0) {
-        Probe::Blank
-    } else if start.get(BTRFS_MAGIC_AT..BTRFS_MAGIC_AT + 8) == Some(BTRFS_MAGIC) {
-        Probe::Holds(Fs::Btrfs)
-    } else if start.get(EXT_MAGIC_AT..EXT_MAGIC_AT + 2) == Some(&[0x53, 0xef]) {
-        Probe::Holds(Fs::Ext4)
-    } else {
-        Probe::Unknown
-    })
+    // A place past the device's end reads as nothing.
+    let sample = |at: u64| -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; SAMPLE_BYTES];
+        let n = file.read_at(&mut buf, at)?;
+        buf.truncate(n);
+        Ok(buf)
+    };
+    let mirror = sample(BTRFS_MIRROR)?;
+    if start.get(BTRFS_MAGIC_AT..BTRFS_MAGIC_AT + 8) == Some(BTRFS_MAGIC) {
+        return Ok(Probe::Holds(Fs::Btrfs));
+    }
+    if start.get(EXT_MAGIC_AT..EXT_MAGIC_AT + 2) == Some(&[0x53, 0xef]) {
+        return Ok(Probe::Holds(Fs::Ext4));
+    }
+    if mirror.get(0x40..0x48) == Some(BTRFS_MAGIC) {
+        // The primary superblock is lost; its mirror says what this was.
+        return Ok(Probe::Holds(Fs::Btrfs));
+    }
+    let mut zero = start.iter().chain(&mirror).all(|&b| b == 0);
+    for at in OTHER_SAMPLES {
+        zero = zero && sample(at)?.iter().all(|&b| b == 0);
+    }
+    Ok(if zero { Probe::Blank } else { Probe::Unknown })
 }
 
 /// How a blank disk is formatted.
@@ -180,8 +210,9 @@ pub fn mount_disk(
         // `btrfs check --repair` is no preen: it may make things worse.
         return Err(format!(
             "{shown} holds btrfs but does not mount ({first}); the disk is left untouched: \
-             inspect it with `btrfs check --readonly` (or mount it with `-o rescue=all,ro` to \
-             copy the data off)"
+             inspect it with `btrfs check --readonly`, restore a lost superblock from its \
+             mirror with `btrfs rescue super-recover`, or mount it with `-o rescue=all,ro` to \
+             copy the data off"
         ));
     }
     tracing::warn!(device = %shown, err = %first, "the disk does not mount; running e2fsck -p");
@@ -468,6 +499,20 @@ mod tests {
         assert_eq!(probe(&path).unwrap(), Probe::Holds(Fs::Btrfs));
         std::fs::write(&path, [0u8, 1, 2]).unwrap();
         assert_eq!(probe(&path).unwrap(), Probe::Unknown);
+        // A btrfs disk whose primary superblock is lost is still btrfs (its
+        // mirror at 64 MiB), never blank; data far in makes a disk not blank.
+        let sparse = |at: u64, bytes: &[u8]| {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::create(&path).unwrap();
+            f.set_len(200 << 20).unwrap();
+            f.write_all_at(bytes, at).unwrap();
+        };
+        sparse(BTRFS_MIRROR + 0x40, BTRFS_MAGIC);
+        assert_eq!(probe(&path).unwrap(), Probe::Holds(Fs::Btrfs));
+        sparse(OTHER_SAMPLES[0] + 100, b"data");
+        assert_eq!(probe(&path).unwrap(), Probe::Unknown);
+        sparse(190 << 20, b"");
+        assert_eq!(probe(&path).unwrap(), Probe::Blank);
         std::fs::remove_file(&path).unwrap();
     }
 

@@ -146,7 +146,23 @@ pub fn wait_ok(tls: &Arc<rustls::ClientConfig>) -> Result<()> {
     Ok(())
 }
 
+/// The benches' web app: busybox httpd on 8080 (the primary URL), serving
+/// the base's `/www`.
+pub const WEB: &str = r#"{"name": "web", "cmd": "/bin/busybox", "args": ["httpd", "-f", "-p", "8080", "-h", "/www"], "http_port": 8080}"#;
+
 impl Vm {
+    /// Registers [`WEB`] and waits until `https://vm1.test/` serves it;
+    /// returns the TLS client that reached it.
+    ///
+    /// # Errors
+    /// The API's, or the URL never served.
+    pub fn serve_web(&self) -> Result<Arc<rustls::ClientConfig>> {
+        self.api("POST", "/v1/services", Some(WEB))?;
+        let tls = self.tls()?;
+        wait_ok(&tls)?;
+        Ok(tls)
+    }
+
     /// A TLS client trusting the VM's certificate.
     ///
     /// # Errors

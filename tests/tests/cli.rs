@@ -107,25 +107,15 @@ fn the_users_journey_create_exec_console_tunnels_destroy() {
 
 /// checkpoint create|list|info|delete and restore: the file comes back.
 fn checkpoints(cli: &Cli) {
-    cli.ok(&[
-        "exec",
-        "web",
-        "--",
-        "sh",
-        "-c",
-        "echo kept > /tmp/journey-note",
-    ]);
+    let note = |text: &str| {
+        let script = format!("echo {text} > /tmp/journey-note");
+        cli.ok(&["exec", "web", "--", "sh", "-c", &script]);
+    };
+    note("kept");
     let id = cli.ok(&["checkpoint", "create", "web", "-c", "journey"]);
     let id = id.trim();
     assert!(id.starts_with('v'), "{id}");
-    cli.ok(&[
-        "exec",
-        "web",
-        "--",
-        "sh",
-        "-c",
-        "echo lost > /tmp/journey-note",
-    ]);
+    note("lost");
     let listed: serde_json::Value =
         serde_json::from_str(&cli.ok(&["checkpoint", "list", "web", "--json"])).unwrap();
     assert_eq!(listed["head"], id, "{listed}");

@@ -71,11 +71,11 @@ fn identical(a: &Path, b: &Path) -> bool {
         .success()
 }
 
-/// Zeroes the ext4 primary superblock (1 KiB at 1 KiB) of `image`.
-fn lose_superblock(image: &Path) {
+/// Zeroes btrfs's primary superblock (at 64 KiB).
+fn lose_btrfs_superblock(image: &Path) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new().write(true).open(image).unwrap();
-    f.write_all_at(&[0u8; 1024], 1024).unwrap();
+    f.write_all_at(&[0u8; 4096], 64 << 10).unwrap();
     f.sync_all().unwrap();
 }
 
@@ -116,10 +116,12 @@ fn a_damaged_disk_is_repaired_or_refused_and_never_formatted() {
     assert_eq!(disk_report(&status, "user")["state"], "mounted");
     host.launcher_ok(&["stop", "fd1"]);
 
-    // A lost superblock on the user's disk: e2fsck -p cannot decide, so the
-    // disk is refused, byte for byte as it was; the platform serves on.
+    // A lost superblock on the user's (btrfs) disk: the first 128 KiB read
+    // as zeros now, but its mirror says btrfs; it does not mount, so it is
+    // refused, byte for byte as it was — never formatted as a blank one;
+    // the platform serves on.
     let user = disk(&host, "fd1", "user.img");
-    lose_superblock(&user);
+    lose_btrfs_superblock(&user);
     let before = snapshot(&user);
     host.launcher_ok(&["start", "fd1"]);
     let status = status_when_up(&host, "fd1");
@@ -567,6 +569,19 @@ fn state_file(host: &Host, vm: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Arms a crash at `point` for `subject`, POSTs `path`, and waits until
+/// VM `vm` crashed there and is up again.
+fn crash_during(host: &Host, vm: &str, point: &str, subject: &str, path: &str) {
+    host.arm_fault(
+        vm,
+        &format!(r#"{{"point": "{point}", "subject": "{subject}", "action": "crash"}}"#),
+    );
+    let _ = host.api(vm, "POST", path, None);
+    crashed_at(host, vm, point);
+    host.launcher_ok(&["start", vm]);
+    host.wait_ready(vm);
+}
+
 #[test]
 fn crashes_in_a_checkpoint_or_a_restore_leave_a_whole_layer_and_every_checkpoint() {
     let mut host = Host::with_image(46, &nestbox_tests::vms::faults_image_dir());
@@ -578,39 +593,30 @@ fn crashes_in_a_checkpoint_or_a_restore_leave_a_whole_layer_and_every_checkpoint
 
     // The power fails with v0's writable copy made, before the swap: the
     // layer is the one before.
-    host.arm_fault(
+    crash_during(
+        &host,
         "fs4",
-        r#"{"point": "storage.swap", "subject": "v0", "action": "crash"}"#,
+        "storage.swap",
+        "v0",
+        "/v1/checkpoints/v0/restore",
     );
-    let _ = host.api("fs4", "POST", "/v1/checkpoints/v0/restore", None);
-    crashed_at(&host, "fs4", "storage.swap");
-    host.launcher_ok(&["start", "fs4"]);
-    host.wait_ready("fs4");
     assert_eq!(state_file(&host, "fs4"), "one");
     assert_eq!(checkpoint_ids(&host, "fs4"), ["v0"]);
 
     // After the swap, before the old layer is deleted: v0's layer.
-    host.arm_fault(
+    crash_during(
+        &host,
         "fs4",
-        r#"{"point": "storage.swapped", "subject": "v0", "action": "crash"}"#,
+        "storage.swapped",
+        "v0",
+        "/v1/checkpoints/v0/restore",
     );
-    let _ = host.api("fs4", "POST", "/v1/checkpoints/v0/restore", None);
-    crashed_at(&host, "fs4", "storage.swapped");
-    host.launcher_ok(&["start", "fs4"]);
-    host.wait_ready("fs4");
     assert_eq!(state_file(&host, "fs4"), "zero");
 
     // A checkpoint's snapshot made, its record not written: adopted after
     // the restart (or absent if the snapshot had not reached the disk),
     // and its id is not given again.
-    host.arm_fault(
-        "fs4",
-        r#"{"point": "storage.snapshotted", "subject": "v1", "action": "crash"}"#,
-    );
-    let _ = host.api("fs4", "POST", "/v1/checkpoints", None);
-    crashed_at(&host, "fs4", "storage.snapshotted");
-    host.launcher_ok(&["start", "fs4"]);
-    host.wait_ready("fs4");
+    crash_during(&host, "fs4", "storage.snapshotted", "v1", "/v1/checkpoints");
     let ids = checkpoint_ids(&host, "fs4");
     assert!(ids == ["v0"] || ids == ["v0", "v1"], "{ids:?}");
     let out = host.api("fs4", "POST", "/v1/checkpoints", None);

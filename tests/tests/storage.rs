@@ -65,6 +65,15 @@ impl Btrfs {
     fn view(&self, id: &str) -> PathBuf {
         self.dir.join("views").join(id)
     }
+
+    /// As a VM whose platform disk is replaced: no index, no views.
+    fn lose_the_platform_disk(&self) {
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(self.dir.join("views"))
+            .status();
+        std::fs::remove_dir_all(self.dir.join("platform")).unwrap();
+    }
 }
 
 impl Drop for Btrfs {
@@ -166,11 +175,7 @@ fn checkpoints_snapshot_show_restore_and_never_reuse_an_id() {
 
     // The platform's disk lost: the snapshots are adopted, none deleted,
     // and the next id is still new.
-    let _ = Command::new("umount")
-        .arg("-R")
-        .arg(fs.dir.join("views"))
-        .status();
-    std::fs::remove_dir_all(fs.dir.join("platform")).unwrap();
+    fs.lose_the_platform_disk();
     let store = Store::open(fs.paths()).unwrap();
     let ids: Vec<String> = store.list().checkpoints.into_iter().map(|c| c.id).collect();
     assert_eq!(ids, ["v0", "v2"]);
@@ -278,11 +283,7 @@ fn scheduled_checkpoints_keep_only_the_last_few_and_never_the_users() {
     assert_eq!(store.create(None, |_| {}).unwrap().id, "v1");
     drop(store);
     // Rebuilt from the disk alone, both counters go on past what is there.
-    let _ = Command::new("umount")
-        .arg("-R")
-        .arg(fs.dir.join("views"))
-        .status();
-    std::fs::remove_dir_all(fs.dir.join("platform")).unwrap();
+    fs.lose_the_platform_disk();
     let store = Store::open(fs.paths()).unwrap();
     let ids: Vec<String> = store.list().checkpoints.into_iter().map(|c| c.id).collect();
     assert_eq!(ids.len(), 4, "{ids:?}");

@@ -162,13 +162,7 @@ fn main() -> Result<()> {
     nestbox_tests::require_tool("curl", "curl");
     let guest_bin = nestbox_tests::benchvm::guest_binary(args.guest.as_deref())?;
     let vm = start(&guest_bin, "")?;
-    vm.api(
-        "POST",
-        "/v1/services",
-        Some(r#"{"name": "web", "cmd": "/bin/busybox", "args": ["httpd", "-f", "-p", "8080", "-h", "/www"], "http_port": 8080}"#),
-    )?;
-    let tls = vm.tls()?;
-    wait_ok(&tls)?;
+    let tls = vm.serve_web()?;
     std::thread::sleep(Duration::from_secs(2));
     let guest = vm.guest.id();
     let (rss_idle_kib, _) = rss(guest);

@@ -200,13 +200,7 @@ fn main() -> Result<()> {
     nestbox_tests::require_tool("rsync", "rsync");
     let guest_bin = nestbox_tests::benchvm::guest_binary(args.guest.as_deref())?;
     let vm = start_on(&args.disks, &guest_bin, "", UserFs::Btrfs, 1 << 30)?;
-    vm.api(
-        "POST",
-        "/v1/services",
-        Some(r#"{"name": "web", "cmd": "/bin/busybox", "args": ["httpd", "-f", "-p", "8080", "-h", "/www"], "http_port": 8080}"#),
-    )?;
-    let tls = vm.tls()?;
-    wait_ok(&tls)?;
+    let tls = vm.serve_web()?;
     let files = args.data_mib / 10;
     eprintln!("the container writes {} MiB …", files * 10);
     in_container(
