@@ -336,15 +336,13 @@ fn open_storage(
     user: PathBuf,
     base: PathBuf,
     data: &Path,
-    as_init: bool,
+    views: Option<PathBuf>,
 ) -> Result<crate::storage::Store, String> {
     let paths = crate::storage::checkpoints::Paths {
         user,
         index_dir: data.join("checkpoints"),
         base,
-        // The views' tmpfs is the VM's; a simulated VM shares the
-        // machine's /run.
-        views: as_init.then(|| PathBuf::from(crate::storage::views::VIEWS)),
+        views,
         image: crate::api::image_version().map(str::to_owned),
     };
     crate::storage::Store::open(paths).map_err(|e| e.to_string())
@@ -430,6 +428,9 @@ async fn bring_up_storage(
             (report.state == DiskState::Refused).then(|| report.detail.clone().unwrap_or_default());
         disks.lock().push(report);
     }
+    // The views' tmpfs is the VM's; a simulated VM shares the machine's
+    // /run.
+    let views = as_init.then(|| PathBuf::from(crate::storage::views::VIEWS));
     let opened = if let Some(why) = &user_disk_error {
         Err(format!("the user's disk is not mounted: {why}"))
     } else {
@@ -438,14 +439,15 @@ async fn bring_up_storage(
             config.base_rootfs.clone(),
             data.to_owned(),
         );
-        tokio::task::spawn_blocking(move || open_storage(user, base, &data, as_init))
+        let views = views.clone();
+        tokio::task::spawn_blocking(move || open_storage(user, base, &data, views))
             .await
             .unwrap_or_else(|e| Err(format!("the storage task failed: {e}")))
     };
     if let Err(why) = &opened {
         tracing::info!(%why, "no checkpoints in this VM");
     }
-    let views = (as_init && opened.is_ok()).then(|| PathBuf::from(crate::storage::views::VIEWS));
+    let views = views.filter(|_| opened.is_ok());
     let scheduled = opened.is_ok() && config.checkpoints.auto_interval_secs > 0;
     storage.set(opened);
     if scheduled {

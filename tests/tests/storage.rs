@@ -21,7 +21,12 @@ impl Btrfs {
         nestbox_tests::require_root();
         nestbox_tests::require_tool("mkfs.btrfs", "btrfs-progs");
         let dir = std::env::temp_dir().join(format!("nb-storage-{tag}-{}", std::process::id()));
-        let _ = Command::new("umount").arg("-R").arg(&dir).status();
+        // A previous run's, if it left one (none: umount says so, quietly).
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(&dir)
+            .stderr(std::process::Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("user")).unwrap();
         std::fs::create_dir_all(dir.join("base/etc")).unwrap();

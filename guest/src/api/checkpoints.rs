@@ -23,13 +23,24 @@ pub(super) fn api_error(e: &StoreError) -> ApiError {
         StoreError::Unavailable(_) => {
             ApiError::new(StatusCode::CONFLICT, "unavailable", e.to_string())
         }
-        _ if e.code() == "insufficient_storage" => ApiError::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            "insufficient_storage",
-            e.to_string(),
-        ),
+        StoreError::Full(_) => {
+            ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e.code(), e.to_string())
+        }
         _ => ApiError::internal(e.to_string()),
     }
+}
+
+/// Runs `op` on the store off the runtime thread (every store call
+/// blocks: ioctls, fsyncs, its lock).
+async fn in_store<T: Send + 'static>(
+    p: &Parts,
+    op: impl FnOnce(&crate::storage::Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let storage = p.storage.clone();
+    tokio::task::spawn_blocking(move || op(storage.store()?))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| api_error(&e))
 }
 
 fn line(kind: ProgressKind, data: Option<String>, checkpoint: Option<Checkpoint>) -> Progress {
@@ -109,37 +120,26 @@ pub(super) async fn create(
 }
 
 pub(super) async fn list(p: &Parts) -> Result<Response<Body>, ApiError> {
-    let storage = p.storage.clone();
-    let listed =
-        tokio::task::spawn_blocking(move || storage.store().map(crate::storage::Store::list))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
-            .map_err(|e| api_error(&e))?;
+    let listed = in_store(p, |store| Ok(store.list())).await?;
     Ok(body::json(StatusCode::OK, &listed))
 }
 
 pub(super) async fn get(p: &Parts, id: &str) -> Result<Response<Body>, ApiError> {
-    let (storage, id) = (p.storage.clone(), id.to_owned());
-    let found = tokio::task::spawn_blocking(move || storage.store()?.get(&id))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| api_error(&e))?;
+    let id = id.to_owned();
+    let found = in_store(p, move |store| store.get(&id)).await?;
     Ok(body::json(StatusCode::OK, &found))
 }
 
 pub(super) async fn delete(p: &Parts, id: &str) -> Result<Response<Body>, ApiError> {
-    let (storage, id) = (p.storage.clone(), id.to_owned());
-    tokio::task::spawn_blocking(move || storage.store()?.delete(&id))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| api_error(&e))?;
+    let id = id.to_owned();
+    in_store(p, move |store| store.delete(&id)).await?;
     Ok(body::no_content())
 }
 
 pub(super) async fn restore(p: &Parts, id: &str) -> Result<Response<Body>, ApiError> {
-    let store = p.storage.store().map_err(|e| api_error(&e))?;
     // Refused before the container stops.
-    store.get(id).map_err(|e| api_error(&e))?;
+    let known = id.to_owned();
+    in_store(p, move |store| store.get(&known)).await?;
     let (reply, answer) = oneshot::channel();
     p.control
         .send(Control::Restore(id.to_owned(), reply))

@@ -161,6 +161,17 @@ fn set_name<const N: usize>(
     Ok(())
 }
 
+/// The `btrfs_ioctl_vol_args` naming `name` (whose path, for errors, is
+/// `target`).
+fn vol_args(name: &OsStr, target: &Path) -> Result<VolArgs, BtrfsError> {
+    let mut args = VolArgs {
+        fd: 0,
+        name: [0; PATH_NAME_MAX + 1],
+    };
+    set_name(&mut args.name, name, target)?;
+    Ok(args)
+}
+
 /// Creates the empty subvolume `dir/name`.
 ///
 /// # Errors
@@ -168,11 +179,7 @@ fn set_name<const N: usize>(
 pub fn create_subvolume(dir: &Path, name: &OsStr) -> Result<(), BtrfsError> {
     let target = dir.join(name);
     let parent = open_dir(dir, "open")?;
-    let mut args = VolArgs {
-        fd: 0,
-        name: [0; PATH_NAME_MAX + 1],
-    };
-    set_name(&mut args.name, name, &target)?;
+    let args = vol_args(name, &target)?;
     // SAFETY: `args` is a valid `btrfs_ioctl_vol_args` that outlives the
     // call; the kernel only reads it.
     unsafe { subvol_create(parent.as_raw_fd(), &raw const args) }
@@ -221,11 +228,7 @@ pub fn delete_subvolume(dir: &Path, name: &OsStr) -> Result<(), BtrfsError> {
         return Ok(());
     }
     let parent = open_dir(dir, "open")?;
-    let mut args = VolArgs {
-        fd: 0,
-        name: [0; PATH_NAME_MAX + 1],
-    };
-    set_name(&mut args.name, name, &target)?;
+    let args = vol_args(name, &target)?;
     // SAFETY: as in `create_subvolume`.
     unsafe { snap_destroy(parent.as_raw_fd(), &raw const args) }
         .map_err(|e| BtrfsError::new("delete the subvolume", &target, e))?;

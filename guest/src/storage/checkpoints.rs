@@ -524,12 +524,6 @@ impl Store {
         inner.save()?;
         Ok(inner.with_mount(inner.index.checkpoints[at].clone()))
     }
-
-    /// Whether `id` exists (a quick check before stopping the container).
-    #[must_use]
-    pub fn has(&self, id: &str) -> bool {
-        self.0.lock().find(id).is_ok()
-    }
 }
 
 #[cfg(test)]
