@@ -128,6 +128,12 @@ pub struct GuestConfig {
     /// default) and how many of those are kept.
     #[serde(default)]
     pub checkpoints: crate::storage::checkpoints::Settings,
+    /// The object store checkpoints are uploaded to (and a new VM's disk
+    /// built from): a directory on the user's disk by default. Its
+    /// credentials stay in the platform: nothing in the container can read
+    /// them.
+    #[serde(default)]
+    pub storage: crate::storage::remote::Settings,
     /// The HTTPS proxy: listeners, certificates (ACME or files), limits.
     /// Routes are made by the guest as ports open; static ones may be
     /// added here too.

@@ -337,6 +337,7 @@ fn open_storage(
     base: PathBuf,
     data: &Path,
     views: Option<PathBuf>,
+    uploads: bool,
 ) -> Result<crate::storage::Store, String> {
     let paths = crate::storage::checkpoints::Paths {
         user,
@@ -344,6 +345,7 @@ fn open_storage(
         base,
         views,
         image: crate::api::image_version().map(str::to_owned),
+        uploads,
     };
     crate::storage::Store::open(paths).map_err(|e| e.to_string())
 }
@@ -366,6 +368,9 @@ async fn prepare(
     as_init: bool,
 ) -> Result<(CgroupLayout, Vec<DiskReport>), RunError> {
     crate::resources::raise_nofile();
+    // The object store's HTTPS client (reqwest) takes the process's
+    // provider: ring, the workspace's only one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let layout = cgroups(&config.limits).await?;
     let disks = if as_init {
         shield_from_oom();
@@ -431,6 +436,24 @@ async fn bring_up_storage(
     // The views' tmpfs is the VM's; a simulated VM shares the machine's
     // /run.
     let views = as_init.then(|| PathBuf::from(crate::storage::views::VIEWS));
+    let remote = remote_store(config);
+    let mut rebuilt = None;
+    if user_disk_error.is_none()
+        && let Some(from) = &config.storage.from
+    {
+        match crate::storage::rebuild::rebuild(&config.user_dir(), from, &config.storage, storage)
+            .await
+        {
+            Ok(done) => rebuilt = done,
+            Err(why) => {
+                tracing::error!(%why, "the user's disk was not rebuilt; the container stays down");
+                user_disk_error = Some(format!(
+                    "the rebuild from {}@{} failed (the next start tries again): {why}",
+                    from.url, from.checkpoint
+                ));
+            }
+        }
+    }
     let opened = if let Some(why) = &user_disk_error {
         Err(format!("the user's disk is not mounted: {why}"))
     } else {
@@ -440,20 +463,53 @@ async fn bring_up_storage(
             data.to_owned(),
         );
         let views = views.clone();
-        tokio::task::spawn_blocking(move || open_storage(user, base, &data, views))
-            .await
-            .unwrap_or_else(|e| Err(format!("the storage task failed: {e}")))
+        let uploads = remote.is_some();
+        tokio::task::spawn_blocking(move || {
+            let store = open_storage(user, base, &data, views, uploads)?;
+            if let Some(done) = rebuilt {
+                store
+                    .import(&done.chain, done.next)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(store)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the storage task failed: {e}")))
     };
     if let Err(why) = &opened {
         tracing::info!(%why, "no checkpoints in this VM");
     }
     let views = views.filter(|_| opened.is_ok());
     let scheduled = opened.is_ok() && config.checkpoints.auto_interval_secs > 0;
+    let uploading = opened.is_ok();
     storage.set(opened);
     if scheduled {
         schedule_checkpoints(storage.clone(), config.checkpoints);
     }
+    if uploading && let Some(remote) = remote {
+        crate::storage::upload::spawn(storage.clone(), remote, &config.storage);
+    }
     (user_disk_error, views)
+}
+
+/// The object store checkpoints go to (`[storage] url`, by default a
+/// directory on the user's disk), if uploads are on and it opens.
+fn remote_store(config: &GuestConfig) -> Option<crate::storage::remote::Remote> {
+    let settings = &config.storage;
+    if !settings.upload {
+        return None;
+    }
+    let url = settings
+        .url
+        .clone()
+        .unwrap_or_else(|| format!("file://{}", config.user_dir().join("objects").display()));
+    match crate::storage::remote::Remote::open(&url, settings) {
+        Ok(remote) => Some(remote),
+        Err(err) => {
+            tracing::error!(%err, "checkpoints are not uploaded");
+            None
+        }
+    }
 }
 
 /// Takes a scheduled checkpoint every `auto_interval_secs`, keeping the

@@ -20,6 +20,13 @@
 //! [firewall]
 //! allow = ["10.99.0.0/24"]             # private prefixes VMs may reach all the same
 //!
+//! [storage]                            # where checkpoints are kept off the VM
+//! url = "s3://bucket/nestbox"          # each VM under its own prefix: s3://bucket/nestbox/NAME
+//! endpoint = "http://10.99.0.2:8333"   # an S3 server (default: AWS)
+//! access_key_id = "…"
+//! secret_access_key = "…"
+//! allow_http = true
+//!
 //! [guest]                              # merged into every guest's configuration
 //! [guest.ingress.acme]
 //! directory = "https://acme.example/directory"
@@ -113,6 +120,12 @@ pub struct LauncherConfig {
     pub mitigations: bool,
     /// The firewall on each VM's tap (default deny; see `net::nft`).
     pub firewall: Firewall,
+    /// `[storage]`: the object store each VM's checkpoints are uploaded
+    /// to, under `url/NAME`; also what `create --from` reads. Its other
+    /// keys (`endpoint`, `region`, `access_key_id`, `secret_access_key`,
+    /// `allow_http`, `full_every`, `parallel`) go to the guest as they are.
+    /// None: each VM keeps its uploads on its own user disk.
+    pub storage: Option<toml::Table>,
     /// A TOML table merged into every guest's configuration as it is (for
     /// example `[guest.ingress]` and `[guest.ingress.acme]`). The keys the
     /// launcher sets itself (`name`, `domain`, `primary_port`, `data_dir`,
@@ -147,6 +160,7 @@ impl Default for LauncherConfig {
             egress: true,
             mitigations: true,
             firewall: Firewall::default(),
+            storage: None,
             guest: toml::Table::new(),
         }
     }
@@ -232,6 +246,10 @@ impl LauncherConfig {
         }
         if self.platform_disk_gib == 0 {
             return Err(invalid("platform_disk_gib", "must be at least 1".into()));
+        }
+        if let Some(storage) = &self.storage {
+            crate::guest_config::check_storage(storage)
+                .map_err(|(key, why)| invalid(&format!("storage.{key}"), why))?;
         }
         crate::guest_config::check_template(&self.guest).map_err(|key| {
             invalid(
@@ -326,6 +344,10 @@ mod tests {
                 "`guest.api.token_sha256`",
             ),
             ("[guest.network]\naddress = \"1.2.3.4\"", "`guest.network`"),
+            ("[guest.storage]\nurl = \"s3://b/p\"", "`guest.storage`"),
+            ("[storage]\nendpoint = \"http://x\"", "`storage.url`"),
+            ("[storage]\nurl = \"ftp://b/p\"", "`storage.url`"),
+            ("[storage]\nurl = \"s3://b/p\"\nfrom = {}", "`storage.from`"),
         ];
         for (text, want) in cases {
             let err = parse(text).unwrap_err().to_string();

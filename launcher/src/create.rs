@@ -28,6 +28,29 @@ pub struct CreateOptions {
     pub primary_port: Option<u16>,
     /// The user disk's size in GiB.
     pub disk_gib: Option<u32>,
+    /// Build the user's disk from a checkpoint in the object store:
+    /// `BUCKET/PREFIX@ID` (a VM's prefix, e.g. `bucket/nestbox/web@v3`).
+    pub from: Option<String>,
+}
+
+/// `--from BUCKET/PREFIX@ID`: the prefix and the checkpoint.
+pub(crate) fn parse_from(from: &str) -> Result<(&str, &str), LauncherError> {
+    let bad = LauncherError::Option {
+        flag: "--from",
+        why: "must be BUCKET/PREFIX@ID, a VM's prefix in the object store and one of its \
+              checkpoints (e.g. bucket/nestbox/web@v3)",
+    };
+    let Some((prefix, id)) = from.rsplit_once('@') else {
+        return Err(bad);
+    };
+    let id_ok = !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if prefix.trim_matches('/').is_empty() || !id_ok {
+        return Err(bad);
+    }
+    Ok((prefix, id))
 }
 
 impl CreateOptions {
@@ -87,6 +110,16 @@ impl Launcher {
     pub fn create(&self, opts: &CreateOptions, vmm: &dyn Vmm) -> Result<Created, LauncherError> {
         let name = VmName::new(&opts.name)?;
         let sizes = self.sizes(opts)?;
+        if let Some(from) = &opts.from {
+            parse_from(from)?;
+        }
+        if opts.from.is_some() && self.config.storage.is_none() {
+            return Err(LauncherError::Option {
+                flag: "--from",
+                why: "needs an object store: set [storage] in launcher.toml (url, endpoint, \
+                      credentials)",
+            });
+        }
         let image = Image::open(&self.config.image)?;
         let _span = tracing::info_span!("create", vm = %name).entered();
         let _lock = self.lock()?;
@@ -117,6 +150,7 @@ impl Launcher {
             primary_port: sizes.primary_port,
             disk_gib: sizes.disk_gib,
             user_disk: true,
+            from: opts.from.clone(),
             pid: None,
             pid_start: None,
         };

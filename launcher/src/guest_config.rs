@@ -33,7 +33,7 @@ pub const CONFIG_SERIAL: &str = "nestbox-config";
 pub const INTERFACE: &str = "eth0";
 
 /// Top-level keys the launcher owns.
-const OWNED: [&str; 9] = [
+const OWNED: [&str; 10] = [
     "name",
     "domain",
     "primary_port",
@@ -43,6 +43,7 @@ const OWNED: [&str; 9] = [
     "user_dir",
     "user_device",
     "network",
+    "storage",
 ];
 
 /// What the launcher puts into a guest's configuration.
@@ -64,6 +65,44 @@ pub struct GuestSettings<'a> {
     pub gateway: Ipv4Addr,
     /// Whether the VM has a user disk (see [`crate::state::record::VmRecord::user_disk`]).
     pub user_disk: bool,
+    /// `[storage]` of `launcher.toml`, if set.
+    pub storage: Option<&'a Table>,
+    /// `create --from`: the prefix (`bucket/prefix`, or a URL) and the
+    /// checkpoint to build the user's disk from.
+    pub from: Option<(&'a str, &'a str)>,
+}
+
+/// Checks `[storage]` of `launcher.toml`: a `url` that is `s3://BUCKET[/PREFIX]`
+/// or `file:///DIR`, and none of the keys the launcher sets.
+///
+/// # Errors
+/// The key and what is wrong.
+pub fn check_storage(storage: &Table) -> Result<(), (&'static str, String)> {
+    match storage.get("url").and_then(Value::as_str) {
+        Some(url) if url.starts_with("s3://") && url.len() > 5 => {}
+        Some(url) if url.starts_with("file:///") => {}
+        _ => {
+            return Err((
+                "url",
+                "must be \"s3://BUCKET/PREFIX\" (each VM gets PREFIX/NAME) or \"file:///DIR\""
+                    .into(),
+            ));
+        }
+    }
+    if storage.contains_key("from") {
+        return Err(("from", "is set by `create --from`, per VM".into()));
+    }
+    Ok(())
+}
+
+/// The store URL a `--from` prefix names: `bucket/prefix` is on the
+/// configured S3 store; a full URL is taken as it is.
+fn from_url(prefix: &str) -> String {
+    if prefix.contains("://") {
+        prefix.trim_end_matches('/').to_owned()
+    } else {
+        format!("s3://{}", prefix.trim_matches('/'))
+    }
 }
 
 /// Checks the `[guest]` template: it must not set what the launcher sets.
@@ -108,6 +147,19 @@ pub fn render(settings: &GuestSettings<'_>, template: &Table) -> String {
     network.insert("prefix_len".into(), i64::from(settings.prefix_len).into());
     network.insert("gateway".into(), settings.gateway.to_string().into());
     doc.insert("network".into(), Value::Table(network));
+    if let Some(template) = settings.storage {
+        let mut storage = template.clone();
+        if let Some(Value::String(url)) = storage.get_mut("url") {
+            *url = format!("{}/{}", url.trim_end_matches('/'), settings.name);
+        }
+        if let Some((prefix, checkpoint)) = settings.from {
+            let mut from = Table::new();
+            from.insert("url".into(), from_url(prefix).into());
+            from.insert("checkpoint".into(), checkpoint.into());
+            storage.insert("from".into(), Value::Table(from));
+        }
+        doc.insert("storage".into(), Value::Table(storage));
+    }
     let api = doc
         .entry("api")
         .or_insert_with(|| Value::Table(Table::new()));
@@ -149,7 +201,36 @@ mod tests {
             prefix_len: 16,
             gateway: Ipv4Addr::new(10, 123, 0, 1),
             user_disk: true,
+            storage: None,
+            from: None,
         }
+    }
+
+    #[test]
+    fn each_vm_gets_its_own_prefix_and_a_rebuild_its_source() {
+        let storage: Table = toml::from_str(
+            "url = \"s3://bucket/nestbox/\"\nendpoint = \"http://10.1.0.2:8333\"\n\
+             access_key_id = \"id\"\nsecret_access_key = \"secret\"\nallow_http = true\n",
+        )
+        .unwrap();
+        check_storage(&storage).unwrap();
+        let doc: Table = toml::from_str(&render(
+            &GuestSettings {
+                storage: Some(&storage),
+                from: Some(("bucket/nestbox/old", "v3")),
+                ..settings()
+            },
+            &Table::new(),
+        ))
+        .unwrap();
+        let s = &doc["storage"];
+        assert_eq!(s["url"].as_str(), Some("s3://bucket/nestbox/vm1"));
+        assert_eq!(s["endpoint"].as_str(), Some("http://10.1.0.2:8333"));
+        assert_eq!(s["secret_access_key"].as_str(), Some("secret"));
+        assert_eq!(s["from"]["url"].as_str(), Some("s3://bucket/nestbox/old"));
+        assert_eq!(s["from"]["checkpoint"].as_str(), Some("v3"));
+        let doc: Table = toml::from_str(&render(&settings(), &Table::new())).unwrap();
+        assert!(!doc.contains_key("storage"));
     }
 
     #[test]

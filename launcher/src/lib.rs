@@ -195,6 +195,11 @@ impl Launcher {
     ) -> Result<(), LauncherError> {
         const DATA: [&str; 2] = ["create the data disk", "size the data disk"];
         const USER: [&str; 2] = ["create the user disk", "size the user disk"];
+        // Checked at create.
+        let from = record
+            .from
+            .as_deref()
+            .and_then(|f| create::parse_from(f).ok());
         if record.user_disk {
             sparse_disk(&dir.data_disk(), self.config.platform_disk_gib, DATA)?;
             sparse_disk(&dir.user_disk(), record.disk_gib, USER)?;
@@ -211,6 +216,8 @@ impl Launcher {
                 prefix_len: record.prefix_len,
                 gateway: record.host_address,
                 user_disk: record.user_disk,
+                storage: self.config.storage.as_ref(),
+                from,
             },
             &self.config.guest,
         );

@@ -45,6 +45,11 @@ enum Command {
         /// The data disk's size in GiB (default: `disk_gib` of launcher.toml).
         #[arg(long)]
         disk_size: Option<u32>,
+        /// Build the user's disk from a checkpoint in the object store
+        /// (`[storage]` of launcher.toml): BUCKET/PREFIX@ID, e.g.
+        /// `bucket/nestbox/web@v3` (another host's VM, or a destroyed one).
+        #[arg(long, value_name = "BUCKET/PREFIX@ID")]
+        from: Option<String>,
     },
     /// List the VMs: running, stopped, crashed, …, and their acceleration.
     List {
@@ -139,6 +144,7 @@ fn run(cli: Cli) -> Result<()> {
             cpus,
             primary_port,
             disk_size,
+            from,
         } => {
             let opts = CreateOptions {
                 name,
@@ -146,6 +152,7 @@ fn run(cli: Cli) -> Result<()> {
                 cpus,
                 primary_port,
                 disk_gib: disk_size,
+                from,
             };
             let created = launcher.create(&opts, &launcher.qemu())?;
             let r = &created.record;

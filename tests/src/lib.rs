@@ -19,6 +19,7 @@ pub mod benchvm;
 pub mod owner;
 pub mod pebble;
 pub mod sandbox;
+pub mod seaweed;
 pub mod vms;
 pub mod wire;
 

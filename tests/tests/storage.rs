@@ -60,6 +60,7 @@ impl Btrfs {
             base: self.dir.join("base"),
             views: Some(self.dir.join("views")),
             image: Some("test-image".into()),
+            uploads: false,
         }
     }
 
@@ -294,4 +295,223 @@ fn scheduled_checkpoints_keep_only_the_last_few_and_never_the_users() {
     assert_eq!(ids.len(), 4, "{ids:?}");
     assert_eq!(store.create_auto(5).unwrap().id, "auto-4");
     assert_eq!(store.create(None, |_| {}).unwrap().id, "v2");
+}
+
+/// Random bytes (a file whose chunks no other file shares).
+fn random_file(path: &Path, mib: usize) {
+    let mut data = vec![0u8; mib << 20];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut data).unwrap();
+    std::fs::write(path, data).unwrap();
+}
+
+/// Waits until checkpoint `id` is durable (its last upload state on
+/// timeout).
+fn durable(store: &Store, id: &str) -> nestbox_api::types::Upload {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_mins(2);
+    loop {
+        let up = store.get(id).unwrap().upload.expect("uploads are on");
+        if up.state == nestbox_api::types::UploadState::Durable {
+            return up;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} never became durable: {up:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn deletes_done(store: &Store) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
+    while !store.remote_deletes().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copies were never deleted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Takes checkpoint `id` and kills the server while it uploads: the
+/// upload must report the failure, and be durable once the server is back.
+fn upload_through_a_server_kill(
+    store: &Store,
+    sw: &mut nestbox_tests::seaweed::Seaweed,
+    id: &str,
+) -> nestbox_api::types::Upload {
+    use nestbox_api::types::UploadState;
+    // The server killed during an upload: retried, then durable, and no
+    // object in the bucket is half-written (`contents` hashes each).
+    store.create(None, |_| {}).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
+    loop {
+        let up = store.get(id).unwrap().upload.unwrap();
+        if up.state == UploadState::Uploading && up.sent_bytes > 0 {
+            break;
+        }
+        assert_ne!(
+            up.state,
+            UploadState::Durable,
+            "the checkpoint was uploaded before it could be interrupted"
+        );
+        assert!(std::time::Instant::now() < deadline, "{up:?}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    sw.kill();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
+    loop {
+        let up = store.get(id).unwrap().upload.unwrap();
+        if up.error.is_some() {
+            break;
+        }
+        assert_ne!(
+            up.state,
+            UploadState::Durable,
+            "durable with the server down"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no retry reported: {up:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    sw.resume();
+    let up3 = durable(store, id);
+    assert!(up3.attempts >= 2, "{up3:?}");
+    up3
+}
+
+/// A new disk rebuilt from the bucket holds v3's files, byte for byte.
+fn rebuild_matches(fs: &Btrfs, sw: &nestbox_tests::seaweed::Seaweed, rt: &tokio::runtime::Runtime) {
+    use nestbox_guest::storage::{Storage, rebuild, remote};
+    let fs2 = Btrfs::new("rebuilt", 512);
+    let from = remote::From {
+        url: "s3://nestbox/host/vm1".to_owned(),
+        checkpoint: "v3".to_owned(),
+    };
+    let progress = Storage::default();
+    let rebuilt = rt
+        .block_on(rebuild::rebuild(
+            &fs2.user(),
+            &from,
+            &sw.settings(),
+            &progress,
+        ))
+        .unwrap()
+        .expect("a blank disk is rebuilt");
+    // The chain follows each base (v3 descends from v1 once v2 is gone);
+    // v0, deleted at the source, is received for v1's stream, not kept.
+    let ids: Vec<&str> = rebuilt.chain.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["v1", "v3"]);
+    assert!(!fs2.user().join("checkpoints/v0").exists());
+    assert_eq!(rebuilt.next, 4);
+    // (c came in v2, whose checkpoint is gone; the layer kept the file.)
+    for f in ["a", "b", "c", "d"] {
+        assert_eq!(
+            std::fs::read(fs2.upper().join(f)).unwrap(),
+            std::fs::read(fs.upper().join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let r = progress.rebuild().unwrap();
+    assert_eq!(r.state, nestbox_api::types::RebuildState::Done);
+    assert_eq!(r.bytes, r.total_bytes);
+    // A disk with a layer is not rebuilt again.
+    assert!(
+        rt.block_on(rebuild::rebuild(
+            &fs2.user(),
+            &from,
+            &sw.settings(),
+            &progress
+        ))
+        .unwrap()
+        .is_none()
+    );
+}
+
+#[test]
+fn uploads_are_stored_once_collected_by_their_own_chunks_retried_and_rebuilt() {
+    use nestbox_guest::storage::{Storage, upload};
+    use nestbox_tests::seaweed::{self, Seaweed};
+
+    let fs = Btrfs::new("objects", 512);
+    nestbox_tests::require_tool("btrfs", "btrfs-progs");
+    let ns = nestbox_tests::sandbox::Sandbox::new("s3").unwrap();
+    ns.link_to_host("10.126.9.1/24", "10.126.9.2/24").unwrap();
+    let mut sw = Seaweed::start("10.126.9.2", &fs.dir.join("s3"), Some(ns.netns()));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let remote = sw.remote("host/vm1");
+    let look = || rt.block_on(seaweed::contents(&remote));
+
+    layer::prepare(&fs.user()).unwrap();
+    std::fs::create_dir_all(fs.upper()).unwrap();
+    random_file(&fs.upper().join("a"), 4);
+    let store = Store::open(Paths {
+        uploads: true,
+        ..fs.paths()
+    })
+    .unwrap();
+    let storage = Storage::default();
+    storage.set(Ok(store));
+    let store = storage.shared_store().unwrap();
+    {
+        let (storage, remote, settings) = (storage.clone(), remote.clone(), sw.settings());
+        rt.block_on(async move { upload::spawn(storage, remote, &settings) });
+    }
+
+    // v0: a full stream, durable.
+    store.create(None, |_| {}).unwrap();
+    let up0 = durable(&store, "v0");
+    assert_eq!((up0.base.as_deref(), up0.depth), (None, 0), "{up0:?}");
+    let after_v0 = look();
+    assert_eq!(after_v0.manifests.len(), 1);
+    assert!(after_v0.chunk_bytes >= 4 << 20, "{}", after_v0.chunk_bytes);
+
+    // v1 adds a file: its stream is incremental to v0, and v0's data
+    // (in both checkpoints) is stored once.
+    random_file(&fs.upper().join("b"), 4);
+    store.create(None, |_| {}).unwrap();
+    let up1 = durable(&store, "v1");
+    assert_eq!((up1.base.as_deref(), up1.depth), (Some("v0"), 1), "{up1:?}");
+    let after_v1 = look();
+    let grew = after_v1.chunk_bytes - after_v0.chunk_bytes;
+    assert!(
+        (4 << 20..(4 << 20) + (512 << 10)).contains(&grew),
+        "v1 stored {grew} new bytes for a 4 MiB file"
+    );
+    assert!(after_v0.chunks.iter().all(|c| after_v1.chunks.contains(c)));
+
+    // v2 (the leaf) deleted: exactly its own chunks go, v0's and v1's stay.
+    random_file(&fs.upper().join("c"), 2);
+    store.create(None, |_| {}).unwrap();
+    durable(&store, "v2");
+    assert!(look().chunks.len() > after_v1.chunks.len());
+    store.delete("v2").unwrap();
+    deletes_done(&store);
+    let after_delete = look();
+    assert_eq!(after_delete.chunks, after_v1.chunks);
+    let mut ids: Vec<&str> = after_delete
+        .manifests
+        .iter()
+        .map(|m| m.id.as_str())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["v0", "v1"]);
+    // v0 deleted while v1's stream needs it: marked, nothing freed.
+    store.delete("v0").unwrap();
+    deletes_done(&store);
+    let after_v0_gone = look();
+    assert_eq!(after_v0_gone.chunks, after_v1.chunks);
+    assert_eq!(after_v0_gone.manifests.len(), 2);
+    assert_eq!(after_v0_gone.marks, ["v0"]);
+
+    random_file(&fs.upper().join("d"), 48);
+    let up3 = upload_through_a_server_kill(&store, &mut sw, "v3");
+    // v2 is gone: v3 descends from v1, its stream is incremental to it.
+    assert_eq!(up3.base.as_deref(), Some("v1"), "{up3:?}");
+    let after_v3 = look();
+    assert!(after_v3.manifests.iter().any(|m| m.id == "v3"));
+
+    rebuild_matches(&fs, &sw, &rt);
+    drop(sw);
 }

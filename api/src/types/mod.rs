@@ -8,12 +8,15 @@ mod services;
 mod status;
 mod urls;
 
-pub use checkpoints::{Checkpoint, CheckpointRequest, Checkpoints, Progress, ProgressKind};
+pub use checkpoints::{
+    Checkpoint, CheckpointRequest, Checkpoints, Progress, ProgressKind, Upload, UploadState,
+};
 pub use logs::{LogLine, LogStats, Stream};
 pub use ports::{PortChange, PortChangeKind, PortInfo};
 pub use services::{Restart, ServiceSpec, ServiceState, ServiceStatus};
 pub use status::{
-    Applied, Bounced, ContainerState, DiskReport, DiskState, DiskUsage, Renewing, Status, Usage,
+    Applied, Bounced, ContainerState, DiskReport, DiskState, DiskUsage, Rebuild, RebuildState,
+    Renewing, Status, Usage,
 };
 pub use urls::{
     Link, LoginRequest, PortAuth, Revoked, ScopedToken, SetPortAuth, Share, ShareRequest,

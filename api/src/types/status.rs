@@ -127,6 +127,43 @@ pub struct Status {
     pub disks: Vec<DiskReport>,
     /// The services' logs: how far they are on the disk, what was dropped.
     pub logs: LogStats,
+    /// The user's disk being built from an object store's checkpoint
+    /// (`nestbox-launcher create --from`): how far it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<Rebuild>,
+}
+
+/// Where a rebuild from the object store is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RebuildState {
+    /// Downloading and receiving the chain.
+    Running,
+    /// The user's disk holds the checkpoint; the container runs on it.
+    Done,
+    /// It stopped (`error` says why); the container stays down and the
+    /// next start tries again.
+    Failed,
+}
+
+/// `Status::rebuild`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rebuild {
+    /// The prefix read (`s3://BUCKET/PREFIX`).
+    pub from: String,
+    /// The checkpoint rebuilt.
+    pub checkpoint: String,
+    /// Where it is.
+    pub state: RebuildState,
+    /// Checkpoints in the chain (the full stream and its incrementals).
+    pub streams: usize,
+    /// The chain's bytes received so far.
+    pub bytes: u64,
+    /// All of the chain's bytes (0 until its manifests are read).
+    pub total_bytes: u64,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `POST /v1/bounce`: the container is up again.

@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 
-use nestbox_api::types::{Checkpoint, CheckpointRequest, Progress, ProgressKind};
+use nestbox_api::types::{Checkpoint, CheckpointRequest, Progress, ProgressKind, UploadState};
 
 use crate::target::Context;
 
@@ -15,6 +15,10 @@ pub enum CheckpointCommand {
         /// A note kept with it.
         #[arg(long, short)]
         comment: Option<String>,
+        /// Wait until it is durable in the object store (a progress bar
+        /// shows the upload).
+        #[arg(long)]
+        durable: bool,
     },
     /// The VM's checkpoints, oldest first (`*`: what the filesystem
     /// descends from now).
@@ -79,16 +83,79 @@ fn describe(c: &Checkpoint) {
             .as_deref()
             .unwrap_or("no (only the most recent are)")
     );
+    println!("upload:   {}", upload(c));
+}
+
+/// Where a checkpoint's upload is, for people.
+fn upload(c: &Checkpoint) -> String {
+    let Some(u) = &c.upload else {
+        return "off".to_owned();
+    };
+    let kind = u
+        .base
+        .as_deref()
+        .map_or_else(|| "full".to_owned(), |b| format!("incremental to {b}"));
+    match u.state {
+        UploadState::Local => "waiting".to_owned(),
+        UploadState::Uploading => format!(
+            "uploading ({kind}): {} read, {} sent{}",
+            crate::term::bytes(u.stream_bytes),
+            crate::term::bytes(u.sent_bytes),
+            u.error
+                .as_deref()
+                .map(|e| format!("; retrying after: {e}"))
+                .unwrap_or_default()
+        ),
+        UploadState::Durable => format!(
+            "durable ({kind}, {} stream, {} sent)",
+            crate::term::bytes(u.stream_bytes),
+            crate::term::bytes(u.sent_bytes)
+        ),
+    }
+}
+
+/// Waits until checkpoint `id` is durable, a bar showing its upload.
+async fn wait_durable(
+    client: &nestbox_api::client::Client,
+    id: &str,
+) -> anyhow::Result<Checkpoint> {
+    let mut bar = crate::term::Bar::new("upload");
+    loop {
+        let c = client.checkpoint(id).await?;
+        match &c.upload {
+            None => {
+                bar.end();
+                anyhow::bail!("this VM uploads no checkpoints ([storage] upload = false)");
+            }
+            Some(u) if u.state == UploadState::Durable => {
+                bar.show(u.stream_bytes, u.stream_bytes);
+                bar.end();
+                return Ok(c);
+            }
+            Some(u) => bar.show(u.stream_bytes, 0),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }
 
 pub async fn run(ctx: &mut Context, command: CheckpointCommand) -> anyhow::Result<u8> {
     match command {
-        CheckpointCommand::Create { vm, comment } => {
+        CheckpointCommand::Create {
+            vm,
+            comment,
+            durable,
+        } => {
             let t0 = std::time::Instant::now();
-            let c = ctx
-                .client(&vm)?
+            let client = ctx.client(&vm)?;
+            let mut c = client
                 .create_checkpoint(&CheckpointRequest { comment }, show)
                 .await?;
+            if durable {
+                c = wait_durable(&client, &c.id).await?;
+                if std::io::stderr().is_terminal() {
+                    eprintln!("{vm}: {} is {}", c.id, upload(&c));
+                }
+            }
             if std::io::stderr().is_terminal() {
                 eprintln!(
                     "{vm}: checkpoint {} ({}) in {:.0} ms",
@@ -107,8 +174,8 @@ pub async fn run(ctx: &mut Context, command: CheckpointCommand) -> anyhow::Resul
                 return Ok(0);
             }
             println!(
-                "{:<7} {:<21} {:>10} {:<7} {:<10} COMMENT",
-                "ID", "CREATED", "SIZE", "PARENT", "MOUNTED"
+                "{:<7} {:<21} {:>10} {:<7} {:<8} {:<10} COMMENT",
+                "ID", "CREATED", "SIZE", "PARENT", "MOUNTED", "UPLOAD"
             );
             for c in &list.checkpoints {
                 let head = if list.head.as_deref() == Some(c.id.as_str()) {
@@ -116,13 +183,20 @@ pub async fn run(ctx: &mut Context, command: CheckpointCommand) -> anyhow::Resul
                 } else {
                     ""
                 };
+                let state = match c.upload.as_ref().map(|u| u.state) {
+                    None => "off",
+                    Some(UploadState::Local) => "waiting",
+                    Some(UploadState::Uploading) => "uploading",
+                    Some(UploadState::Durable) => "durable",
+                };
                 println!(
-                    "{:<7} {:<21} {:>10} {:<7} {:<10} {}",
+                    "{:<7} {:<21} {:>10} {:<7} {:<8} {:<10} {}",
                     format!("{}{head}", c.id),
                     when(c.created_ms),
                     mib(c.size_bytes),
                     c.parent.as_deref().unwrap_or("-"),
                     if c.mounted_at.is_some() { "yes" } else { "no" },
+                    state,
                     c.comment.as_deref().unwrap_or("")
                 );
             }

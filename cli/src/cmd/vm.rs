@@ -34,6 +34,11 @@ pub struct CreateArgs {
     /// Do not wait for its API to answer.
     #[arg(long)]
     no_wait: bool,
+    /// Build its user disk from a checkpoint in the object store
+    /// (`[storage]` of the launcher's configuration): BUCKET/PREFIX@ID,
+    /// e.g. `bucket/nestbox/web@v3`. A progress bar shows the download.
+    #[arg(long, value_name = "BUCKET/PREFIX@ID")]
+    from: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -65,6 +70,7 @@ pub async fn create(ctx: &mut Context, args: &CreateArgs) -> anyhow::Result<u8> 
         cpus: args.cpus,
         primary_port: args.primary_port,
         disk_gib: args.disk_size,
+        from: args.from.clone(),
     };
     let created = tokio::task::spawn_blocking(move || {
         let qemu = launcher.qemu();
@@ -84,9 +90,41 @@ pub async fn create(ctx: &mut Context, args: &CreateArgs) -> anyhow::Result<u8> 
     if !args.no_wait {
         let client = ctx.client(&args.name)?;
         let t0 = Instant::now();
+        let mut bar = crate::term::Bar::new("rebuild");
         loop {
-            match client.status().await {
+            let status = client.status().await;
+            if let Ok(s) = &status
+                && let Some(r) = &s.rebuild
+            {
+                use nestbox_api::types::RebuildState;
+                bar.show(r.bytes, r.total_bytes);
+                if r.state == RebuildState::Failed {
+                    bar.end();
+                    anyhow::bail!(
+                        "{}: the rebuild from {}@{} failed: {} (the VM keeps trying at each start: \
+                         `nestbox-launcher stop {n}` then `start {n}`, or `destroy {n}`)",
+                        args.name,
+                        r.from,
+                        r.checkpoint,
+                        r.error.as_deref().unwrap_or("?"),
+                        n = args.name
+                    );
+                }
+            }
+            match status {
                 Ok(s) if matches!(s.container, nestbox_api::types::ContainerState::Running) => {
+                    if let Some(r) = &s.rebuild {
+                        bar.show(r.bytes, r.total_bytes);
+                        bar.end();
+                        println!(
+                            "{}: rebuilt from {}@{} ({} streams, {})",
+                            args.name,
+                            r.from,
+                            r.checkpoint,
+                            r.streams,
+                            crate::term::bytes(r.total_bytes)
+                        );
+                    }
                     break;
                 }
                 Err(err) if t0.elapsed() > READY => {

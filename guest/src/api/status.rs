@@ -74,6 +74,7 @@ pub(super) async fn get(p: &Parts, started: Instant) -> Response<Body> {
             user_disk,
             disks: p.disks.lock().clone(),
             logs: p.logs.stats(),
+            rebuild: p.storage.rebuild(),
         },
     )
 }

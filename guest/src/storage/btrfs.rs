@@ -252,15 +252,39 @@ pub fn exchange(dir: &Path, a: &OsStr, b: &OsStr) -> Result<(), BtrfsError> {
 /// # Errors
 /// The kernel's answer.
 pub fn created(path: &Path) -> Result<std::time::SystemTime, BtrfsError> {
+    let info = subvol_info(path)?;
+    Ok(std::time::UNIX_EPOCH
+        + std::time::Duration::new(info.otime.sec, info.otime.nsec.min(999_999_999)))
+}
+
+/// Who the subvolume at `path` is across filesystems: the UUID it was
+/// received as (a snapshot `btrfs receive` made), else its own; hex.
+///
+/// # Errors
+/// The kernel's answer.
+pub fn identity(path: &Path) -> Result<String, BtrfsError> {
+    let info = subvol_info(path)?;
+    let uuid = if info.received_uuid == [0; 16] {
+        info.uuid
+    } else {
+        info.received_uuid
+    };
+    Ok(uuid.iter().fold(String::with_capacity(32), |mut hex, b| {
+        use std::fmt::Write as _;
+        let _ = write!(hex, "{b:02x}");
+        hex
+    }))
+}
+
+fn subvol_info(path: &Path) -> Result<SubvolInfo, BtrfsError> {
     let fd = open_dir(path, "open")?;
     // SAFETY: all-zero bytes are a valid value of this plain C struct.
     let mut info: SubvolInfo = unsafe { std::mem::zeroed() };
     // SAFETY: `info` is a valid, writable `btrfs_ioctl_get_subvol_info_args`
     // that outlives the call.
     unsafe { get_subvol_info(fd.as_raw_fd(), &raw mut info) }
-        .map_err(|e| BtrfsError::new("read the subvolume's times", path, e))?;
-    Ok(std::time::UNIX_EPOCH
-        + std::time::Duration::new(info.otime.sec, info.otime.nsec.min(999_999_999)))
+        .map_err(|e| BtrfsError::new("read the subvolume's root item", path, e))?;
+    Ok(info)
 }
 
 /// `syncfs(2)` of the filesystem holding `dir`: what was renamed or

@@ -16,10 +16,12 @@
 //! … (a counter of their own), and only the last `auto_keep` of them are
 //! kept: the user's own are never deleted but by the user.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use nestbox_api::types::{Checkpoint, Checkpoints};
+use nestbox_api::types::{Checkpoint, Checkpoints, Upload, UploadState};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
@@ -140,6 +142,10 @@ struct Index {
     /// Oldest first.
     #[serde(default)]
     checkpoints: Vec<Checkpoint>,
+    /// Deleted checkpoints whose copy in the object store is still to be
+    /// deleted (by the uploader, in order).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    remote_deletes: Vec<String>,
 }
 
 /// Where things are.
@@ -155,6 +161,9 @@ pub struct Paths {
     pub views: Option<PathBuf>,
     /// The image version recorded in each checkpoint.
     pub image: Option<String>,
+    /// Whether checkpoints are uploaded to an object store
+    /// ([`super::upload`]).
+    pub uploads: bool,
 }
 
 #[derive(Debug)]
@@ -169,7 +178,34 @@ struct Inner {
 /// the index's fsync): call them off the runtime thread. They run one at
 /// a time.
 #[derive(Debug)]
-pub struct Store(Mutex<Inner>);
+pub struct Store {
+    inner: Mutex<Inner>,
+    live: Arc<Live>,
+}
+
+/// What the uploader shares with the store: the uploads in progress
+/// (shown in every answer), and its wake-up call.
+#[derive(Debug, Default)]
+pub struct Live {
+    /// Progress of the checkpoints being uploaded, by id.
+    pub progress: Mutex<HashMap<String, Upload>>,
+    /// Rung when there is something new to upload or delete.
+    pub wake: tokio::sync::Notify,
+}
+
+/// A checkpoint to upload: what the uploader needs of it.
+#[derive(Clone, Debug)]
+pub struct Job {
+    /// Its record.
+    pub checkpoint: Checkpoint,
+    /// Its snapshot.
+    pub snapshot: PathBuf,
+    /// The checkpoint to send it incrementally to, with its snapshot and
+    /// its depth; none: a full stream.
+    pub base: Option<(String, PathBuf, u32)>,
+    /// The platform's directory for the upload's journal.
+    pub index_dir: PathBuf,
+}
 
 /// The kind and number of a checkpoint's id (`v3`, `auto-12`).
 fn parse_id(id: &str) -> Option<(Kind, u64)> {
@@ -244,11 +280,27 @@ impl Inner {
             .ok_or_else(|| StoreError::NotFound(id.to_owned()))
     }
 
-    fn with_mount(&self, mut c: Checkpoint) -> Checkpoint {
+    fn with_mount(&self, live: &Live, mut c: Checkpoint) -> Checkpoint {
         c.mounted_at = self
             .shown
             .contains(&c.id)
             .then(|| format!("{}/{}", views::IN_CONTAINER, c.id));
+        if let Some(now) = live.progress.lock().get(&c.id) {
+            c.upload = Some(now.clone());
+        } else if self.paths.uploads && c.upload.is_none() {
+            c.upload = Some(Upload {
+                state: UploadState::Local,
+                base: None,
+                depth: 0,
+                stream_bytes: 0,
+                sent_bytes: 0,
+                chunks: 0,
+                resumed_chunks: 0,
+                attempts: 0,
+                error: None,
+                durable_ms: None,
+            });
+        }
         c
     }
 
@@ -360,6 +412,7 @@ impl Store {
                 image: None,
                 size_bytes: size_of(&dir.join("upper")),
                 mounted_at: None,
+                upload: None,
             });
         }
         index
@@ -377,19 +430,34 @@ impl Store {
         };
         inner.save()?;
         inner.refresh_views();
-        Ok(Self(Mutex::new(inner)))
+        Ok(Self {
+            inner: Mutex::new(inner),
+            live: Arc::default(),
+        })
+    }
+
+    /// The platform's directory of the index (and the upload journals).
+    #[must_use]
+    pub fn index_dir(&self) -> PathBuf {
+        self.inner.lock().paths.index_dir.clone()
+    }
+
+    /// What the uploader shares with the store.
+    #[must_use]
+    pub fn live(&self) -> Arc<Live> {
+        self.live.clone()
     }
 
     /// Every checkpoint, oldest first.
     #[must_use]
     pub fn list(&self) -> Checkpoints {
-        let inner = self.0.lock();
+        let inner = self.inner.lock();
         Checkpoints {
             checkpoints: inner
                 .index
                 .checkpoints
                 .iter()
-                .map(|c| inner.with_mount(c.clone()))
+                .map(|c| inner.with_mount(&self.live, c.clone()))
                 .collect(),
             head: inner.index.head.clone(),
         }
@@ -400,9 +468,9 @@ impl Store {
     /// # Errors
     /// [`StoreError::NotFound`].
     pub fn get(&self, id: &str) -> Result<Checkpoint, StoreError> {
-        let inner = self.0.lock();
+        let inner = self.inner.lock();
         let at = inner.find(id)?;
-        Ok(inner.with_mount(inner.index.checkpoints[at].clone()))
+        Ok(inner.with_mount(&self.live, inner.index.checkpoints[at].clone()))
     }
 
     /// Takes a checkpoint of the layer: `taken` hears its id as soon as the
@@ -428,7 +496,7 @@ impl Store {
     pub fn create_auto(&self, keep: usize) -> Result<Checkpoint, StoreError> {
         let made = self.take(Kind::Auto, None, |_| {})?;
         let autos: Vec<String> = self
-            .0
+            .inner
             .lock()
             .index
             .checkpoints
@@ -450,7 +518,7 @@ impl Store {
         comment: Option<String>,
         taken: impl FnOnce(&str),
     ) -> Result<Checkpoint, StoreError> {
-        let mut inner = self.0.lock();
+        let mut inner = self.inner.lock();
         let n = match kind {
             Kind::User => inner.index.next,
             Kind::Auto => inner.index.next_auto,
@@ -474,6 +542,7 @@ impl Store {
             image: inner.paths.image.clone(),
             size_bytes: size_of(&snapshots.join(&id).join("upper")),
             mounted_at: None,
+            upload: None,
         };
         match kind {
             Kind::User => inner.index.next += 1,
@@ -483,7 +552,8 @@ impl Store {
         inner.index.checkpoints.push(checkpoint.clone());
         inner.save()?;
         inner.refresh_views();
-        Ok(inner.with_mount(checkpoint))
+        self.live.wake.notify_one();
+        Ok(inner.with_mount(&self.live, checkpoint))
     }
 
     /// Deletes a checkpoint: its view, its snapshot, then its record.
@@ -491,19 +561,30 @@ impl Store {
     /// # Errors
     /// [`StoreError::NotFound`], or the btrfs call's.
     pub fn delete(&self, id: &str) -> Result<(), StoreError> {
-        let mut inner = self.0.lock();
+        let mut inner = self.inner.lock();
         let at = inner.find(id)?;
         if let Some(dir) = inner.paths.views.clone() {
             views::hide(&dir, id);
             inner.shown.retain(|s| s != id);
         }
         btrfs::delete_subvolume(&inner.snapshots(), OsStr::new(id))?;
-        inner.index.checkpoints.remove(at);
+        let gone = inner.index.checkpoints.remove(at);
+        // What descended from it descends from its parent now.
         if inner.index.head.as_deref() == Some(id) {
-            inner.index.head = None;
+            inner.index.head.clone_from(&gone.parent);
+        }
+        for c in &mut inner.index.checkpoints {
+            if c.parent.as_deref() == Some(id) {
+                c.parent.clone_from(&gone.parent);
+            }
+        }
+        if inner.paths.uploads {
+            inner.index.remote_deletes.push(id.to_owned());
         }
         inner.save()?;
         inner.refresh_views();
+        self.live.progress.lock().remove(id);
+        self.live.wake.notify_one();
         Ok(())
     }
 
@@ -514,7 +595,7 @@ impl Store {
     /// [`StoreError::NotFound`]; a full disk or a failed step leaves the
     /// layer as it was.
     pub fn restore(&self, id: &str) -> Result<Checkpoint, StoreError> {
-        let mut inner = self.0.lock();
+        let mut inner = self.inner.lock();
         let at = inner.find(id)?;
         layer::restore(&inner.paths.user, &inner.snapshots().join(id)).map_err(|e| match e {
             LayerError::Btrfs(e) => StoreError::from(e),
@@ -522,7 +603,100 @@ impl Store {
         })?;
         inner.index.head = Some(id.to_owned());
         inner.save()?;
-        Ok(inner.with_mount(inner.index.checkpoints[at].clone()))
+        Ok(inner.with_mount(&self.live, inner.index.checkpoints[at].clone()))
+    }
+}
+
+/// The uploader's side of the store.
+impl Store {
+    /// The oldest checkpoint not yet durable, with the base its stream is
+    /// to be incremental to: its parent, when the parent's snapshot is
+    /// still here, the parent is durable and fewer than `full_every` links
+    /// lead to the parent's full stream; otherwise a full stream.
+    #[must_use]
+    pub fn next_upload(&self, full_every: u32) -> Option<Job> {
+        let inner = self.inner.lock();
+        let durable = |c: &Checkpoint| {
+            c.upload
+                .as_ref()
+                .is_some_and(|u| u.state == UploadState::Durable)
+        };
+        let c = inner.index.checkpoints.iter().find(|c| !durable(c))?;
+        let base = c.parent.as_ref().and_then(|parent| {
+            let p = inner.index.checkpoints.iter().find(|p| &p.id == parent)?;
+            let depth = p.upload.as_ref().filter(|_| durable(p))?.depth;
+            let snapshot = inner.snapshots().join(parent);
+            (depth < full_every && btrfs::is_subvolume(&snapshot))
+                .then(|| (parent.clone(), snapshot, depth + 1))
+        });
+        Some(Job {
+            checkpoint: c.clone(),
+            snapshot: inner.snapshots().join(&c.id),
+            base,
+            index_dir: inner.paths.index_dir.clone(),
+        })
+    }
+
+    /// Records checkpoint `id` as durable (a deleted one is ignored).
+    ///
+    /// # Errors
+    /// The index's.
+    pub fn set_durable(&self, id: &str, upload: Upload) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock();
+        let Ok(at) = inner.find(id) else {
+            return Ok(());
+        };
+        inner.index.checkpoints[at].upload = Some(upload);
+        inner.save()?;
+        self.live.progress.lock().remove(id);
+        Ok(())
+    }
+
+    /// The deleted checkpoints whose copies are still to be deleted, oldest
+    /// first.
+    #[must_use]
+    pub fn remote_deletes(&self) -> Vec<String> {
+        self.inner.lock().index.remote_deletes.clone()
+    }
+
+    /// `id`'s copy is deleted.
+    ///
+    /// # Errors
+    /// The index's.
+    pub fn remote_deleted(&self, id: &str) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock();
+        inner.index.remote_deletes.retain(|d| d != id);
+        inner.save()
+    }
+
+    /// After a rebuild from the object store: each checkpoint of `chain`
+    /// (received into its snapshot) gets its manifest's record, the last
+    /// one is the head, and ids go on after `next` at least (the prefix's
+    /// highest, so an id of the prefix is never given again).
+    ///
+    /// # Errors
+    /// The index's.
+    pub fn import(&self, chain: &[super::remote::Manifest], next: u64) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock();
+        for m in chain {
+            let Ok(at) = inner.find(&m.id) else { continue };
+            let c = &mut inner.index.checkpoints[at];
+            c.created_ms = m.created_ms;
+            c.comment.clone_from(&m.comment);
+            c.parent.clone_from(&m.parent);
+            c.image.clone_from(&m.image);
+            c.size_bytes = m.size_bytes;
+        }
+        inner
+            .index
+            .checkpoints
+            .sort_by_key(|c| (c.created_ms, parse_id(&c.id).map(|(_, n)| n)));
+        inner.index.head = chain.last().map(|m| m.id.clone());
+        inner.index.next = inner.index.next.max(next);
+        inner.save()?;
+        inner.refresh_views();
+        self.live.wake.notify_one();
+        Ok(())
     }
 }
 

@@ -2,11 +2,16 @@
 //! btrfs, the container's writable layer as a subvolume on it
 //! ([`layer`]), checkpoints as read-only snapshots restorable in place
 //! ([`checkpoints`]), the recent ones shown read-only in the container
-//! ([`views`]), through the kernel's btrfs ioctls ([`btrfs`]).
+//! ([`views`]), through the kernel's btrfs ioctls ([`btrfs`]); their
+//! copies in an object store ([`remote`]): uploaded in the background
+//! ([`upload`]), and a new VM's disk built from them ([`rebuild`]).
 
 pub mod btrfs;
 pub mod checkpoints;
 pub mod layer;
+pub mod rebuild;
+pub mod remote;
+pub mod upload;
 pub mod views;
 
 use std::sync::{Arc, OnceLock};
@@ -24,16 +29,41 @@ fn point(name: &'static str, subject: &str) {
 }
 
 /// The checkpoint store once the user's disk is up (it comes up after the
-/// API serves); cheap to clone.
+/// API serves), and a rebuild's progress; cheap to clone.
 #[derive(Clone, Debug, Default)]
-pub struct Storage(Arc<OnceLock<Result<Store, String>>>);
+pub struct Storage(Arc<Shared>);
+
+#[derive(Debug, Default)]
+struct Shared {
+    store: OnceLock<Result<Arc<Store>, String>>,
+    rebuild: parking_lot::Mutex<Option<nestbox_api::types::Rebuild>>,
+}
 
 impl Storage {
     /// Sets what the user's disk gave: the store, or why there is none.
     pub fn set(&self, store: Result<Store, String>) {
-        if self.0.set(store).is_err() {
+        if self.0.store.set(store.map(Arc::new)).is_err() {
             tracing::warn!("the checkpoint store was set twice; the first stays");
         }
+    }
+
+    /// A rebuild's progress, for `GET /v1/status`.
+    #[must_use]
+    pub fn rebuild(&self) -> Option<nestbox_api::types::Rebuild> {
+        self.0.rebuild.lock().clone()
+    }
+
+    /// Updates the rebuild's progress.
+    pub fn set_rebuild(&self, f: impl FnOnce(&mut Option<nestbox_api::types::Rebuild>)) {
+        f(&mut self.0.rebuild.lock());
+    }
+
+    /// The store, to keep.
+    ///
+    /// # Errors
+    /// As [`Storage::store`].
+    pub fn shared_store(&self) -> Result<Arc<Store>, StoreError> {
+        self.get().cloned()
     }
 
     /// The store.
@@ -41,7 +71,11 @@ impl Storage {
     /// # Errors
     /// [`StoreError::Unavailable`] saying why there is none.
     pub fn store(&self) -> Result<&Store, StoreError> {
-        match self.0.get() {
+        self.get().map(|s| &**s)
+    }
+
+    fn get(&self) -> Result<&Arc<Store>, StoreError> {
+        match self.0.store.get() {
             Some(Ok(store)) => Ok(store),
             Some(Err(why)) => Err(StoreError::Unavailable(why.clone())),
             None => Err(StoreError::Unavailable(

@@ -58,6 +58,11 @@ pub struct VmRecord {
     /// (nothing of it is lost by an update); re-create them to separate it.
     #[serde(default)]
     pub user_disk: bool,
+    /// `create --from`: the object store checkpoint (`BUCKET/PREFIX@ID`)
+    /// the user's disk is built from on its first boot (kept: a start
+    /// before the rebuild finished tries again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
     /// The VMM backend (`qemu`).
     pub vmm: String,
     /// The acceleration of the last start.
@@ -140,6 +145,7 @@ pub(crate) mod tests {
             primary_port: 8080,
             disk_gib: 1,
             user_disk: true,
+            from: None,
             vmm: "qemu".into(),
             accel: Accel::Tcg,
             image_version: "0.1.0+abc".into(),

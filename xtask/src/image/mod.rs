@@ -1,6 +1,6 @@
 //! `cargo xtask image`: the VM image — Debian's cloud kernel and an
 //! initramfs with `nestbox-guest` as `/init`, the kernel modules it loads,
-//! the programs it runs (`mkfs.ext4`, `e2fsck`, `mkfs.btrfs`, `nft`) with their libraries, and the
+//! the programs it runs (`mkfs.ext4`, `e2fsck`, `mkfs.btrfs`, `btrfs`, `nft`) with their libraries, and the
 //! inner container's base rootfs, laid out as the launcher (`manifest.json`)
 //! and PID 1 (`/etc/nestbox/…`) expect.
 //!
@@ -110,6 +110,9 @@ pub fn build(args: &Args) -> Result<PathBuf> {
         "usr/sbin/mkfs.btrfs",
         Path::new("/sbin/mkfs.btrfs"),
     )?;
+    // Checkpoints travel to and from the object store as `btrfs send`
+    // streams (guest/src/storage/upload.rs, rebuild.rs).
+    libs::add_program(&mut tree, "usr/sbin/btrfs", Path::new("/bin/btrfs"))?;
     libs::add_program(&mut tree, "usr/sbin/nft", Path::new("/usr/sbin/nft"))?;
     // The web PKI roots, for an ACME directory such as Let's Encrypt's
     // (a test CA's root comes inline in the guest configuration).
