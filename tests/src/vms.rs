@@ -306,6 +306,42 @@ impl Host {
         (child, lines)
     }
 
+    /// `kill -9` of VM `name`'s QEMU (a host crash, as the guest sees
+    /// it); returns once the launcher sees it crashed.
+    pub fn kill_vmm(&self, name: &str) {
+        let pid = self.record(name).unwrap()["pid"]
+            .as_u64()
+            .expect("a running VM has a pid");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.state(name) != "crashed" {
+            assert!(Instant::now() < deadline, "the VM was not seen crashed");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Appends `text` to this host's `launcher.toml` (a table of its own,
+    /// such as `[storage]`), for the VMs created after.
+    pub fn add_to_launcher_toml(&self, text: &str) {
+        let path = self.dir.join("launcher.toml");
+        let mut config = std::fs::read_to_string(&path).unwrap();
+        config.push('\n');
+        config.push_str(text);
+        std::fs::write(path, config).unwrap();
+    }
+
+    /// The address and network namespace of the allow-listed servers
+    /// (Pebble's), for a server the VMs are to reach.
+    #[must_use]
+    pub fn lan(&self) -> (String, PathBuf) {
+        let netns = self.pebble.netns().expect("Pebble for VMs has a namespace");
+        (self.pebble.address().to_owned(), netns.netns())
+    }
+
     pub fn wait_ready(&self, name: &str) {
         let deadline = Instant::now() + READY;
         loop {

@@ -164,23 +164,6 @@ fn a_damaged_disk_is_repaired_or_refused_and_never_formatted() {
     }
 }
 
-/// `kill -9` of the VM's QEMU (a host crash, as the guest sees it).
-fn kill_vmm(host: &Host, vm: &str) {
-    let pid = host.record(vm).unwrap()["pid"]
-        .as_u64()
-        .expect("a running VM has a pid");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while host.state(vm) != "crashed" {
-        assert!(Instant::now() < deadline, "the VM was not seen crashed");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Logs with their sequence numbers: `(seq, line)`.
 fn numbered_lines(host: &Host, vm: &str, service: &str, query: &str) -> Vec<(u64, String)> {
     let out = host.api(
@@ -317,7 +300,7 @@ fn a_killed_vmm_loses_nothing_acknowledged() {
         !durable.is_empty(),
         "no line was synced within a second: {status}"
     );
-    kill_vmm(&host, "fd2");
+    host.kill_vmm("fd2");
 
     host.launcher_ok(&["start", "fd2"]);
     host.wait_ready("fd2");
@@ -535,7 +518,7 @@ fn crashes_and_a_killed_vmm_during_certificate_renewals_leave_a_matching_pair_th
                 );
                 std::thread::sleep(Duration::from_millis(200));
             }
-            kill_vmm(&host, "fd4");
+            host.kill_vmm("fd4");
         }
         host.launcher_ok(&["start", "fd4"]);
         // Its API is served over HTTPS with a verified certificate: the

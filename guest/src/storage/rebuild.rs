@@ -28,6 +28,8 @@ use super::layer::LAYER;
 use super::remote::{self, ChunkRef, From, Manifest, Remote, Settings};
 
 const SNAPSHOTS: &str = "checkpoints";
+/// Tries before a rebuild is reported failed (pauses of 1, 2, 4, 8 s).
+const TRIES: usize = 5;
 
 /// What a rebuild gave: the chain received (the full stream first) and
 /// the next user checkpoint number the prefix leaves free.
@@ -80,9 +82,24 @@ pub async fn rebuild(
             error: None,
         });
     });
-    let done = receive_chain(user, from, settings, storage).await;
+    // A server not reachable yet (the network coming up, a restart) is
+    // waited for a little; what the tries leave is picked up by the next.
+    let mut pause = std::time::Duration::from_secs(1);
+    let mut done = receive_chain(user, from, settings, storage).await;
+    for _ in 0..TRIES - 1 {
+        let Err(why) = &done else { break };
+        tracing::warn!(%why, "the rebuild failed; tried again in {pause:?}");
+        progress(&|r| r.error = Some(why.clone()));
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+        progress(&|r| r.bytes = 0);
+        done = receive_chain(user, from, settings, storage).await;
+    }
     match &done {
-        Ok(_) => progress(&|r| r.state = RebuildState::Done),
+        Ok(_) => progress(&|r| {
+            r.state = RebuildState::Done;
+            r.error = None;
+        }),
         Err(e) => progress(&|r| {
             r.state = RebuildState::Failed;
             r.error = Some(e.clone());

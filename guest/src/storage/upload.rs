@@ -11,7 +11,7 @@
 //! [`super::remote::MAX_CHUNK`].
 //!
 //! Resuming: each chunk written is appended to a journal on the platform's
-//! disk (`checkpoints/uploads/<id>.chunks`); a try after a crash or a
+//! disk (`checkpoints/uploads/<id>.chunks`, synced per line); a try after a crash or a
 //! failure reads the stream again and does not send the chunks the journal
 //! names. Nothing is ever half-written in the store: a chunk or a manifest
 //! is one atomic PUT, and a manifest comes after all of its chunks. A
@@ -225,7 +225,8 @@ async fn upload(t: &mut Try<'_>, job: Job, parallel: usize) -> Result<Manifest, 
         .append(true)
         .open(&journal_file)
         .map_err(|e| format!("{}: {e}", journal_file.display()))?;
-    let (chunks, sent) = send_chunks(t, &job, &done, log, parallel).await?;
+    let log = Arc::new(parking_lot::Mutex::new(log));
+    let (chunks, sent) = send_chunks(t, &job, &done, &log, parallel).await?;
     let c = &job.checkpoint;
     let manifest = Manifest {
         format: 1,
@@ -259,7 +260,7 @@ async fn send_chunks(
     t: &mut Try<'_>,
     job: &Job,
     done: &HashSet<String>,
-    mut log: std::fs::File,
+    log: &Arc<parking_lot::Mutex<std::fs::File>>,
     parallel: usize,
 ) -> Result<(Vec<ChunkRef>, Sent), String> {
     let (tx, mut rx) = mpsc::channel::<Piece>(1);
@@ -289,7 +290,7 @@ async fn send_chunks(
             continue;
         }
         while flights.len() >= parallel.max(1) {
-            if let Err(e) = landed(t, &mut log, flights.join_next().await) {
+            if let Err(e) = landed(t, flights.join_next().await) {
                 failure = Some(e);
                 break;
             }
@@ -297,12 +298,23 @@ async fn send_chunks(
         if failure.is_some() {
             break;
         }
-        let remote = t.remote.clone();
+        let (remote, log) = (t.remote.clone(), log.clone());
         flights.spawn(async move {
             let put = remote
                 .put_chunk(&piece.hash, piece.data)
                 .await
                 .map_err(|e| e.to_string())?;
+            // On the disk before it counts: a try after a crash skips
+            // exactly what the store has. (A lost line costs one chunk sent
+            // again, never a wrong skip.)
+            let line = piece.hash.clone();
+            blocking(move || {
+                let mut log = log.lock();
+                writeln!(log, "{line}")
+                    .and_then(|()| log.sync_data())
+                    .map_err(|e| format!("the upload's journal: {e}"))
+            })
+            .await?;
             Ok((piece.hash, len as u64, put))
         });
         t.show();
@@ -310,7 +322,7 @@ async fn send_chunks(
     // Dropping the receiver stops the sender (it kills btrfs send).
     drop(rx);
     while failure.is_none() && !flights.is_empty() {
-        if let Err(e) = landed(t, &mut log, flights.join_next().await) {
+        if let Err(e) = landed(t, flights.join_next().await) {
             failure = Some(e);
         }
     }
@@ -336,17 +348,13 @@ fn conflict(remote: &Remote, id: &str) -> String {
 /// What a chunk's upload gave: its hash, its bytes, what the store did.
 type Flight = Result<(String, u64, Put), String>;
 
-/// A chunk's upload ended: journal it, count it.
+/// A chunk's upload (and its journal line) ended: count it.
 fn landed(
     t: &mut Try<'_>,
-    log: &mut std::fs::File,
     joined: Option<Result<Flight, tokio::task::JoinError>>,
 ) -> Result<(), String> {
     let Some(joined) = joined else { return Ok(()) };
-    let (hash, len, put) = joined.map_err(|e| format!("a chunk upload failed: {e}"))??;
-    // A lost line costs one chunk sent again, never a wrong skip: the
-    // line is written only once the store has the chunk.
-    writeln!(log, "{hash}").map_err(|e| format!("the upload's journal: {e}"))?;
+    let (_, len, put) = joined.map_err(|e| format!("a chunk upload failed: {e}"))??;
     if put == Put::Written {
         t.now.sent_bytes += len;
     }

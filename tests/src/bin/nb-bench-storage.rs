@@ -16,6 +16,15 @@
 //! and time are reported. The floor: the same 500 MiB on ext4, the same
 //! change, `rsync -a --delete` to a second directory (a "checkpoint") and
 //! back (a "restore").
+//!
+//! Uploads: the guest uploads each checkpoint to SeaweedFS (on this
+//! machine, at an address of a dummy interface the VM's namespace routes
+//! to); each is timed from its id to `durable` in `GET
+//! /v1/checkpoints/{id}`, with its stream's bytes and the bytes sent. Then
+//! the VM is stopped and a new one is built from the bucket (the last
+//! checkpoint's chain: v0's full stream and one incremental), timed from
+//! its start to the rebuild done and the container running; the floor: an
+//! `rsync -a` of the same files into an empty directory.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -58,6 +67,74 @@ struct Results {
     rsync_checkpoint_ms: Vec<f64>,
     rsync_restore_ms: Vec<f64>,
     rsync_sent_bytes: Vec<u64>,
+    upload_first_ms: f64,
+    upload_first_stream_bytes: u64,
+    upload_ms: Vec<f64>,
+    upload_stream_bytes: Vec<u64>,
+    upload_sent_bytes: Vec<u64>,
+    rebuild_ms: f64,
+    rebuild_bytes: u64,
+    rsync_full_ms: f64,
+}
+
+/// The S3 server's address (a dummy interface's, on this machine).
+const S3_IP: &str = "10.204.1.1";
+
+/// The dummy interface holding [`S3_IP`]; deleted on drop.
+struct S3Link;
+
+impl S3Link {
+    fn new() -> Result<Self> {
+        let _ = Command::new("ip")
+            .args(["link", "del", "nbbench-s3"])
+            .status();
+        run(Command::new("ip").args(["link", "add", "nbbench-s3", "type", "dummy"]))?;
+        run(Command::new("ip").args(["addr", "add", &format!("{S3_IP}/32"), "dev", "nbbench-s3"]))?;
+        run(Command::new("ip").args(["link", "set", "nbbench-s3", "up"]))?;
+        Ok(Self)
+    }
+}
+
+impl Drop for S3Link {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", "nbbench-s3"])
+            .status();
+    }
+}
+
+/// The VM's way to the S3 server.
+fn route_to_s3(vm: &Vm) -> Result<()> {
+    run(vm.sandbox.command_in("ip", None).args([
+        "route",
+        "add",
+        &format!("{S3_IP}/32"),
+        "via",
+        "10.203.1.1",
+    ]))?;
+    Ok(())
+}
+
+/// Waits until checkpoint `id` is durable: ms since `t0`, its stream's
+/// bytes and the bytes sent.
+fn uploaded(vm: &Vm, id: &str, t0: Instant) -> Result<(f64, u64, u64)> {
+    let deadline = Instant::now() + Duration::from_mins(10);
+    loop {
+        let c: serde_json::Value =
+            serde_json::from_str(&vm.api("GET", &format!("/v1/checkpoints/{id}"), None)?)?;
+        let up = &c["upload"];
+        if up["state"] == "durable" {
+            return Ok((
+                ms(t0),
+                up["stream_bytes"].as_u64().context("stream_bytes")?,
+                up["sent_bytes"].as_u64().context("sent_bytes")?,
+            ));
+        }
+        if Instant::now() > deadline {
+            bail!("{id} was never durable: {c}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn ms(t: Instant) -> f64 {
@@ -199,7 +276,22 @@ fn main() -> Result<()> {
     nestbox_tests::require_tool("btrfs", "btrfs-progs");
     nestbox_tests::require_tool("rsync", "rsync");
     let guest_bin = nestbox_tests::benchvm::guest_binary(args.guest.as_deref())?;
-    let vm = start_on(&args.disks, &guest_bin, "", UserFs::Btrfs, 1 << 30)?;
+    let link = S3Link::new()?;
+    let s3 = nestbox_tests::seaweed::Seaweed::start(
+        S3_IP,
+        &args
+            .disks
+            .join(format!("nestbox-bench-s3-{}", std::process::id())),
+        None,
+    );
+    let vm = start_on(
+        &args.disks,
+        &guest_bin,
+        &s3.launcher_toml("bench/vm1"),
+        UserFs::Btrfs,
+        1 << 30,
+    )?;
+    route_to_s3(&vm)?;
     let tls = vm.serve_web()?;
     let files = args.data_mib / 10;
     eprintln!("the container writes {} MiB …", files * 10);
@@ -210,8 +302,11 @@ fn main() -> Result<()> {
             "mkdir -p /data && for i in $(seq 1 {files}); do head -c 10485760 /dev/urandom > /data/f$i; done && sync"
         ),
     )?;
+    let t0 = Instant::now();
     let first = checkpoint(&vm)?;
     let v0 = first.id.clone();
+    let (upload_first_ms, upload_first_stream_bytes, _) = uploaded(&vm, &v0, t0)?;
+    eprintln!("  {v0}: {upload_first_stream_bytes} B uploaded in {upload_first_ms:.0} ms");
     let user = vm.dir.join("user");
 
     // The floor: the same files on ext4, kept by rsync.
@@ -249,7 +344,16 @@ fn main() -> Result<()> {
         rsync_checkpoint_ms: Vec::new(),
         rsync_restore_ms: Vec::new(),
         rsync_sent_bytes: Vec::new(),
+        upload_first_ms,
+        upload_first_stream_bytes,
+        upload_ms: Vec::new(),
+        upload_stream_bytes: Vec::new(),
+        upload_sent_bytes: Vec::new(),
+        rebuild_ms: 0.0,
+        rebuild_bytes: 0,
+        rsync_full_ms: 0.0,
     };
+    let mut last = v0.clone();
     for round in 0..args.rounds {
         let n = round as u64 % files + 1;
         in_container(
@@ -257,8 +361,14 @@ fn main() -> Result<()> {
             &format!("change-{round}"),
             &format!("head -c 10485760 /dev/urandom > /data/f{n} && rm -f /www/index.html && sync"),
         )?;
+        let t0 = Instant::now();
         let taken = checkpoint(&vm)?;
         let (id, id_ms, done_ms) = (taken.id, taken.id_ms, taken.done_ms);
+        let (up_ms, up_stream, up_sent) = uploaded(&vm, &id, t0)?;
+        r.upload_ms.push(up_ms - id_ms);
+        r.upload_stream_bytes.push(up_stream);
+        r.upload_sent_bytes.push(up_sent);
+        last.clone_from(&id);
         r.checkpoint_id_ms.push(id_ms);
         r.checkpoint_done_ms.push(done_ms);
         // Against the checkpoint it descends from (v0, restored each
@@ -289,10 +399,49 @@ fn main() -> Result<()> {
         wait_ok(&tls)?;
         r.restore_serving_ms.push(ms(t0));
         eprintln!(
-            "  round {round}: checkpoint {id} {id_ms:.1} ms (done {done_ms:.1}), send {bytes} B, restore {v0} → serving {:.0} ms",
-            r.restore_serving_ms[round]
+            "  round {round}: checkpoint {id} {id_ms:.1} ms (done {done_ms:.1}), send {bytes} B, uploaded {up_sent} B in {:.0} ms, restore {v0} → serving {:.0} ms",
+            r.upload_ms[round], r.restore_serving_ms[round]
         );
     }
+
+    // The floor of a rebuild: the files copied whole.
+    let fresh = floor.dir.join("mnt/fresh");
+    let t0 = Instant::now();
+    run(Command::new("rsync")
+        .args(["-a"])
+        .arg(format!("{}/", src.display()))
+        .arg(&fresh))?;
+    run(&mut Command::new("sync"))?;
+    r.rsync_full_ms = ms(t0);
+
+    // A new VM built from the bucket: the last checkpoint's chain.
+    drop(vm);
+    eprintln!("a new VM is built from s3://nestbox/bench/vm1@{last} …");
+    let t0 = Instant::now();
+    let from = format!(
+        "{}upload = false\n[storage.from]\nurl = \"s3://nestbox/bench/vm1\"\ncheckpoint = \"{last}\"\n",
+        s3.launcher_toml("bench/vm2")
+    );
+    let vm2 = start_on(&args.disks, &guest_bin, &from, UserFs::Btrfs, 1 << 30)?;
+    route_to_s3(&vm2)?;
+    let deadline = Instant::now() + Duration::from_mins(10);
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&vm2.api("GET", "/v1/status", None)?)?;
+        let rebuild = &status["rebuild"];
+        if rebuild["state"] == "done" && status["container"]["state"] == "running" {
+            r.rebuild_ms = ms(t0);
+            r.rebuild_bytes = rebuild["total_bytes"].as_u64().context("total_bytes")?;
+            break;
+        }
+        if rebuild["state"] == "failed" || Instant::now() > deadline {
+            bail!("the rebuild did not finish: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(vm2);
+    drop(s3);
+    drop(link);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&r)?)?;
     }
@@ -328,6 +477,27 @@ fn main() -> Result<()> {
         mb(&r.send_bytes),
         p50(&r.send_ms),
         mb(&r.rsync_sent_bytes)
+    );
+    #[allow(clippy::cast_precision_loss, reason = "sizes for people")]
+    let one = |b: u64| b as f64 / 1e6;
+    println!(
+        "| incremental upload to SeaweedFS: id → durable | {:.2} MB sent ({:.2} MB stream) in {:.0} ms | rsync sent {:.2} MB | ≤ 2 × 10.49 MB |",
+        mb(&r.upload_sent_bytes),
+        mb(&r.upload_stream_bytes),
+        p50(&r.upload_ms),
+        mb(&r.rsync_sent_bytes)
+    );
+    println!(
+        "| first upload ({} MiB, full stream) | {:.1} MB in {:.0} ms | | |",
+        r.data_mib,
+        one(r.upload_first_stream_bytes),
+        r.upload_first_ms
+    );
+    println!(
+        "| rebuild of a new VM from the bucket: start → container running | {:.1} s ({:.1} MB, full + 1 incremental) | rsync -a of the files: {:.1} s | |",
+        r.rebuild_ms / 1000.0,
+        one(r.rebuild_bytes),
+        r.rsync_full_ms / 1000.0
     );
     Ok(())
 }
