@@ -1,4 +1,4 @@
-//! Checkpoints in an object store, with *real VMs* and a real SeaweedFS
+//! Checkpoints in an object store, with *real VMs* and a real `SeaweedFS`
 //! (in the allow-listed namespace the VMs reach, as a server on the LAN
 //! would be): they are uploaded in the background until durable, a
 //! destroyed VM is rebuilt from the bucket with its files, an upload cut
@@ -15,7 +15,7 @@ const SCRIPT: Duration = Duration::from_mins(3);
 /// The user's files' content hashes.
 const TREE: &str = "find /srv -type f | sort | xargs md5sum";
 
-/// A host whose VMs upload to SeaweedFS under `s3://nestbox/vms/NAME`.
+/// A host whose VMs upload to `SeaweedFS` under `s3://nestbox/vms/NAME`.
 fn host_with_storage(k: u8) -> (Host, Seaweed) {
     let host = Host::new(k);
     let (ip, netns) = host.lan();

@@ -17,7 +17,7 @@
 //! change, `rsync -a --delete` to a second directory (a "checkpoint") and
 //! back (a "restore").
 //!
-//! Uploads: the guest uploads each checkpoint to SeaweedFS (on this
+//! Uploads: the guest uploads each checkpoint to `SeaweedFS` (on this
 //! machine, at an address of a dummy interface the VM's namespace routes
 //! to); each is timed from its id to `durable` in `GET
 //! /v1/checkpoints/{id}`, with its stream's bytes and the bytes sent. Then
