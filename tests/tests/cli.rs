@@ -130,6 +130,18 @@ fn checkpoints(cli: &Cli) {
         cli.ok(&["exec", "web", "--", "cat", "/tmp/journey-note"]),
         "kept\n"
     );
+    // --durable returns once it is in the object store (the default one,
+    // a directory on the user's disk).
+    let durable = cli.ok(&["checkpoint", "create", "web", "--durable"]);
+    let durable = durable.trim();
+    let info = cli.ok(&["checkpoint", "info", "web", durable]);
+    assert!(
+        info.contains(&format!("upload:   durable (incremental to {id},")),
+        "{info}"
+    );
+    let list = cli.ok(&["checkpoint", "list", "web"]);
+    assert!(list.contains("durable"), "{list}");
+    cli.ok(&["checkpoint", "delete", "web", durable]);
     cli.ok(&["checkpoint", "delete", "web", id]);
     let out = cli.run(&["checkpoint", "info", "web", id]);
     assert_eq!(

@@ -117,15 +117,19 @@ fn a_destroyed_vm_is_rebuilt_from_the_bucket_and_the_container_never_reaches_the
     // The container looks for the store's secret everywhere it can see
     // (its files, every process's environment and command line), for a
     // block device to read the config disk with, and at the bucket
-    // without credentials. The secret is never spelled in the script.
+    // without credentials. The secret is never spelled in the script, and
+    // no process that has it in its arguments runs while /proc is read.
     let (a, b) = SECRET.split_at(6);
     let probe = format!(
         "P='{a}'; S=\"${{P}}{b}\"; \
-         find / -xdev -type f -exec grep -lF \"$S\" {{}} + 2>/dev/null | grep -q . && echo FOUND-IN-FILES; \
-         cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n' | grep -qF \"$S\" && echo FOUND-IN-PROC; \
+         has() {{ tr '\\0' '\\n' < \"$1\" | grep -qF \"$S\"; }}; \
+         find / -xdev -type f 2>/dev/null | while read -r f; do has \"$f\" && echo \"FOUND-IN-FILES $f\"; done; \
+         cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n' > /tmp/proc; \
+         has /tmp/proc && echo FOUND-IN-PROC; \
+         printf 'x\\0%s\\0' \"$S\" > /tmp/control; has /tmp/control && echo CONTROL-FOUND; \
          ls /dev | grep -E '^(vd|sd|xvd|nvme)' && echo BLOCK-DEVICE; \
          mknod /tmp/disk b 254 0 2>/dev/null && echo MKNOD-WORKED; \
-         wget -q -O /tmp/list http://{ip}:8333/nestbox/ && echo ANONYMOUS-LIST; \
+         wget -q -O /tmp/list http://{ip}:8333/nestbox/ 2>/dev/null && echo ANONYMOUS-LIST; \
          test -e /.nestbox/checkpoints/v0/srv/app/b && echo VIEW-OK",
         ip = sw
             .endpoint()
@@ -134,7 +138,8 @@ fn a_destroyed_vm_is_rebuilt_from_the_bucket_and_the_container_never_reaches_the
             .next()
             .unwrap(),
     );
-    assert_eq!(lines_of(&host, "src", &probe), ["VIEW-OK"]);
+    // (CONTROL-FOUND: the search finds the secret where it is, after a NUL.)
+    assert_eq!(lines_of(&host, "src", &probe), ["CONTROL-FOUND", "VIEW-OK"]);
 
     // The VM is destroyed; a new one is built from the bucket.
     host.launcher_ok(&["destroy", "src"]);
@@ -177,7 +182,7 @@ fn an_upload_cut_by_kill_9_of_qemu_resumes_and_the_bucket_holds_only_whole_objec
     lines_of(
         &host,
         "up",
-        "mkdir -p /srv && dd if=/dev/urandom of=/srv/big bs=1M count=192 2>/dev/null && echo ok",
+        "mkdir -p /srv && dd if=/dev/urandom of=/srv/big bs=1M count=288 2>/dev/null && echo ok",
     );
     let tree = lines_of(&host, "up", TREE);
     assert_eq!(take(&host, "up"), "v0");
@@ -201,26 +206,26 @@ fn an_upload_cut_by_kill_9_of_qemu_resumes_and_the_bucket_holds_only_whole_objec
     host.launcher_ok(&["start", "up"]);
     host.wait_ready("up");
     let resumed = wait_upload(&host, "up", "v0", Duration::from_mins(3), |u| {
-        u["state"] == "durable" || u["resumed_chunks"].as_u64().unwrap_or(0) > 0
+        assert_ne!(
+            u["state"], "durable",
+            "the upload ended before the server could be killed in it: {u}"
+        );
+        u["resumed_chunks"].as_u64().unwrap_or(0) > 0 && u["sent_bytes"].as_u64().unwrap_or(0) > 0
     });
-    assert!(
-        resumed["resumed_chunks"].as_u64().unwrap_or(0) > 0,
-        "nothing resumed: {resumed}"
-    );
-    if resumed["state"] != "durable" {
-        sw.kill();
-        let failed = wait_upload(&host, "up", "v0", Duration::from_mins(2), |u| {
-            u["state"] == "durable" || u.get("error").is_some()
-        });
-        assert_ne!(failed["state"], "durable", "durable with the server down");
-        sw.resume();
-    }
+    eprintln!("resumed: {resumed}");
+    sw.kill();
+    let failed = wait_upload(&host, "up", "v0", Duration::from_mins(2), |u| {
+        assert_ne!(u["state"], "durable", "durable with the server down: {u}");
+        u.get("error").is_some()
+    });
+    eprintln!("with the server down: {failed}");
+    sw.resume();
     let done = durable(&host, "up", "v0");
     let whole = contents(&remote);
     assert_eq!(whole.manifests.len(), 1);
     let m = &whole.manifests[0];
     assert_eq!(m.stream_bytes, done["stream_bytes"].as_u64().unwrap());
-    assert!(m.stream_bytes > 192 << 20, "{}", m.stream_bytes);
+    assert!(m.stream_bytes > 288 << 20, "{}", m.stream_bytes);
     // Only the chunks of the stream: nothing half-written, nothing extra
     // once collected.
     assert!(cut.chunks.iter().all(|c| whole.chunks.contains(c)));
