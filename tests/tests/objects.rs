@@ -113,6 +113,61 @@ fn a_destroyed_vm_is_rebuilt_from_the_bucket_and_the_container_never_reaches_the
     let mut ids: Vec<&str> = stored.manifests.iter().map(|m| m.id.as_str()).collect();
     ids.sort_unstable();
     assert_eq!(ids, ["v0", "v1"]);
+    // The 8 MiB blob, in both checkpoints, is stored once: v1 added only
+    // its own small stream's chunks.
+    let v0_chunks = stored
+        .manifests
+        .iter()
+        .find(|m| m.id == "v0")
+        .unwrap()
+        .chunks
+        .len();
+    let v1_chunks = stored
+        .manifests
+        .iter()
+        .find(|m| m.id == "v1")
+        .unwrap()
+        .chunks
+        .len();
+    // (4 MiB at most each.)
+    assert!(v0_chunks >= 3, "{v0_chunks} chunks for 8 MiB");
+    assert_eq!(
+        stored.chunks.len(),
+        v0_chunks + v1_chunks,
+        "chunks: {:?}",
+        stored.chunks
+    );
+    assert!(v1_chunks <= 2, "{v1_chunks}");
+    assert!(
+        stored.chunk_bytes < (8 << 20) + (2 << 20),
+        "{}",
+        stored.chunk_bytes
+    );
+    // A third checkpoint deleted frees exactly its own chunks.
+    lines_of(
+        &host,
+        "src",
+        "dd if=/dev/urandom of=/tmp/x bs=1M count=3 2>/dev/null && cp /tmp/x /srv/extra && echo ok",
+    );
+    assert_eq!(take(&host, "src"), "v2");
+    durable(&host, "src", "v2");
+    assert!(contents(&remote).chunks.len() > stored.chunks.len());
+    let out = host.api("src", "DELETE", "/v1/checkpoints/v2", None);
+    assert!(out.status.success(), "{}", body(&out));
+    let deadline = Instant::now() + Duration::from_mins(1);
+    loop {
+        let now = contents(&remote);
+        if now.chunks == stored.chunks && now.manifests.len() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "v2's chunks were not freed: {}",
+            now.chunks.len()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    lines_of(&host, "src", "rm /srv/extra && echo ok");
 
     // The container looks for the store's secret everywhere it can see
     // (its files, every process's environment and command line), for a
