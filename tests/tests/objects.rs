@@ -83,6 +83,94 @@ fn contents(remote: &Remote) -> seaweed::Contents {
         .block_on(seaweed::contents(remote))
 }
 
+/// The container looks for the store's secret everywhere it can see (its
+/// files, every process's environment and command line), for a block
+/// device to read the config disk with, and at the bucket without
+/// credentials.
+fn the_container_cannot_reach_the_credentials(host: &Host, vm: &str, sw: &Seaweed) {
+    // The secret is never spelled in the script, and
+    // no process that has it in its arguments runs while /proc is read.
+    let (a, b) = SECRET.split_at(6);
+    let probe = format!(
+        "P='{a}'; S=\"${{P}}{b}\"; \
+         has() {{ tr '\\0' '\\n' < \"$1\" | grep -qF \"$S\"; }}; \
+         find / -xdev -type f 2>/dev/null | while read -r f; do has \"$f\" && echo \"FOUND-IN-FILES $f\"; done; \
+         cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n' > /tmp/proc; \
+         has /tmp/proc && echo FOUND-IN-PROC; \
+         printf 'x\\0%s\\0' \"$S\" > /tmp/control; has /tmp/control && echo CONTROL-FOUND; \
+         ls /dev | grep -E '^(vd|sd|xvd|nvme)' && echo BLOCK-DEVICE; \
+         mknod /tmp/disk b 254 0 2>/dev/null && echo MKNOD-WORKED; \
+         wget -q -O /tmp/list http://{ip}:8333/nestbox/ 2>/dev/null && echo ANONYMOUS-LIST; \
+         test -e /.nestbox/checkpoints/v0/srv/app/b && echo VIEW-OK",
+        ip = sw
+            .endpoint()
+            .trim_start_matches("http://")
+            .split(':')
+            .next()
+            .unwrap(),
+    );
+    // (CONTROL-FOUND: the search finds the secret where it is, after a NUL.)
+    assert_eq!(lines_of(host, vm, &probe), ["CONTROL-FOUND", "VIEW-OK"]);
+}
+
+/// The 8 MiB blob, in both v0 and v1, is stored once (`stored`: after
+/// v1); a third checkpoint deleted frees exactly its own chunks.
+fn stored_once_and_freed_by_its_own(host: &Host, remote: &Remote, stored: &seaweed::Contents) {
+    // v1 added only its own small stream's chunks.
+    let v0_chunks = stored
+        .manifests
+        .iter()
+        .find(|m| m.id == "v0")
+        .unwrap()
+        .chunks
+        .len();
+    let v1_chunks = stored
+        .manifests
+        .iter()
+        .find(|m| m.id == "v1")
+        .unwrap()
+        .chunks
+        .len();
+    // (4 MiB at most each.)
+    assert!(v0_chunks >= 3, "{v0_chunks} chunks for 8 MiB");
+    assert_eq!(
+        stored.chunks.len(),
+        v0_chunks + v1_chunks,
+        "chunks: {:?}",
+        stored.chunks
+    );
+    assert!(v1_chunks <= 2, "{v1_chunks}");
+    assert!(
+        stored.chunk_bytes < (8 << 20) + (2 << 20),
+        "{}",
+        stored.chunk_bytes
+    );
+    lines_of(
+        host,
+        "src",
+        "dd if=/dev/urandom of=/tmp/x bs=1M count=3 2>/dev/null && cp /tmp/x /srv/extra && echo ok",
+    );
+    assert_eq!(take(host, "src"), "v2");
+    durable(host, "src", "v2");
+    assert!(contents(remote).chunks.len() > stored.chunks.len());
+    let out = host.api("src", "DELETE", "/v1/checkpoints/v2", None);
+    assert!(out.status.success(), "{}", body(&out));
+    let deadline = Instant::now() + Duration::from_mins(1);
+    loop {
+        let now = contents(remote);
+        if now.chunks == stored.chunks && now.manifests.len() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "v2's chunks were not freed: {}",
+            now.chunks.len()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    lines_of(host, "src", "rm /srv/extra && echo ok");
+}
+
 #[test]
 fn a_destroyed_vm_is_rebuilt_from_the_bucket_and_the_container_never_reaches_the_credentials() {
     let (mut host, sw) = host_with_storage(73);
@@ -113,88 +201,9 @@ fn a_destroyed_vm_is_rebuilt_from_the_bucket_and_the_container_never_reaches_the
     let mut ids: Vec<&str> = stored.manifests.iter().map(|m| m.id.as_str()).collect();
     ids.sort_unstable();
     assert_eq!(ids, ["v0", "v1"]);
-    // The 8 MiB blob, in both checkpoints, is stored once: v1 added only
-    // its own small stream's chunks.
-    let v0_chunks = stored
-        .manifests
-        .iter()
-        .find(|m| m.id == "v0")
-        .unwrap()
-        .chunks
-        .len();
-    let v1_chunks = stored
-        .manifests
-        .iter()
-        .find(|m| m.id == "v1")
-        .unwrap()
-        .chunks
-        .len();
-    // (4 MiB at most each.)
-    assert!(v0_chunks >= 3, "{v0_chunks} chunks for 8 MiB");
-    assert_eq!(
-        stored.chunks.len(),
-        v0_chunks + v1_chunks,
-        "chunks: {:?}",
-        stored.chunks
-    );
-    assert!(v1_chunks <= 2, "{v1_chunks}");
-    assert!(
-        stored.chunk_bytes < (8 << 20) + (2 << 20),
-        "{}",
-        stored.chunk_bytes
-    );
-    // A third checkpoint deleted frees exactly its own chunks.
-    lines_of(
-        &host,
-        "src",
-        "dd if=/dev/urandom of=/tmp/x bs=1M count=3 2>/dev/null && cp /tmp/x /srv/extra && echo ok",
-    );
-    assert_eq!(take(&host, "src"), "v2");
-    durable(&host, "src", "v2");
-    assert!(contents(&remote).chunks.len() > stored.chunks.len());
-    let out = host.api("src", "DELETE", "/v1/checkpoints/v2", None);
-    assert!(out.status.success(), "{}", body(&out));
-    let deadline = Instant::now() + Duration::from_mins(1);
-    loop {
-        let now = contents(&remote);
-        if now.chunks == stored.chunks && now.manifests.len() == 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "v2's chunks were not freed: {}",
-            now.chunks.len()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    lines_of(&host, "src", "rm /srv/extra && echo ok");
+    stored_once_and_freed_by_its_own(&host, &remote, &stored);
 
-    // The container looks for the store's secret everywhere it can see
-    // (its files, every process's environment and command line), for a
-    // block device to read the config disk with, and at the bucket
-    // without credentials. The secret is never spelled in the script, and
-    // no process that has it in its arguments runs while /proc is read.
-    let (a, b) = SECRET.split_at(6);
-    let probe = format!(
-        "P='{a}'; S=\"${{P}}{b}\"; \
-         has() {{ tr '\\0' '\\n' < \"$1\" | grep -qF \"$S\"; }}; \
-         find / -xdev -type f 2>/dev/null | while read -r f; do has \"$f\" && echo \"FOUND-IN-FILES $f\"; done; \
-         cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n' > /tmp/proc; \
-         has /tmp/proc && echo FOUND-IN-PROC; \
-         printf 'x\\0%s\\0' \"$S\" > /tmp/control; has /tmp/control && echo CONTROL-FOUND; \
-         ls /dev | grep -E '^(vd|sd|xvd|nvme)' && echo BLOCK-DEVICE; \
-         mknod /tmp/disk b 254 0 2>/dev/null && echo MKNOD-WORKED; \
-         wget -q -O /tmp/list http://{ip}:8333/nestbox/ 2>/dev/null && echo ANONYMOUS-LIST; \
-         test -e /.nestbox/checkpoints/v0/srv/app/b && echo VIEW-OK",
-        ip = sw
-            .endpoint()
-            .trim_start_matches("http://")
-            .split(':')
-            .next()
-            .unwrap(),
-    );
-    // (CONTROL-FOUND: the search finds the secret where it is, after a NUL.)
-    assert_eq!(lines_of(&host, "src", &probe), ["CONTROL-FOUND", "VIEW-OK"]);
+    the_container_cannot_reach_the_credentials(&host, "src", &sw);
 
     // The VM is destroyed; a new one is built from the bucket.
     host.launcher_ok(&["destroy", "src"]);
