@@ -324,6 +324,20 @@ impl Host {
         }
     }
 
+    /// `GET /v1/checkpoints` of VM `name`, and its ids in order.
+    pub fn checkpoints(&self, name: &str) -> (Value, Vec<String>) {
+        let out = self.api(name, "GET", "/v1/checkpoints", None);
+        let list: Value =
+            serde_json::from_str(&body(&out)).unwrap_or_else(|e| panic!("{e}: {}", body(&out)));
+        let ids = list["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["id"].as_str().unwrap().to_owned())
+            .collect();
+        (list, ids)
+    }
+
     /// Appends `text` to this host's `launcher.toml` (a table of its own,
     /// such as `[storage]`), for the VMs created after.
     pub fn add_to_launcher_toml(&self, text: &str) {

@@ -72,14 +72,7 @@ fn a_restore_gives_back_exactly_the_tree_with_services_and_urls() {
 
     // Both are listed, v1 descends from v0, both are shown in the
     // container, read-only, with their own files over the base image.
-    let list: serde_json::Value =
-        serde_json::from_str(&body(&host.api(VM, "GET", "/v1/checkpoints", None))).unwrap();
-    let ids: Vec<&str> = list["checkpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["id"].as_str().unwrap())
-        .collect();
+    let (list, ids) = host.checkpoints(VM);
     assert_eq!(ids, ["v0", "v1"], "{list}");
     assert_eq!(list["checkpoints"][1]["parent"], "v0", "{list}");
     assert_eq!(list["head"], "v1");

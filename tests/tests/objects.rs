@@ -216,15 +216,8 @@ fn a_destroyed_vm_is_rebuilt_from_the_bucket_and_the_container_never_reaches_the
     assert_eq!(r["state"], "done", "{status}");
     assert_eq!(r["from"], "s3://nestbox/vms/src");
     assert_eq!(r["bytes"], r["total_bytes"]);
-    let list: serde_json::Value =
-        serde_json::from_str(&body(&host.api("dst", "GET", "/v1/checkpoints", None))).unwrap();
+    let (list, ids) = host.checkpoints("dst");
     assert_eq!(list["head"], "v1", "{list}");
-    let ids: Vec<&str> = list["checkpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["id"].as_str().unwrap())
-        .collect();
     assert_eq!(ids, ["v0", "v1"], "{list}");
     // The next checkpoint goes on after the source's ids, and everything
     // is uploaded again under the new VM's own prefix.

@@ -28,6 +28,15 @@ fn point(name: &'static str, subject: &str) {
     let _ = (name, subject);
 }
 
+/// Runs `f` (it blocks: a btrfs call, a file) off the runtime thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("a storage task failed: {e}"))?
+}
+
 /// The checkpoint store once the user's disk is up (it comes up after the
 /// API serves), and a rebuild's progress; cheap to clone.
 #[derive(Clone, Debug, Default)]

@@ -22,10 +22,10 @@ use bytes::Bytes;
 use nestbox_api::types::{Rebuild, RebuildState};
 use tokio::io::AsyncWriteExt;
 
-use super::Storage;
 use super::btrfs;
 use super::layer::LAYER;
 use super::remote::{self, ChunkRef, From, Manifest, Remote, Settings};
+use super::{Storage, blocking};
 
 const SNAPSHOTS: &str = "checkpoints";
 /// Tries before a rebuild is reported failed (pauses of 1, 2, 4, 8 s).
@@ -40,14 +40,6 @@ pub struct Rebuilt {
     pub chain: Vec<Manifest>,
     /// The prefix's highest `v<N>` plus one.
     pub next: u64,
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| format!("a storage task failed: {e}"))?
 }
 
 /// Builds the user's disk at `user` from `from`, unless it has a layer

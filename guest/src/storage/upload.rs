@@ -41,7 +41,7 @@ use tokio::task::JoinSet;
 
 use super::checkpoints::{Job, Live};
 use super::remote::{self, ChunkRef, Manifest, Put, Remote};
-use super::{Storage, Store};
+use super::{Storage, Store, blocking};
 
 /// The journals' directory, in the platform's `checkpoints` directory.
 const JOURNALS: &str = "uploads";
@@ -181,14 +181,6 @@ fn fresh(base: Option<&(String, PathBuf, u32)>, attempts: u32) -> Upload {
         error: None,
         durable_ms: None,
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| format!("a storage task failed: {e}"))?
 }
 
 /// One try at `job`'s upload; its manifest once durable.
