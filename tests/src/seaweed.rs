@@ -86,18 +86,23 @@ impl Seaweed {
         me
     }
 
-    fn curl(&self, args: &[&str]) -> String {
-        let mut cmd = match &self.netns {
+    /// `program`, in the server's namespace if it has one.
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("nsenter");
                 c.arg(format!("--net={}", ns.display()))
                     .arg("--")
-                    .arg("curl");
+                    .arg(program);
                 c
             }
-            None => Command::new("curl"),
-        };
-        let out = cmd
+            None => Command::new(program),
+        }
+    }
+
+    fn curl(&self, args: &[&str]) -> String {
+        let out = self
+            .command("curl")
             .args([
                 "-s",
                 "-o",
@@ -119,17 +124,7 @@ impl Seaweed {
     /// once its S3 port accepts.
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "SeaweedFS runs already");
-        let weed = weed();
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", ns.display()))
-                    .arg("--")
-                    .arg(&weed);
-                c
-            }
-            None => Command::new(&weed),
-        };
+        let mut cmd = self.command(weed());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -203,8 +203,6 @@ pub struct Job {
     /// The checkpoint to send it incrementally to, with its snapshot and
     /// its depth; none: a full stream.
     pub base: Option<(String, PathBuf, u32)>,
-    /// The platform's directory for the upload's journal.
-    pub index_dir: PathBuf,
 }
 
 /// The kind and number of a checkpoint's id (`v3`, `auto-12`).
@@ -633,7 +631,6 @@ impl Store {
             checkpoint: c.clone(),
             snapshot: inner.snapshots().join(&c.id),
             base,
-            index_dir: inner.paths.index_dir.clone(),
         })
     }
 

@@ -62,9 +62,16 @@ impl Storage {
         self.0.rebuild.lock().clone()
     }
 
-    /// Updates the rebuild's progress.
-    pub fn set_rebuild(&self, f: impl FnOnce(&mut Option<nestbox_api::types::Rebuild>)) {
-        f(&mut self.0.rebuild.lock());
+    /// A rebuild begins (its progress, as `GET /v1/status` shows it).
+    pub fn start_rebuild(&self, rebuild: nestbox_api::types::Rebuild) {
+        *self.0.rebuild.lock() = Some(rebuild);
+    }
+
+    /// Updates the rebuild's progress (nothing if none began).
+    pub fn update_rebuild(&self, f: impl FnOnce(&mut nestbox_api::types::Rebuild)) {
+        if let Some(r) = self.0.rebuild.lock().as_mut() {
+            f(r);
+        }
     }
 
     /// The store, to keep.

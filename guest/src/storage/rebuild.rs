@@ -56,23 +56,14 @@ pub async fn rebuild(
     if user.join(LAYER).exists() {
         return Ok(None);
     }
-    let progress = |f: &dyn Fn(&mut Rebuild)| {
-        storage.set_rebuild(|r| {
-            if let Some(r) = r {
-                f(r);
-            }
-        });
-    };
-    storage.set_rebuild(|r| {
-        *r = Some(Rebuild {
-            from: from.url.clone(),
-            checkpoint: from.checkpoint.clone(),
-            state: RebuildState::Running,
-            streams: 0,
-            bytes: 0,
-            total_bytes: 0,
-            error: None,
-        });
+    storage.start_rebuild(Rebuild {
+        from: from.url.clone(),
+        checkpoint: from.checkpoint.clone(),
+        state: RebuildState::Running,
+        streams: 0,
+        bytes: 0,
+        total_bytes: 0,
+        error: None,
     });
     // A server not reachable yet (the network coming up, a restart) is
     // waited for a little; what the tries leave is picked up by the next.
@@ -81,18 +72,18 @@ pub async fn rebuild(
     for _ in 0..TRIES - 1 {
         let Err(why) = &done else { break };
         tracing::warn!(%why, "the rebuild failed; tried again in {pause:?}");
-        progress(&|r| r.error = Some(why.clone()));
+        storage.update_rebuild(|r| r.error = Some(why.clone()));
         tokio::time::sleep(pause).await;
         pause *= 2;
-        progress(&|r| r.bytes = 0);
+        storage.update_rebuild(|r| r.bytes = 0);
         done = receive_chain(user, from, settings, storage).await;
     }
     match &done {
-        Ok(_) => progress(&|r| {
+        Ok(_) => storage.update_rebuild(|r| {
             r.state = RebuildState::Done;
             r.error = None;
         }),
-        Err(e) => progress(&|r| {
+        Err(e) => storage.update_rebuild(|r| {
             r.state = RebuildState::Failed;
             r.error = Some(e.clone());
         }),
@@ -123,11 +114,9 @@ async fn receive_chain(
         .max()
         .map_or(0, |n| n + 1);
     let total: u64 = chain.iter().map(|m| m.stream_bytes).sum();
-    storage.set_rebuild(|r| {
-        if let Some(r) = r {
-            r.streams = chain.len();
-            r.total_bytes = total;
-        }
+    storage.update_rebuild(|r| {
+        r.streams = chain.len();
+        r.total_bytes = total;
     });
     let snapshots = user.join(SNAPSHOTS);
     {
@@ -149,10 +138,8 @@ async fn receive_chain(
             .await?
         };
         if had.as_ref() == Some(&m.uuid) {
-            storage.set_rebuild(|r| {
-                if let Some(r) = r {
-                    r.bytes += m.stream_bytes;
-                }
+            storage.update_rebuild(|r| {
+                r.bytes += m.stream_bytes;
             });
             continue;
         }
@@ -303,10 +290,8 @@ async fn receive(
             failure = Some(format!("btrfs receive stopped reading: {e}"));
             break;
         }
-        storage.set_rebuild(|r| {
-            if let Some(r) = r {
-                r.bytes += data.len() as u64;
-            }
+        storage.update_rebuild(|r| {
+            r.bytes += data.len() as u64;
         });
     }
     for h in ahead {

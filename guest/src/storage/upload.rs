@@ -183,8 +183,24 @@ fn fresh(base: Option<&(String, PathBuf, u32)>, attempts: u32) -> Upload {
     }
 }
 
-/// One try at `job`'s upload; its manifest once durable.
-async fn upload(t: &mut Try<'_>, job: Job, parallel: usize) -> Result<Manifest, String> {
+/// Removes `id`'s journal (its upload is done, or the checkpoint gone).
+async fn forget_journal(index_dir: &Path, id: &str) {
+    let path = journal_path(index_dir, id);
+    let _ = blocking(move || {
+        let _ = std::fs::remove_file(path);
+        Ok(())
+    })
+    .await;
+}
+
+/// One try at `job`'s upload (its journal under `index_dir`); its
+/// manifest once durable.
+async fn upload(
+    t: &mut Try<'_>,
+    job: Job,
+    index_dir: &Path,
+    parallel: usize,
+) -> Result<Manifest, String> {
     let snapshot = job.snapshot.clone();
     let uuid =
         blocking(move || super::btrfs::identity(&snapshot).map_err(|e| e.to_string())).await?;
@@ -202,21 +218,19 @@ async fn upload(t: &mut Try<'_>, job: Job, parallel: usize) -> Result<Manifest, 
             Err(conflict(t.remote, &job.checkpoint.id))
         };
     }
-    let journal_file = journal_path(&job.index_dir, &job.checkpoint.id);
-    let done = {
-        let path = journal_file.clone();
-        blocking(move || {
-            std::fs::create_dir_all(path.parent().expect("in a directory"))
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            Ok(journal(&path))
-        })
-        .await?
-    };
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&journal_file)
-        .map_err(|e| format!("{}: {e}", journal_file.display()))?;
+    let path = journal_path(index_dir, &job.checkpoint.id);
+    let (done, log) = blocking(move || {
+        let fail = |e: std::io::Error| format!("{}: {e}", path.display());
+        std::fs::create_dir_all(path.parent().expect("in a directory")).map_err(fail)?;
+        let done = journal(&path);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(fail)?;
+        Ok((done, log))
+    })
+    .await?;
     let log = Arc::new(parking_lot::Mutex::new(log));
     let (chunks, sent) = send_chunks(t, &job, &done, &log, parallel).await?;
     let c = &job.checkpoint;
@@ -369,7 +383,7 @@ async fn delete_copies(
     }
     for id in &pending {
         remote.mark_deleted(id).await.map_err(|e| e.to_string())?;
-        let _ = std::fs::remove_file(journal_path(index_dir, id));
+        forget_journal(index_dir, id).await;
     }
     collect(remote, index_dir).await?;
     for id in pending {
@@ -428,7 +442,10 @@ pub async fn collect(remote: &Remote, index_dir: &Path) -> Result<Collected, Str
             .await
             .map_err(|e| e.to_string())?;
     }
-    let mut keep: HashSet<String> = journals(index_dir);
+    let mut keep: HashSet<String> = {
+        let index_dir = index_dir.to_owned();
+        blocking(move || Ok(journals(&index_dir))).await?
+    };
     for m in manifests.iter().filter(|m| needed.contains(m.id.as_str())) {
         keep.extend(m.chunks.iter().map(|c| c.hash.clone()));
     }
@@ -455,9 +472,18 @@ pub fn spawn(storage: Storage, remote: Remote, settings: &remote::Settings) {
         let live = store.live();
         let mut pause = Duration::from_secs(1);
         let mut attempts = std::collections::HashMap::<String, u32>::default();
+        let index_dir = {
+            let store = store.clone();
+            match blocking(move || Ok(store.index_dir())).await {
+                Ok(dir) => dir,
+                Err(err) => {
+                    tracing::error!(%err, "checkpoints are not uploaded");
+                    return;
+                }
+            }
+        };
         tracing::info!(url = remote.url(), "checkpoints are uploaded");
         loop {
-            let index_dir = store.index_dir();
             if let Err(err) = delete_copies(&store, &remote, &index_dir).await {
                 tracing::warn!(%err, "deleting checkpoints' copies failed; retried");
                 tokio::time::sleep(pause).await;
@@ -484,8 +510,7 @@ pub fn spawn(storage: Storage, remote: Remote, settings: &remote::Settings) {
             };
             t.show();
             let started = std::time::Instant::now();
-            let index_dir = job.index_dir.clone();
-            match upload(&mut t, job, parallel).await {
+            match upload(&mut t, job, &index_dir, parallel).await {
                 Ok(m) => {
                     let upload = Upload {
                         state: UploadState::Durable,
@@ -511,7 +536,7 @@ pub fn spawn(storage: Storage, remote: Remote, settings: &remote::Settings) {
                     {
                         tracing::warn!(%id, %err, "a durable checkpoint was not recorded");
                     }
-                    let _ = std::fs::remove_file(journal_path(&index_dir, &id));
+                    forget_journal(&index_dir, &id).await;
                     attempts.remove(&id);
                     pause = Duration::from_secs(1);
                 }
