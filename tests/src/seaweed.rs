@@ -160,6 +160,42 @@ impl Seaweed {
         }
     }
 
+    /// Limits what reaches the server to `rate` (a `tc` rate, `16mbit`),
+    /// or lifts the limit (`None`): a token bucket on the host's side of
+    /// the link into its namespace, the way all of a VM's traffic to it
+    /// goes. Lets a test cut an upload in its middle on a fast host.
+    pub fn throttle(&self, rate: Option<&str>) {
+        assert!(
+            self.netns.is_some(),
+            "only a server in a namespace can be throttled"
+        );
+        let route = Command::new("ip")
+            .args(["-o", "route", "get", &self.ip])
+            .output()
+            .unwrap();
+        let route = String::from_utf8_lossy(&route.stdout).into_owned();
+        let dev = route
+            .split_whitespace()
+            .skip_while(|w| *w != "dev")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no route to {}: {route}", self.ip))
+            .to_owned();
+        crate::require_tool("tc", "iproute2");
+        let mut tc = Command::new("tc");
+        match rate {
+            Some(rate) => tc
+                .args(["qdisc", "replace", "dev", &dev, "root", "tbf", "rate", rate])
+                .args(["burst", "64kb", "latency", "200ms"]),
+            None => tc.args(["qdisc", "del", "dev", &dev, "root"]),
+        };
+        let out = tc.output().unwrap();
+        assert!(
+            out.status.success(),
+            "tc on {dev}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// `kill -9`.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -258,8 +258,11 @@ fn an_upload_cut_by_kill_9_of_qemu_resumes_and_the_bucket_holds_only_whole_objec
     );
 
     // Started again: the upload resumes (the chunks the journal names are
-    // not sent again); the server is killed in the middle of it, and the
-    // upload is retried once it is back.
+    // not sent again) and the server is killed in the middle of it; the
+    // upload is retried once it is back. The link to the server is
+    // throttled meanwhile, so that the whole stream cannot slip through
+    // before the kill, however fast the host is.
+    sw.throttle(Some("16mbit"));
     host.launcher_ok(&["start", "up"]);
     host.wait_ready("up");
     let resumed = wait_upload(&host, "up", "v0", Duration::from_mins(3), |u| {
@@ -271,6 +274,7 @@ fn an_upload_cut_by_kill_9_of_qemu_resumes_and_the_bucket_holds_only_whole_objec
     });
     eprintln!("resumed: {resumed}");
     sw.kill();
+    sw.throttle(None);
     let failed = wait_upload(&host, "up", "v0", Duration::from_mins(2), |u| {
         assert_ne!(u["state"], "durable", "durable with the server down: {u}");
         u.get("error").is_some()
@@ -278,6 +282,10 @@ fn an_upload_cut_by_kill_9_of_qemu_resumes_and_the_bucket_holds_only_whole_objec
     eprintln!("with the server down: {failed}");
     sw.resume();
     let done = durable(&host, "up", "v0");
+    assert!(
+        done["attempts"].as_u64().unwrap_or(0) >= 2,
+        "durable without a retry after the server's kill: {done}"
+    );
     let whole = contents(&remote);
     assert_eq!(whole.manifests.len(), 1);
     let m = &whole.manifests[0];
