@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nestbox_guest::storage::remote::{Manifest, Remote, Settings};
+use nestbox_guest::storage::remote::{Manifest, Remote, RemoteError, Settings};
 
 /// Where `cargo xtask deps` installs the wheel (`bin/weed` under it).
 pub const PREFIX: &str = "/opt/nestbox/seaweedfs";
@@ -270,37 +270,70 @@ pub struct Contents {
 }
 
 /// Reads `remote` whole (see [`Contents`]); panics on a chunk that does
-/// not hash to its name or a manifest naming a missing chunk.
+/// not hash to its name or a live manifest naming a missing chunk.
+///
+/// The guest may be collecting or uploading while this reads: a chunk
+/// listed and then gone was freed in between (dropped from the list), a
+/// manifest's chunk missing from the list is looked up again (uploaded
+/// since), and a manifest whose chunk is gone counts only if it is still
+/// there when read again (collection removes the manifest first).
 pub async fn contents(remote: &Remote) -> Contents {
     let mut chunks = remote.names("chunks").await.unwrap();
     chunks.sort();
+    let mut present = Vec::with_capacity(chunks.len());
     let mut chunk_bytes = 0;
-    for name in &chunks {
-        let data = remote.chunk(name).await.unwrap();
+    for name in chunks {
+        let Some(data) = chunk_if_there(remote, &name).await else {
+            continue;
+        };
         assert_eq!(
             blake3_hex(&data),
-            *name,
+            name,
             "chunk {name} does not hash to its name: a half-written object"
         );
         chunk_bytes += data.len() as u64;
+        present.push(name);
     }
-    let manifests = remote.manifests().await.unwrap();
-    for m in &manifests {
+    let mut manifests = Vec::new();
+    for m in remote.manifests().await.unwrap() {
+        let mut live = true;
         for c in &m.chunks {
+            if present.binary_search(&c.hash).is_ok() {
+                continue;
+            }
+            if chunk_if_there(remote, &c.hash).await.is_some() {
+                continue;
+            }
+            live = remote.manifest(&m.id).await.unwrap().is_some();
             assert!(
-                chunks.contains(&c.hash),
+                !live,
                 "manifest {} names chunk {} that is not stored",
-                m.id,
-                c.hash
+                m.id, c.hash
             );
+            break;
+        }
+        if live {
+            manifests.push(m);
         }
     }
     let marks = remote.names("deleted").await.unwrap();
     Contents {
         manifests,
-        chunks,
+        chunks: present,
         chunk_bytes,
         marks,
+    }
+}
+
+/// The chunk `name`, or `None` if the store has none of that name.
+async fn chunk_if_there(remote: &Remote, name: &str) -> Option<bytes::Bytes> {
+    match remote.chunk(name).await {
+        Ok(data) => Some(data),
+        Err(RemoteError {
+            source: object_store::Error::NotFound { .. },
+            ..
+        }) => None,
+        Err(e) => panic!("reading chunk {name}: {e}"),
     }
 }
 
