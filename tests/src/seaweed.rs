@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nestbox_guest::storage::remote::{Manifest, Remote, RemoteError, Settings};
+use nestbox_guest::storage::remote::{Manifest, Remote, Settings};
 
 /// Where `cargo xtask deps` installs the wheel (`bin/weed` under it).
 pub const PREFIX: &str = "/opt/nestbox/seaweedfs";
@@ -296,25 +296,15 @@ pub async fn contents(remote: &Remote) -> Contents {
     }
     let mut manifests = Vec::new();
     for m in remote.manifests().await.unwrap() {
-        let mut live = true;
-        for c in &m.chunks {
-            if present.binary_search(&c.hash).is_ok() {
-                continue;
-            }
-            if chunk_if_there(remote, &c.hash).await.is_some() {
-                continue;
-            }
-            live = remote.manifest(&m.id).await.unwrap().is_some();
+        if let Some(hash) = first_missing(remote, &present, &m).await {
             assert!(
-                !live,
-                "manifest {} names chunk {} that is not stored",
-                m.id, c.hash
+                remote.manifest(&m.id).await.unwrap().is_none(),
+                "manifest {} names chunk {hash} that is not stored",
+                m.id
             );
-            break;
+            continue;
         }
-        if live {
-            manifests.push(m);
-        }
+        manifests.push(m);
     }
     let marks = remote.names("deleted").await.unwrap();
     Contents {
@@ -325,14 +315,28 @@ pub async fn contents(remote: &Remote) -> Contents {
     }
 }
 
+/// The first chunk of `m` that is neither in `present` (sorted) nor in
+/// the store now.
+async fn first_missing<'m>(
+    remote: &Remote,
+    present: &[String],
+    m: &'m Manifest,
+) -> Option<&'m str> {
+    for c in &m.chunks {
+        if present.binary_search(&c.hash).is_err()
+            && chunk_if_there(remote, &c.hash).await.is_none()
+        {
+            return Some(&c.hash);
+        }
+    }
+    None
+}
+
 /// The chunk `name`, or `None` if the store has none of that name.
 async fn chunk_if_there(remote: &Remote, name: &str) -> Option<bytes::Bytes> {
     match remote.chunk(name).await {
         Ok(data) => Some(data),
-        Err(RemoteError {
-            source: object_store::Error::NotFound { .. },
-            ..
-        }) => None,
+        Err(e) if e.is_not_found() => None,
         Err(e) => panic!("reading chunk {name}: {e}"),
     }
 }

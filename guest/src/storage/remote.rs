@@ -175,6 +175,14 @@ pub struct RemoteError {
     pub source: object_store::Error,
 }
 
+impl RemoteError {
+    /// The store has no object of that name.
+    #[must_use]
+    pub fn is_not_found(&self) -> bool {
+        matches!(self.source, object_store::Error::NotFound { .. })
+    }
+}
+
 /// A prefix of an object store.
 #[derive(Clone, Debug)]
 pub struct Remote {
@@ -347,10 +355,7 @@ impl Remote {
                     source: format!("manifests/{id}.json: {e}").into(),
                 })
             }),
-            Err(RemoteError {
-                source: object_store::Error::NotFound { .. },
-                ..
-            }) => Ok(None),
+            Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
     }
